@@ -1,0 +1,404 @@
+"""The one module that calls torch.ao.quantization: named qconfigs, mappings, backend configs,
+custom configs, prepare / reference-convert / lower, and node counts.
+
+Keeping every call here means a second engine (torchao's pt2e flow, torch.ao's successor) can sit
+beside it later without touching the stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import operator
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from pipeline.schema import (
+    ConfigError,
+    CustomConfigSpec,
+    QConfigMappingSpec,
+    SkipSpec,
+    BackendSpec,
+    closest,
+)
+
+# torch 2.13 deprecates torch.ao.quantization as a whole; this project is built on it knowingly.
+# Filter exactly that warning, here where the calls are made, and nothing broader.
+warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
+
+from torch.ao.quantization import (  # noqa: E402
+    HistogramObserver,
+    MinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_per_channel_weight_observer,
+    default_weight_observer,
+    get_default_qconfig,
+    get_default_qconfig_mapping,
+)
+from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig  # noqa: E402
+from torch.ao.quantization.fx.lower_to_fbgemm import lower_to_fbgemm  # noqa: E402
+from torch.ao.quantization.fx.qconfig_mapping_utils import (  # noqa: E402
+    _generate_node_name_to_qconfig,
+    _update_qconfig_for_fusion,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# The named qconfig library. fbgemm and x86 kernels (without VNNI) can overflow on 8-bit activations,
+# so their activations use 7 bits, as torch's own defaults do (reduce_range).
+
+
+def _activation_range(engine: str) -> dict[str, int]:
+    return {"quant_min": 0, "quant_max": 127} if engine in ("fbgemm", "x86") else {"quant_min": 0, "quant_max": 255}
+
+
+QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
+    "backend_default": (
+        "torch's get_default_qconfig(engine): histogram activations; per-channel weights except qnnpack",
+        lambda engine: get_default_qconfig(engine),
+    ),
+    "minmax_per_tensor": (
+        "min-max activations, per-tensor symmetric int8 weights: fastest calibration, most outlier-sensitive",
+        lambda engine: QConfig(
+            activation=MinMaxObserver.with_args(dtype=torch.quint8, **_activation_range(engine)),
+            weight=default_weight_observer,
+        ),
+    ),
+    "minmax_per_channel": (
+        "min-max activations, per-channel symmetric int8 weights",
+        lambda engine: QConfig(
+            activation=MinMaxObserver.with_args(dtype=torch.quint8, **_activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+    "histogram_per_tensor": (
+        "histogram (L2-optimal range) activations, per-tensor symmetric int8 weights",
+        lambda engine: QConfig(
+            activation=HistogramObserver.with_args(dtype=torch.quint8, **_activation_range(engine)),
+            weight=default_weight_observer,
+        ),
+    ),
+    "histogram_per_channel": (
+        "histogram activations, per-channel symmetric int8 weights: usually the most accurate",
+        lambda engine: QConfig(
+            activation=HistogramObserver.with_args(dtype=torch.quint8, **_activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+}
+
+
+def named_qconfig(name: str | None, backend: BackendSpec, key: str) -> QConfig | None:
+    """Resolve a qconfig name from config ('default' = the backend's default_qconfig); None stays None."""
+    if name is None:
+        return None
+    if name == "default":
+        name = backend.default_qconfig
+    if name not in QCONFIG_LIBRARY:
+        valid = ["default", *QCONFIG_LIBRARY]
+        raise ConfigError(
+            f"{key}='{name}' is not a known qconfig; choose one of {valid} or null (stay float)."
+            f"{closest(name, valid)}"
+        )
+    return QCONFIG_LIBRARY[name][1](backend.engine)
+
+
+def resolve_import(path: str, key: str) -> Any:
+    """Import 'package.module.attr.attr' (classes, functions, operator.add ...) or raise ConfigError."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                target = getattr(target, attribute)
+        except AttributeError:
+            break
+        return target
+    raise ConfigError(
+        f"{key}='{path}' is not an importable path; write a full dotted path to a class or function, "
+        f"e.g. 'torch.nn.Conv2d', 'torch.nn.functional.linear' or 'operator.add'."
+    )
+
+
+def import_path(obj: Any) -> str:
+    """The dotted path config uses for an object type (the inverse of resolve_import, for logs)."""
+    if obj is operator.add:
+        return "operator.add"
+    module = getattr(obj, "__module__", None) or "builtins"
+    return f"{module}.{getattr(obj, '__qualname__', getattr(obj, '__name__', str(obj)))}"
+
+
+def get_backend_config(name: str) -> Any:
+    try:
+        module = importlib.import_module(f"torch.ao.quantization.backend_config.{name}")
+        getter = getattr(module, f"get_{name}_backend_config")
+    except (ImportError, AttributeError):
+        raise ConfigError(f"backend.backend_config='{name}' has no torch getter get_{name}_backend_config.")
+    return getter()
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Set torch.backends.quantized.engine for the block and restore it: packed weights are built
+    for the engine active when they are created, and sweeps run many jobs in one process."""
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ConfigError(
+            f"backend.engine='{engine}' is not supported by this torch build on this CPU; "
+            f"supported engines are {[e for e in supported if e != 'none']}."
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+# --------------------------------------------------------------------------------------------------
+# Mappings
+
+
+def _base_mapping(spec: QConfigMappingSpec, backend: BackendSpec) -> QConfigMapping:
+    if spec.base == "backend_default":
+        return get_default_qconfig_mapping(backend.engine)
+    if spec.base == "empty":
+        return QConfigMapping()
+    raise ConfigError(
+        f"qconfig_mapping.base='{spec.base}' is not valid; use 'backend_default' (torch's "
+        f"get_default_qconfig_mapping for the engine) or 'empty'."
+    )
+
+
+def build_qconfig_mapping(spec: QConfigMappingSpec, backend: BackendSpec) -> QConfigMapping:
+    """The prepare-time QConfigMapping from YAML: base, then global, then ordered entries."""
+    mapping = _base_mapping(spec, backend)
+    mapping.set_global(named_qconfig(spec.global_qconfig, backend, "qconfig_mapping.global_qconfig"))
+    for i, entry in enumerate(spec.object_type):
+        key = f"qconfig_mapping.object_type[{i}]"
+        mapping.set_object_type(
+            resolve_import(entry.object_type, f"{key}.object_type"),
+            named_qconfig(entry.qconfig, backend, f"{key}.qconfig"),
+        )
+    for i, entry in enumerate(spec.module_name_regex):
+        _check_regex(entry.regex, f"qconfig_mapping.module_name_regex[{i}].regex")
+        mapping.set_module_name_regex(
+            entry.regex, named_qconfig(entry.qconfig, backend, f"qconfig_mapping.module_name_regex[{i}].qconfig")
+        )
+    for i, entry in enumerate(spec.module_name):
+        mapping.set_module_name(
+            entry.module_name, named_qconfig(entry.qconfig, backend, f"qconfig_mapping.module_name[{i}].qconfig")
+        )
+    for i, entry in enumerate(spec.module_name_object_type_order):
+        key = f"qconfig_mapping.module_name_object_type_order[{i}]"
+        mapping.set_module_name_object_type_order(
+            entry.module_name,
+            resolve_import(entry.object_type, f"{key}.object_type"),
+            entry.index,
+            named_qconfig(entry.qconfig, backend, f"{key}.qconfig"),
+        )
+    return mapping
+
+
+def _check_regex(pattern: str, key: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"{key}='{pattern}' is not a valid regular expression ({error}).") from None
+
+
+def fused_types_of(model: nn.Module, object_types: list[type]) -> list[type]:
+    """The fused module types in `model` whose first op is one of `object_types` (ConvReLU2d for Conv2d):
+    torch copies an object_type qconfig onto fused types only when it is not None, so a skip of
+    nn.Conv2d alone would leave every fused conv+relu quantized."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    fused: list[type] = []
+    for module in model.modules():
+        if isinstance(module, _FusedModule):
+            first = type(next(iter(module.children())))
+            if first in object_types and type(module) not in fused:
+                fused.append(type(module))
+    return fused
+
+
+def build_convert_mapping(
+    spec: QConfigMappingSpec, skip: SkipSpec, backend: BackendSpec, prepared: nn.Module
+) -> QConfigMapping:
+    """The convert-time mapping: the prepare-time one with every skip entry set to None.
+
+    convert_fx accepts only this shape of change (same keys, same value or None), which is why one
+    calibrated model serves every skip-list. Skip regexes go first so that a broader regex of the
+    base mapping cannot shadow them (the first matching regex wins)."""
+    mapping = build_qconfig_mapping(spec, backend)
+    skip_types = [resolve_import(path, f"skip.object_type[{i}]") for i, path in enumerate(skip.object_type)]
+    for object_type in [*skip_types, *fused_types_of(prepared, skip_types)]:
+        mapping.set_object_type(object_type, None)
+    regexes: OrderedDict[str, Any] = OrderedDict((pattern, None) for pattern in skip.module_name_regex)
+    for pattern, qconfig in mapping.module_name_regex_qconfigs.items():
+        regexes.setdefault(pattern, qconfig)
+    mapping.module_name_regex_qconfigs = regexes
+    for name in skip.module_name:
+        mapping.set_module_name(name, None)
+    for i, entry in enumerate(skip.module_name_object_type_order):
+        mapping.set_module_name_object_type_order(
+            entry.module_name,
+            resolve_import(entry.object_type, f"skip.module_name_object_type_order[{i}].object_type"),
+            entry.index,
+            None,
+        )
+    return mapping
+
+
+def check_specs(backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec) -> None:
+    """Resolve every name and import path of the mapping and skip-list (raises ConfigError)."""
+    build_qconfig_mapping(mapping, backend)
+    for i, path in enumerate(skip.object_type):
+        resolve_import(path, f"skip.object_type[{i}]")
+    for i, pattern in enumerate(skip.module_name_regex):
+        _check_regex(pattern, f"skip.module_name_regex[{i}]")
+    for i, entry in enumerate(skip.module_name_object_type_order):
+        resolve_import(entry.object_type, f"skip.module_name_object_type_order[{i}].object_type")
+
+
+def build_custom_configs(spec: CustomConfigSpec) -> tuple[PrepareCustomConfig, ConvertCustomConfig]:
+    """PrepareCustomConfig / ConvertCustomConfig from their from_dict shapes (empty for `none`)."""
+    return PrepareCustomConfig.from_dict(dict(spec.prepare)), ConvertCustomConfig.from_dict(dict(spec.convert))
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare / reference-convert / lower
+
+
+def prepare(
+    model: nn.Module,
+    mapping: QConfigMapping,
+    example_inputs: tuple[torch.Tensor, ...],
+    backend_config: Any,
+    prepare_custom_config: PrepareCustomConfig,
+) -> GraphModule:
+    """prepare_fx on a deep copy, so the float model stays untouched for evaluation."""
+    return prepare_fx(
+        copy.deepcopy(model).eval(),
+        mapping,
+        example_inputs,
+        prepare_custom_config=prepare_custom_config,
+        backend_config=backend_config,
+    )
+
+
+@dataclass
+class ReferenceConversion:
+    model: GraphModule
+    node_name_to_qconfig: dict[str, Any]
+    node_name_to_scope: dict[str, tuple[str, type]]
+    left_float: list[str]
+
+
+def convert_reference(
+    prepared: GraphModule,
+    convert_mapping: QConfigMapping,
+    backend_config: Any,
+    convert_custom_config: ConvertCustomConfig,
+) -> ReferenceConversion:
+    """convert_to_reference_fx on a deep copy (a prepared model converts once), keeping the two maps
+    the lowering pass needs: convert_fx computes them internally and drops them with the metadata."""
+    prepared = copy.deepcopy(prepared)
+    attrs = prepared.meta["_observed_graph_module_attrs"]
+    node_name_to_scope = dict(attrs.node_name_to_scope)
+    # The same computation convert() does before converting: fusion-adjusted convert mapping,
+    # then the per-node qconfig on the not yet converted graph.
+    mapping_for_nodes = copy.deepcopy(convert_mapping)
+    _update_qconfig_for_fusion(prepared, mapping_for_nodes)
+    node_name_to_qconfig = _generate_node_name_to_qconfig(
+        prepared,
+        copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),
+        prepared.graph,
+        mapping_for_nodes,
+        node_name_to_scope,
+    )
+    left_float = sorted(
+        name
+        for name, qconfig in attrs.node_name_to_qconfig.items()
+        if qconfig is not None and node_name_to_qconfig.get(name) is None
+    )
+    reference = convert_to_reference_fx(
+        prepared,
+        convert_custom_config=convert_custom_config,
+        qconfig_mapping=convert_mapping,
+        backend_config=backend_config,
+    )
+    return ReferenceConversion(reference, node_name_to_qconfig, node_name_to_scope, left_float)
+
+
+def lower(
+    reference: GraphModule,
+    node_name_to_qconfig: dict[str, Any],
+    node_name_to_scope: dict[str, tuple[str, type]],
+    engine: str,
+) -> GraphModule:
+    """The lowering pass convert_fx runs after its reference conversion (shared by all four engines),
+    applied to a copy of the reference model; packed weights are built for `engine`."""
+    with quantized_engine(engine):
+        lowered = lower_to_fbgemm(copy.deepcopy(reference), node_name_to_qconfig, node_name_to_scope)
+        lowered.delete_all_unused_submodules()
+    return lowered
+
+
+def convert_in_one_step(
+    prepared: GraphModule,
+    convert_mapping: QConfigMapping,
+    backend_config: Any,
+    convert_custom_config: ConvertCustomConfig,
+    engine: str,
+) -> GraphModule:
+    """torch's own convert_fx on a copy: the yardstick the two-stage reference+lower is tested against."""
+    with quantized_engine(engine):
+        return convert_fx(
+            copy.deepcopy(prepared),
+            convert_custom_config=convert_custom_config,
+            qconfig_mapping=convert_mapping,
+            backend_config=backend_config,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# What got quantized
+
+_GLUE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.dequantize, "dequantize"}
+
+
+def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+    """Tensor-producing compute nodes by the dtype they produce on the example inputs: quantized
+    (int8 kernels, or ops running on int8 tensors), float (left in float), and quantize/dequantize glue."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with quantized_engine(engine):
+        ShapeProp(model).propagate(*example_inputs)
+    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    for node in model.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op not in ("call_module", "call_function", "call_method") or meta is None:
+            continue
+        if node.target in _GLUE or (
+            node.op == "call_module" and type(model.get_submodule(str(node.target))).__name__ in ("Quantize", "DeQuantize")
+        ):
+            counts["quantize_dequantize"] += 1
+        elif getattr(meta, "is_quantized", False):
+            counts["quantized"] += 1
+        else:
+            counts["float"] += 1
+    return counts

@@ -1,0 +1,188 @@
+"""Runs the configured stages in order: progress, timing, each stage's outputs written to the run
+directory (and logged to MLflow) as soon as it finishes, and a run status that says how it ended."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.schema import STAGES, PipelineSpec
+from pipeline.tracking import Tracker, flatten
+from stages.calibrate import calibrate
+from stages.evaluate import evaluate
+from stages.export import export
+from stages.load import load
+from stages.lower import lower
+from stages.reference_convert import reference_convert
+from stages.types import Calibrated, Loaded, Lowered, ReferenceModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """What the stages have produced so far in this run."""
+
+    loaded: Loaded | None = None
+    calibrated: Calibrated | None = None
+    reference: ReferenceModel | None = None
+    lowered: Lowered | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def _run_load(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    state.loaded = load(spec.model, spec.data, spec.seed)
+    data = state.loaded.data
+    return {
+        "data/calibration_samples": float(data.num_calibration_samples),
+        "data/evaluation_samples": float(data.num_evaluation_samples),
+        "model/parameters": float(sum(p.numel() for p in state.loaded.model.parameters())),
+    }
+
+
+def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    assert state.loaded is not None
+    state.calibrated = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prepared_graph.py").write_text(state.calibrated.model.code)
+    # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
+    torch.save(state.calibrated.model.state_dict(), out / "observer_state.pt")
+    return {
+        "calibrate/batches": float(state.calibrated.num_batches),
+        "calibrate/samples": float(state.calibrated.num_samples),
+    }
+
+
+def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    assert state.calibrated is not None
+    state.reference = reference_convert(
+        state.calibrated, spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reference_graph.py").write_text(state.reference.model.code)
+    _write_json(out / "left_float.json", state.reference.left_float)
+    return {"skip/left_float_nodes": float(len(state.reference.left_float))}
+
+
+def _run_lower(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    assert state.reference is not None and state.loaded is not None
+    state.lowered = lower(state.reference, spec.backend, state.loaded.data.example_inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lowered_graph.py").write_text(state.lowered.model.code)
+    _write_json(out / "node_counts.json", state.lowered.node_counts)
+    return {f"nodes/{kind}": float(count) for kind, count in state.lowered.node_counts.items()}
+
+
+def _run_evaluate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    assert state.loaded is not None
+    candidates = {}
+    if state.reference is not None:
+        candidates["reference"] = state.reference.model
+    if state.lowered is not None:
+        candidates["lowered"] = state.lowered.model
+    report = evaluate(state.loaded, candidates, spec.backend.engine, spec.evaluate)
+    _write_json(out / "metrics.json", report.metrics)
+    _write_json(out / "fastest_form.json", report.fastest_form)
+    for key in ("accuracy", "sqnr_db", "agreement"):
+        figures = {name: report.metrics.get(f"eval/{name}/{key}") for name in ("float", "reference", "lowered")}
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items() if value is not None)
+        if shown:
+            log.info("evaluate %s: %s", key, shown)
+    for size in spec.evaluate.latency.batch_sizes:
+        speedup = report.metrics.get(f"latency/speedup_b{size}")
+        if speedup is not None:
+            log.info(
+                "latency batch %d: float %.3f ms (%s), lowered %.3f ms (%s), speedup %.2fx",
+                size,
+                report.metrics[f"latency/float/b{size}_ms"],
+                report.fastest_form[f"float/b{size}"],
+                report.metrics[f"latency/lowered/b{size}_ms"],
+                report.fastest_form[f"lowered/b{size}"],
+                speedup,
+            )
+    return report.metrics
+
+
+def _run_export(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+    assert state.lowered is not None and state.loaded is not None
+    bundle = export(state.lowered, state.loaded, spec.export, out)
+    _write_json(out / "skipped.json", bundle.skipped)
+    log.info("export: wrote %s", ", ".join(sorted(bundle.files)))
+    return bundle.metrics
+
+
+STAGE_RUNNERS = {
+    "load": _run_load,
+    "calibrate": _run_calibrate,
+    "reference_convert": _run_reference_convert,
+    "lower": _run_lower,
+    "evaluate": _run_evaluate,
+    "export": _run_export,
+}
+
+
+def run_tags(spec: PipelineSpec) -> dict[str, str]:
+    return {
+        "backend": spec.backend.engine,
+        "qconfig_mapping": spec.qconfig_mapping.name,
+        "skip": spec.skip.name,
+        "model": spec.model.name,
+        "data": spec.data.name,
+        "custom_config": spec.custom_config.name,
+    }
+
+
+def run(spec: PipelineSpec, resolved: DictConfig, run_dir: Path, log_file: Path | None = None) -> RunState:
+    """Run spec.stages in pipeline order; on any failure the run ends FAILED (KILLED on Ctrl-C),
+    with the error saved, and everything finished before it stays on disk and in MLflow."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
+    tracker = Tracker(spec.tracking)
+    tracker.start(flatten(OmegaConf.to_container(resolved, resolve=True)), run_tags(spec))
+    tracker.log_artifacts(config_file)
+    state = RunState()
+    stages = [stage for stage in STAGES if stage in spec.stages]
+    current = None
+    status = "FAILED"
+    try:
+        for position, stage in enumerate(stages, start=1):
+            current = stage
+            log.info("[%d/%d] %s ...", position, len(stages), stage)
+            start = time.perf_counter()
+            metrics = STAGE_RUNNERS[stage](spec, state, run_dir / stage)
+            metrics[f"stage/{stage}/seconds"] = time.perf_counter() - start
+            state.metrics.update(metrics)
+            tracker.log_metrics(metrics)
+            tracker.log_artifacts(run_dir / stage, stage)
+            log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage, metrics[f"stage/{stage}/seconds"])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as error:
+        error_file = run_dir / "error.txt"
+        error_file.write_text(f"stage: {current}\n{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+        tracker.set_tags({"failed_stage": str(current)})
+        tracker.log_artifacts(error_file)
+        raise
+    finally:
+        _write_json(run_dir / "metrics.json", state.metrics)
+        tracker.log_artifacts(run_dir / "metrics.json")
+        if log_file is not None:
+            tracker.log_artifacts(log_file)
+        tracker.end(status)
+    return state

@@ -1,0 +1,224 @@
+"""The one typed schema of a run's config, registered with Hydra's ConfigStore and validated once.
+
+Each dataclass is a `*Spec` (never `*Config`, which would clash with torch's QConfig, BackendConfig,
+PrepareCustomConfig...). OmegaConf rejects unknown keys and wrong types while composing; `validate`
+then checks what types cannot say (names in closed sets, import paths, stage order) before any work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES: tuple[str, ...] = ("load", "calibrate", "reference_convert", "lower", "evaluate", "export")
+# A stage may run only if the stages it reads from run too.
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {
+    "load": (),
+    "calibrate": ("load",),
+    "reference_convert": ("calibrate",),
+    "lower": ("reference_convert",),
+    "evaluate": ("load",),
+    "export": ("lower",),
+}
+ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
+BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is valid."""
+
+
+def closest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
+    """'did you mean' text for error messages."""
+    matches = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+@dataclass
+class BackendSpec:
+    engine: str = MISSING  # torch.backends.quantized.engine: fbgemm, x86, qnnpack, onednn
+    backend_config: str = MISSING  # get_<name>_backend_config: native, fbgemm, x86, qnnpack, onednn
+    default_qconfig: str = "backend_default"  # named qconfig the mapping's "default" resolves to
+
+
+@dataclass
+class ObjectTypeEntry:
+    object_type: str = MISSING  # import path: torch.nn.Conv2d, torch.nn.functional.linear, operator.add
+    qconfig: str | None = None
+
+
+@dataclass
+class ModuleNameRegexEntry:
+    regex: str = MISSING
+    qconfig: str | None = None
+
+
+@dataclass
+class ModuleNameEntry:
+    module_name: str = MISSING
+    qconfig: str | None = None
+
+
+@dataclass
+class ModuleNameObjectTypeOrderEntry:
+    module_name: str = MISSING  # the parent module ("" for the top level)
+    object_type: str = MISSING  # import path of the op called inside it
+    index: int = MISSING  # which call of that op, counting from 0
+    qconfig: str | None = None
+
+
+@dataclass
+class QConfigMappingSpec:
+    """A QConfigMapping in YAML. Values are names from the qconfig library or null (= stay float)."""
+
+    name: str = MISSING
+    # backend_default: start from torch's get_default_qconfig_mapping(engine) (which also pins fixed-qparams
+    # ops such as sigmoid); empty: start from an empty mapping.
+    base: str = "backend_default"
+    global_qconfig: str | None = "default"
+    object_type: list[ObjectTypeEntry] = field(default_factory=list)
+    module_name_regex: list[ModuleNameRegexEntry] = field(default_factory=list)
+    module_name: list[ModuleNameEntry] = field(default_factory=list)
+    module_name_object_type_order: list[ModuleNameObjectTypeOrderEntry] = field(default_factory=list)
+
+
+@dataclass
+class SkipSpec:
+    """What stays float: entries set to None in the convert-time mapping only."""
+
+    name: str = MISSING
+    object_type: list[str] = field(default_factory=list)
+    module_name_regex: list[str] = field(default_factory=list)
+    module_name: list[str] = field(default_factory=list)
+    module_name_object_type_order: list[ModuleNameObjectTypeOrderEntry] = field(default_factory=list)
+    strict: bool = False  # an entry that matches nothing is an error instead of a warning
+
+
+@dataclass
+class CustomConfigSpec:
+    """PrepareCustomConfig / ConvertCustomConfig as the dicts their from_dict methods take."""
+
+    name: str = "none"
+    prepare: dict[str, Any] = field(default_factory=dict)
+    convert: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    name: str = MISSING
+    # Hydra-instantiated factory returning an nn.Module: {_target_: import.path, **kwargs}.
+    factory: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # a state_dict file, loaded with weights_only=True after the factory
+    trained: bool = True  # false for random weights: accuracy is then logged as meaningless
+
+
+@dataclass
+class DataSpec:
+    name: str = MISSING
+    # Hydra-instantiated factory returning a stages.types.DataBundle.
+    factory: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrateSpec:
+    max_batches: int | None = None  # null: every calibration batch
+
+
+@dataclass
+class LatencySpec:
+    enabled: bool = True
+    threads: int = 1  # torch.set_num_threads during latency runs
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 5
+    repeats: int = 30
+    forms: list[str] = field(default_factory=lambda: ["eager", "traced", "frozen"])
+
+
+@dataclass
+class EvaluateSpec:
+    models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
+    max_batches: int | None = None  # null: the whole evaluation part
+    latency: LatencySpec = field(default_factory=LatencySpec)
+
+
+@dataclass
+class ExportSpec:
+    torchscript: str = "trace"  # trace | script | none
+    freeze: bool = True
+    lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
+    onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
+    onnx_opset: int = 17
+
+
+@dataclass
+class TrackingSpec:
+    enabled: bool = True
+    tracking_uri: str = MISSING
+    artifact_location: str = MISSING
+    experiment_name: str = "fx-ptq"
+    run_name: str | None = None
+
+
+@dataclass
+class PipelineSpec:
+    backend: BackendSpec = MISSING
+    qconfig_mapping: QConfigMappingSpec = MISSING
+    skip: SkipSpec = MISSING
+    custom_config: CustomConfigSpec = MISSING
+    model: ModelSpec = MISSING
+    data: DataSpec = MISSING
+    calibrate: CalibrateSpec = field(default_factory=CalibrateSpec)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    tracking: TrackingSpec = MISSING
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 0
+    output_dir: str = "outputs"
+
+
+def register() -> None:
+    """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`)."""
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
+
+
+def validate(spec: PipelineSpec) -> None:
+    """Checks that need more than a type: raise ConfigError before any work starts."""
+    from pipeline import quantization  # torch import kept out of schema import time
+
+    _check_in("backend.engine", spec.backend.engine, ENGINES)
+    _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
+    for position, stage in enumerate(spec.stages):
+        _check_in(f"stages[{position}]", stage, STAGES)
+    if len(set(spec.stages)) != len(spec.stages):
+        raise ConfigError(f"stages={list(spec.stages)} names a stage twice; list each stage once.")
+    for stage in spec.stages:
+        missing = [need for need in STAGE_NEEDS[stage] if need not in spec.stages]
+        if missing:
+            raise ConfigError(
+                f"stages={list(spec.stages)} runs '{stage}' without {missing}, which it reads from. "
+                f"Add them, or run a prefix of {list(STAGES)}."
+            )
+    if spec.export.torchscript not in ("trace", "script", "none"):
+        raise ConfigError(
+            f"export.torchscript='{spec.export.torchscript}' is not valid; use 'trace', 'script' or 'none'."
+        )
+    for position, form in enumerate(spec.evaluate.latency.forms):
+        _check_in(f"evaluate.latency.forms[{position}]", form, ("eager", "traced", "frozen"))
+    for position, model in enumerate(spec.evaluate.models):
+        _check_in(f"evaluate.models[{position}]", model, ("float", "reference", "lowered"))
+    for key in ("threads", "warmup", "repeats"):
+        if getattr(spec.evaluate.latency, key) < 1:
+            raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")
+    if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
+        raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
+    # Names and import paths in the mappings resolve now, not halfway through a run.
+    quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
+
+
+def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}='{value}' is not valid; choose one of {list(valid)}.{closest(value, valid)}")

@@ -1,0 +1,122 @@
+"""Stage `export`: the lowered model as files a user deploys, each saved, reloaded and checked.
+
+- TorchScript (traced or scripted, optionally frozen): outputs of the reloaded file must equal the
+  lowered model's. A TorchScript file re-packs weights for the engine active at load time, so load
+  it with the same `torch.backends.quantized.engine` it was exported for (its name says which).
+- qnnpack only: a lite-interpreter (.ptl) file for PyTorch Mobile.
+- ONNX: a QDQ graph through torch's TorchScript-based exporter, checked against onnxruntime (the
+  [onnx] extra; skipped with the reason when it is not installed).
+- the readable FX code of the lowered model.
+
+A lowered GraphModule cannot be pickled in torch 2.13, so torch.save of the module is never used.
+
+Config keys read: export.*, backend.engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline import quantization
+from pipeline.schema import ExportSpec
+from stages.evaluate import sqnr_db
+from stages.types import ExportBundle, Loaded, Lowered
+
+log = logging.getLogger(__name__)
+
+
+def _torchscript(lowered: Lowered, example: torch.Tensor, spec: ExportSpec) -> torch.jit.ScriptModule:
+    with torch.no_grad():
+        if spec.torchscript == "script":
+            module = torch.jit.script(lowered.model)
+        else:
+            module = torch.jit.trace(lowered.model, example, check_trace=False)
+    return torch.jit.freeze(module.eval()) if spec.freeze else module
+
+
+def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return (expected - actual).abs().max().item()
+
+
+def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) -> ExportBundle:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    engine = lowered.engine
+    check_inputs = loaded.data.evaluation[0][0]
+    example = loaded.data.example_inputs[0]
+
+    with quantization.quantized_engine(engine), torch.no_grad():
+        expected = lowered.model(check_inputs)
+
+        code_path = out_dir / "lowered_graph.py"
+        code_path.write_text(lowered.model.code)
+        files["fx_code"] = code_path
+
+        if spec.torchscript != "none":
+            path = out_dir / f"lowered_{engine}.torchscript.pt"
+            torch.jit.save(_torchscript(lowered, example, spec), str(path))
+            reloaded = torch.jit.load(str(path))
+            diff = _max_abs_diff(expected, reloaded(check_inputs))
+            metrics["export/torchscript/max_abs_diff"] = diff
+            metrics["export/torchscript/bytes"] = float(path.stat().st_size)
+            if diff != 0.0:
+                raise RuntimeError(f"export: the reloaded TorchScript file {path} differs from the lowered model by {diff}.")
+            files["torchscript"] = path
+
+        if spec.lite_interpreter and engine == "qnnpack":
+            from torch.jit.mobile import _load_for_lite_interpreter
+
+            path = out_dir / "lowered_qnnpack.ptl"
+            torch.jit.script(lowered.model)._save_for_lite_interpreter(str(path))
+            diff = _max_abs_diff(expected, _load_for_lite_interpreter(str(path))(check_inputs))
+            metrics["export/lite_interpreter/max_abs_diff"] = diff
+            if diff != 0.0:
+                raise RuntimeError(f"export: the reloaded lite-interpreter file {path} differs by {diff}.")
+            files["lite_interpreter"] = path
+        elif spec.lite_interpreter:
+            skipped["lite_interpreter"] = f"mobile lite-interpreter files are for backend=qnnpack (this run: {engine})"
+
+    if spec.onnx:
+        missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            skipped["onnx"] = f"{' and '.join(missing)} not installed; pip install -e '.[onnx]' to export ONNX"
+        else:
+            path = out_dir / f"lowered_{engine}.onnx"
+            metrics.update(_export_onnx(lowered, example, check_inputs, expected, spec.onnx_opset, path))
+            files["onnx"] = path
+
+    for name, reason in skipped.items():
+        log.info("export: skipped %s: %s", name, reason)
+    return ExportBundle(files=files, skipped=skipped, metrics=metrics)
+
+
+def _export_onnx(
+    lowered: Lowered, example: torch.Tensor, check_inputs: torch.Tensor, expected: torch.Tensor, opset: int, path: Path
+) -> dict[str, float]:
+    import onnxruntime
+
+    with quantization.quantized_engine(lowered.engine), torch.no_grad():
+        torch.onnx.export(
+            lowered.model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = torch.from_numpy(session.run(None, {"input": check_inputs.numpy()})[0])
+    agreement = (actual.argmax(1) == expected.argmax(1)).float().mean().item()
+    return {
+        "export/onnx/sqnr_db": sqnr_db(expected, actual),
+        "export/onnx/agreement": agreement,
+        "export/onnx/bytes": float(path.stat().st_size),
+    }
