@@ -23,11 +23,11 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.schema import (
+    BackendSpec,
     ConfigError,
     CustomConfigSpec,
     QConfigMappingSpec,
     SkipSpec,
-    BackendSpec,
     closest,
 )
 
@@ -107,8 +107,7 @@ def named_qconfig(name: str | None, backend: BackendSpec, key: str) -> QConfig |
     if name not in QCONFIG_LIBRARY:
         valid = ["default", *QCONFIG_LIBRARY]
         raise ConfigError(
-            f"{key}='{name}' is not a known qconfig; choose one of {valid} or null (stay float)."
-            f"{closest(name, valid)}"
+            f"{key}='{name}' is not a known qconfig; choose one of {valid} or null (stay float).{closest(name, valid)}"
         )
     return QCONFIG_LIBRARY[name][1](backend.engine)
 
@@ -146,7 +145,7 @@ def get_backend_config(name: str) -> Any:
         module = importlib.import_module(f"torch.ao.quantization.backend_config.{name}")
         getter = getattr(module, f"get_{name}_backend_config")
     except (ImportError, AttributeError):
-        raise ConfigError(f"backend.backend_config='{name}' has no torch getter get_{name}_backend_config.")
+        raise ConfigError(f"backend.backend_config='{name}' has no torch getter get_{name}_backend_config.") from None
     return getter()
 
 
@@ -393,9 +392,11 @@ def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], en
         meta = node.meta.get("tensor_meta")
         if node.op not in ("call_module", "call_function", "call_method") or meta is None:
             continue
-        if node.target in _GLUE or (
-            node.op == "call_module" and type(model.get_submodule(str(node.target))).__name__ in ("Quantize", "DeQuantize")
-        ):
+        is_glue_module = node.op == "call_module" and type(model.get_submodule(str(node.target))).__name__ in (
+            "Quantize",
+            "DeQuantize",
+        )
+        if node.target in _GLUE or is_glue_module:
             counts["quantize_dequantize"] += 1
         elif getattr(meta, "is_quantized", False):
             counts["quantized"] += 1

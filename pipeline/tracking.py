@@ -73,16 +73,16 @@ class Tracker:
         run = self.client.create_run(experiment_id, tags=all_tags, run_name=self.spec.run_name)
         self.run_id = run.info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
-        log.info("MLflow run %s in experiment '%s' (%s)", self.run_id, self.spec.experiment_name, self.spec.tracking_uri)
+        log.info(
+            "MLflow run %s in experiment '%s' (%s)", self.run_id, self.spec.experiment_name, self.spec.tracking_uri
+        )
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         if not self.active:
             return
         assert self.client is not None and self.run_id is not None
         timestamp = _now_ms()
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
-        )
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:

@@ -125,7 +125,9 @@ def evaluate(
     models = {name: model for name, model in models.items() if name in spec.models}
     batches = loaded.data.evaluation[: spec.max_batches]
     if not batches:
-        raise ValueError("evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches.")
+        raise ValueError(
+            "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
+        )
     metrics: dict[str, float] = {}
     with quantization.quantized_engine(engine), torch.no_grad():
         outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}

@@ -66,7 +66,9 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             metrics["export/torchscript/max_abs_diff"] = diff
             metrics["export/torchscript/bytes"] = float(path.stat().st_size)
             if diff != 0.0:
-                raise RuntimeError(f"export: the reloaded TorchScript file {path} differs from the lowered model by {diff}.")
+                raise RuntimeError(
+                    f"export: reloaded TorchScript file {path} differs from the lowered model by {diff}."
+                )
             files["torchscript"] = path
 
         if spec.lite_interpreter and engine == "qnnpack":

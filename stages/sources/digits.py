@@ -46,9 +46,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, width: int = 16, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.block1 = ResidualBlock(width)
         self.pool = nn.MaxPool2d(2)
         self.widen = nn.Sequential(
