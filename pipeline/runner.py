@@ -46,6 +46,18 @@ def _write_json(path: Path, payload: Any) -> None:
 def _run_load(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
     state.loaded = load(spec.model, spec.data, spec.seed)
     data = state.loaded.data
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "float_model.txt").write_text(str(state.loaded.model))
+    _write_json(
+        out / "data.json",
+        {
+            "name": data.name,
+            "calibration_batches": len(data.calibration),
+            "evaluation_batches": len(data.evaluation),
+            "example_input_shapes": [list(t.shape) for t in data.example_inputs],
+            "has_labels": data.has_labels,
+        },
+    )
     return {
         "data/calibration_samples": float(data.num_calibration_samples),
         "data/evaluation_samples": float(data.num_evaluation_samples),

@@ -58,9 +58,10 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
         code_path.write_text(lowered.model.code)
         files["fx_code"] = code_path
 
-        if spec.torchscript != "none":
+        scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
+        if scripted is not None:
             path = out_dir / f"lowered_{engine}.torchscript.pt"
-            torch.jit.save(_torchscript(lowered, example, spec), str(path))
+            torch.jit.save(scripted, str(path))
             reloaded = torch.jit.load(str(path))
             diff = _max_abs_diff(expected, reloaded(check_inputs))
             metrics["export/torchscript/max_abs_diff"] = diff
@@ -75,7 +76,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             from torch.jit.mobile import _load_for_lite_interpreter
 
             path = out_dir / "lowered_qnnpack.ptl"
-            torch.jit.script(lowered.model)._save_for_lite_interpreter(str(path))
+            (scripted or _torchscript(lowered, example, ExportSpec()))._save_for_lite_interpreter(str(path))
             diff = _max_abs_diff(expected, _load_for_lite_interpreter(str(path))(check_inputs))
             metrics["export/lite_interpreter/max_abs_diff"] = diff
             if diff != 0.0:
@@ -90,11 +91,16 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             skipped["onnx"] = f"{' and '.join(missing)} not installed; pip install -e '.[onnx]' to export ONNX"
         else:
             path = out_dir / f"lowered_{engine}.onnx"
-            metrics.update(_export_onnx(lowered, example, check_inputs, expected, spec.onnx_opset, path))
-            files["onnx"] = path
+            try:
+                metrics.update(_export_onnx(lowered, example, check_inputs, expected, spec.onnx_opset, path))
+                files["onnx"] = path
+            except torch.onnx.errors.UnsupportedOperatorError as error:
+                # e.g. onednn fuses conv+add+relu into one kernel that has no ONNX symbolic.
+                path.unlink(missing_ok=True)
+                skipped["onnx"] = f"torch's ONNX exporter cannot express this {engine} model: {error}"
 
     for name, reason in skipped.items():
-        log.info("export: skipped %s: %s", name, reason)
+        log.log(logging.WARNING if name == "onnx" else logging.INFO, "export: skipped %s: %s", name, reason)
     return ExportBundle(files=files, skipped=skipped, metrics=metrics)
 
 

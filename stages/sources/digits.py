@@ -5,8 +5,6 @@ into training, calibration and evaluation parts that never overlap. The float ch
 this file was produced by `python -m stages.sources.digits` (seeded; re-run it to reproduce).
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 from pathlib import Path

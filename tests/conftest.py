@@ -1,0 +1,61 @@
+"""Fixtures: configs composed with Hydra's compose API from the real conf/, runs under tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import schema
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO_ROOT = CONF_DIR.parent
+
+# Small and quick: the suite checks behaviour, bench/ measures speed.
+FAST = [
+    "evaluate.latency.repeats=3",
+    "evaluate.latency.warmup=1",
+    "evaluate.latency.batch_sizes=[1,8]",
+]
+
+schema.register()
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The run config exactly as `python -m pipeline <overrides>` would compose it."""
+    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*extra, *overrides], return_hydra_config=False)
+
+
+def to_spec(cfg: DictConfig) -> schema.PipelineSpec:
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_state() -> Iterator[None]:
+    """Tests may switch the quantized engine or thread count; put them back."""
+    engine, threads = torch.backends.quantized.engine, torch.get_num_threads()
+    yield
+    torch.backends.quantized.engine = engine
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, object, Path]]:
+    """Run the pipeline in-process like the CLI does (validate, then runner.run) under tmp_path."""
+    from pipeline import runner
+
+    def _run(overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
+        cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
+        spec = to_spec(cfg)
+        schema.validate(spec)
+        run_dir = tmp_path / "run"
+        state = runner.run(spec, cfg, run_dir)
+        return spec, state, run_dir
+
+    return _run

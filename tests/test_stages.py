@@ -1,0 +1,154 @@
+"""Each stage on its own, on the embedded default (x86 unless a test says otherwise)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.schema import ExportSpec
+from stages.calibrate import calibrate
+from stages.evaluate import evaluate, sqnr_db
+from stages.export import export
+from stages.load import load
+from stages.lower import NothingQuantizedError, lower
+from stages.reference_convert import reference_convert
+from tests.conftest import FAST, compose_config, to_spec
+
+
+def _spec(*overrides: str):
+    return to_spec(compose_config([*FAST, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """load -> calibrate -> reference_convert -> lower, once for the module's tests."""
+    spec = _spec()
+    loaded = load(spec.model, spec.data, spec.seed)
+    calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    reference = reference_convert(calibrated, spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
+    lowered = lower(reference, spec.backend, loaded.data.example_inputs)
+    return spec, loaded, calibrated, reference, lowered
+
+
+def test_load_gives_eval_mode_model_with_at_least_97_percent_float_accuracy(chain) -> None:
+    _, loaded, *_ = chain
+    assert not loaded.model.training
+    data = loaded.data
+    assert data.num_calibration_samples == 256 and data.num_evaluation_samples == 450
+    with torch.no_grad():
+        correct = sum((loaded.model(x).argmax(1) == y).sum().item() for x, y in data.evaluation)
+    assert correct / data.num_evaluation_samples >= 0.97
+    assert data.example_inputs[0].shape == (1, 1, 8, 8)
+
+
+def test_load_splits_never_overlap() -> None:
+    from stages.sources.digits import _split_indices
+
+    split = _split_indices(seed=0, calibration_size=256, evaluation_size=450)
+    parts = [set(part.tolist()) for part in split.values()]
+    assert sum(len(p) for p in parts) == 1797
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+
+def test_calibrate_runs_every_batch_through_observers(chain) -> None:
+    _, loaded, calibrated, *_ = chain
+    assert calibrated.num_batches == len(loaded.data.calibration)
+    observers = [m for n, m in calibrated.model.named_modules() if "activation_post_process" in n]
+    assert observers, "prepare_fx inserted no observers"
+    # Histogram observers that saw data have a finite, non-empty range.
+    assert all(float(obs.max_val) > float(obs.min_val) for obs in observers if hasattr(obs, "max_val"))
+
+
+def test_calibrate_max_batches_caps_the_batches() -> None:
+    spec = _spec("calibrate.max_batches=2")
+    loaded = load(spec.model, spec.data, spec.seed)
+    calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    assert calibrated.num_batches == 2 and calibrated.num_samples == 64
+
+
+def test_reference_convert_applies_the_skip_list_at_convert_time(chain) -> None:
+    spec, loaded, calibrated, reference, _ = chain
+    assert reference.left_float == []
+    skipped = reference_convert(
+        calibrated, spec.backend, spec.qconfig_mapping, _spec("skip=add").skip, spec.custom_config
+    )
+    assert skipped.left_float == ["add", "add_1"]
+    # The reference model simulates int8 in float: close to float, not identical.
+    x = loaded.data.evaluation[0][0]
+    with torch.no_grad():
+        db = sqnr_db(loaded.model(x), reference.model(x))
+    assert 20 < db < math.inf
+
+
+def test_lower_produces_quantized_kernels_and_counts_them(chain) -> None:
+    _, _, _, _, lowered = chain
+    kinds = {type(m).__module__ for m in lowered.model.modules()}
+    assert any(k.startswith("torch.ao.nn.intrinsic.quantized") for k in kinds)
+    assert lowered.node_counts["quantized"] >= 8 and lowered.node_counts["float"] == 0
+
+
+def test_lower_refuses_a_model_where_nothing_was_quantized(chain) -> None:
+    spec, loaded, calibrated, *_ = chain
+    everything = _spec("skip.module_name_regex=[.*]", "skip.object_type=[operator.add]")
+    reference = reference_convert(calibrated, spec.backend, spec.qconfig_mapping, everything.skip, spec.custom_config)
+    with pytest.raises(NothingQuantizedError, match="Nothing was quantized"):
+        lower(reference, spec.backend, loaded.data.example_inputs)
+
+
+def test_evaluate_reports_every_figure(chain) -> None:
+    spec, loaded, _, reference, lowered = chain
+    report = evaluate(loaded, {"reference": reference.model, "lowered": lowered.model}, "x86", spec.evaluate)
+    m = report.metrics
+    assert m["eval/float/accuracy"] >= 0.97
+    assert abs(m["eval/accuracy_delta"]) <= 0.01
+    assert m["eval/lowered/sqnr_db"] > 20 and m["eval/lowered/agreement"] > 0.97
+    assert 0.2 < m["size/ratio"] < 0.5  # int8 weights, with per-channel scales and the float bias
+    for model in ("float", "lowered"):
+        for size in (1, 8):
+            for form in ("eager", "traced", "frozen"):
+                assert m[f"latency/{model}/{form}/b{size}_p90_ms"] >= m[f"latency/{model}/{form}/b{size}_median_ms"] > 0
+            best = report.fastest_form[f"{model}/b{size}"]
+            assert m[f"latency/{model}/b{size}_ms"] == m[f"latency/{model}/{best}/b{size}_median_ms"]
+    assert "latency/reference/b1_ms" not in m  # a reference model is not deployable
+    assert m["latency/speedup_b1"] == m["latency/float/b1_ms"] / m["latency/lowered/b1_ms"]
+
+
+def test_evaluate_without_labels_reports_sqnr_and_agreement_only(chain) -> None:
+    spec, loaded, _, _, lowered = chain
+    from dataclasses import replace
+
+    unlabeled = replace(loaded, data=replace(loaded.data, has_labels=False))
+    no_latency = replace(spec.evaluate, latency=replace(spec.evaluate.latency, enabled=False))
+    m = evaluate(unlabeled, {"lowered": lowered.model}, "x86", no_latency).metrics
+    assert not any(k.endswith("accuracy") for k in m)
+    assert m["eval/lowered/sqnr_db"] > 20
+
+
+def test_export_torchscript_and_onnx_reload_and_match(chain, tmp_path: Path) -> None:
+    _, loaded, _, _, lowered = chain
+    bundle = export(lowered, loaded, ExportSpec(), tmp_path)
+    assert set(bundle.files) == {"fx_code", "torchscript", "onnx"}
+    assert "lite_interpreter" in bundle.skipped
+    reloaded = torch.jit.load(str(bundle.files["torchscript"]))
+    x = loaded.data.evaluation[1][0]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), lowered.model(x))
+    assert bundle.metrics["export/onnx/sqnr_db"] > 25
+    assert bundle.metrics["export/onnx/agreement"] >= 0.95
+    assert "quantize_per_tensor" in bundle.files["fx_code"].read_text()
+
+
+@pytest.mark.slow
+def test_export_qnnpack_writes_a_lite_interpreter_file(tmp_path: Path) -> None:
+    spec = _spec("backend=qnnpack")
+    loaded = load(spec.model, spec.data, spec.seed)
+    calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    reference = reference_convert(calibrated, spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
+    lowered = lower(reference, spec.backend, loaded.data.example_inputs)
+    bundle = export(lowered, loaded, ExportSpec(onnx=False, torchscript="script"), tmp_path)
+    assert bundle.files["lite_interpreter"].stat().st_size > 1000
+    assert bundle.metrics["export/lite_interpreter/max_abs_diff"] == 0.0
+    assert bundle.skipped == {}
