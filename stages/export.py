@@ -98,9 +98,10 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
                 # e.g. onednn fuses conv+add+relu into one kernel that has no ONNX symbolic.
                 path.unlink(missing_ok=True)
                 skipped["onnx"] = f"torch's ONNX exporter cannot express this {engine} model: {error}"
+                log.warning("export: no ONNX file for backend=%s: %s", engine, error)
 
     for name, reason in skipped.items():
-        log.log(logging.WARNING if name == "onnx" else logging.INFO, "export: skipped %s: %s", name, reason)
+        log.info("export: skipped %s: %s", name, reason)
     return ExportBundle(files=files, skipped=skipped, metrics=metrics)
 
 
