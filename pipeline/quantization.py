@@ -403,3 +403,41 @@ def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], en
         else:
             counts["float"] += 1
     return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer sensitivity
+
+
+@dataclass
+class LayerSensitivity:
+    module_name: str  # a skip-list's module_name entry
+    quantized_type: str
+    sqnr_db: float  # of this layer's output, quantized alone on float inputs (no error from earlier layers)
+
+
+def layer_sensitivity(
+    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+) -> list[LayerSensitivity]:
+    """Each quantized layer's own error, worst first, from torch's FX numeric suite shadow loggers:
+    the int8 layer runs on the float model's input to that layer, so one bad layer does not make
+    every later one look bad (which is what a skip search needs to rank)."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch.ao.ns._numeric_suite_fx as numeric_suite
+    from torch.ao.ns.fx.utils import compute_sqnr
+
+    with quantized_engine(engine), torch.no_grad(), redirect_stdout(io.StringIO()):  # the suite print()s
+        shadowed = numeric_suite.add_shadow_loggers(
+            "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
+        )
+        shadowed(inputs)
+        results = numeric_suite.extract_shadow_logger_info(shadowed, numeric_suite.OutputLogger, "int8")
+        numeric_suite.extend_logger_results_with_comparison(results, "float", "int8", compute_sqnr, "sqnr")
+    layers = []
+    for result in results.values():
+        output = result["node_output"]["int8"][0]
+        sqnr = float(torch.stack([torch.as_tensor(s) for s in output["sqnr"]]).mean())
+        layers.append(LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr))
+    return sorted(layers, key=lambda layer: layer.sqnr_db)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.schema import STAGES, PipelineSpec
+from pipeline.schema import STAGES, PipelineSpec, SkipSpec
 from pipeline.tracking import Tracker, flatten
 from stages.calibrate import calibrate
 from stages.evaluate import evaluate
@@ -22,6 +22,7 @@ from stages.export import export
 from stages.load import load
 from stages.lower import lower
 from stages.reference_convert import reference_convert
+from stages.search import SearchResult, Trial, search
 from stages.types import Calibrated, Loaded, Lowered, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class RunState:
     calibrated: Calibrated | None = None
     reference: ReferenceModel | None = None
     lowered: Lowered | None = None
+    skip: SkipSpec | None = None  # spec.skip, or the search's winner
+    search: SearchResult | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -43,7 +46,7 @@ def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
-def _run_load(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_load(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     state.loaded = load(spec.model, spec.data, spec.seed)
     data = state.loaded.data
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ def _run_load(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float
     }
 
 
-def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.loaded is not None
     state.calibrated = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,15 +76,17 @@ def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, 
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
     torch.save(state.calibrated.model.state_dict(), out / "observer_state.pt")
     return {
+        "calibrate/calibrations": 1.0,  # calibration passes this run made (a sweep or search sums them)
         "calibrate/batches": float(state.calibrated.num_batches),
         "calibrate/samples": float(state.calibrated.num_samples),
     }
 
 
-def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.calibrated is not None
+    assert state.skip is not None
     state.reference = reference_convert(
-        state.calibrated, spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config
+        state.calibrated, spec.backend, spec.qconfig_mapping, state.skip, spec.custom_config
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference_graph.py").write_text(state.reference.model.code)
@@ -89,7 +94,114 @@ def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path) -> di
     return {"skip/left_float_nodes": float(len(state.reference.left_float))}
 
 
-def _run_lower(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_search(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
+    assert state.loaded is not None and state.calibrated is not None
+
+    def report_trial(trial: Trial) -> None:
+        child = Tracker(spec.tracking)
+        child.start(
+            {"trial": str(trial.number), "skip.module_name": str(trial.skipped)},
+            {**run_tags(spec), "skip": f"trial_{trial.number}", "search_trial": str(trial.number)},
+            parent_run_id=tracker.run_id,
+            run_name=f"trial-{trial.number}",
+        )
+        child.log_metrics({**trial.metrics, "search/score": trial.score, "search/meets": float(trial.meets)})
+        child.end("FINISHED")
+
+    result = search(
+        state.loaded,
+        state.calibrated,
+        spec.backend,
+        spec.qconfig_mapping,
+        spec.custom_config,
+        spec.evaluate,
+        spec.search,
+        report_trial,
+    )
+    state.search = result
+    state.skip = result.skip_spec()
+    out.mkdir(parents=True, exist_ok=True)
+    write_search_outputs(result, spec.search.criterion, out)
+    tracker.set_tags({"skip": "searched", "search_winner_trial": str(result.winner.number)})
+    return {
+        "search/trials": float(len(result.trials)),
+        "search/met": float(result.met),
+        "search/bar": result.bar,
+        "search/winner_trial": float(result.winner.number),
+        "search/winner_score": result.winner.score,
+        "search/winner_float_layers": float(len(result.winner.skipped)),
+        "search/winner_latency_ms": result.winner.latency_ms,
+    }
+
+
+def write_search_outputs(result: SearchResult, criterion: str, out: Path) -> None:
+    """Trial table, sensitivity table, the winning skip-list as conf/skip YAML, and a history plot."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out / "trials.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial", "float_layers", criterion, "meets_bar", "latency_ms", "skipped"])
+        for trial in result.trials:
+            writer.writerow(
+                [
+                    trial.number,
+                    len(trial.skipped),
+                    f"{trial.score:.6g}",
+                    trial.meets,
+                    f"{trial.latency_ms:.4f}",
+                    " ".join(trial.skipped),
+                ]
+            )
+    with (out / "sensitivity.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["module_name", "quantized_type", "own_output_sqnr_db"])
+        for layer in result.sensitivity:
+            writer.writerow([layer.module_name, layer.quantized_type, f"{layer.sqnr_db:.3f}"])
+    skip = result.skip_spec()
+    header = (
+        f"# Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
+        f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}.\n"
+        f"# Copy to conf/skip/searched.yaml and run with skip=searched.\n"
+    )
+    (out / "searched_skip.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.structured(skip)))
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    numbers = [trial.number for trial in result.trials]
+    axis.plot(numbers, [trial.score for trial in result.trials], color="0.6", zorder=1)
+    for trial in result.trials:
+        axis.scatter(trial.number, trial.score, color="tab:green" if trial.meets else "tab:red", zorder=2)
+        axis.annotate(
+            f"{len(trial.skipped)} fp32",
+            (trial.number, trial.score),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    axis.axhline(result.bar, linestyle="--", color="tab:blue", label=f"bar {result.bar:.4g}")
+    axis.scatter(
+        [result.winner.number],
+        [result.winner.score],
+        s=200,
+        facecolors="none",
+        edgecolors="black",
+        label=f"winner (trial {result.winner.number})",
+    )
+    axis.set_xlabel("trial")
+    axis.set_ylabel(criterion)
+    axis.set_title("skip search: green meets the bar, red misses; labels = layers left float")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out / "trials.png", dpi=100)
+    plt.close(figure)
+
+
+def _run_lower(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.reference is not None and state.loaded is not None
     state.lowered = lower(state.reference, spec.backend, state.loaded.data.example_inputs)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +210,7 @@ def _run_lower(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, floa
     return {f"nodes/{kind}": float(count) for kind, count in state.lowered.node_counts.items()}
 
 
-def _run_evaluate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_evaluate(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.loaded is not None
     candidates = {}
     if state.reference is not None:
@@ -128,7 +240,7 @@ def _run_evaluate(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, f
     return report.metrics
 
 
-def _run_export(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, float]:
+def _run_export(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.lowered is not None and state.loaded is not None
     bundle = export(state.lowered, state.loaded, spec.export, out)
     _write_json(out / "skipped.json", bundle.skipped)
@@ -139,11 +251,20 @@ def _run_export(spec: PipelineSpec, state: RunState, out: Path) -> dict[str, flo
 STAGE_RUNNERS = {
     "load": _run_load,
     "calibrate": _run_calibrate,
+    "search": _run_search,
     "reference_convert": _run_reference_convert,
     "lower": _run_lower,
     "evaluate": _run_evaluate,
     "export": _run_export,
 }
+
+
+def planned_stages(spec: PipelineSpec) -> list[str]:
+    """spec.stages in pipeline order, with `search` after calibrate when a search strategy is set."""
+    stages = [stage for stage in STAGES if stage in spec.stages]
+    if spec.search.strategy != "none":
+        stages.insert(stages.index("calibrate") + 1, "search")
+    return stages
 
 
 def run_tags(spec: PipelineSpec) -> dict[str, str]:
@@ -166,8 +287,8 @@ def run(spec: PipelineSpec, resolved: DictConfig, run_dir: Path, log_file: Path 
     tracker = Tracker(spec.tracking)
     tracker.start(flatten(OmegaConf.to_container(resolved, resolve=True)), run_tags(spec))
     tracker.log_artifacts(config_file)
-    state = RunState()
-    stages = [stage for stage in STAGES if stage in spec.stages]
+    state = RunState(skip=spec.skip)
+    stages = planned_stages(spec)
     current = None
     status = "FAILED"
     try:
@@ -175,7 +296,7 @@ def run(spec: PipelineSpec, resolved: DictConfig, run_dir: Path, log_file: Path 
             current = stage
             log.info("[%d/%d] %s ...", position, len(stages), stage)
             start = time.perf_counter()
-            metrics = STAGE_RUNNERS[stage](spec, state, run_dir / stage)
+            metrics = STAGE_RUNNERS[stage](spec, state, run_dir / stage, tracker)
             metrics[f"stage/{stage}/seconds"] = time.perf_counter() - start
             state.metrics.update(metrics)
             tracker.log_metrics(metrics)

@@ -155,6 +155,19 @@ class ExportSpec:
 
 
 @dataclass
+class SearchSpec:
+    """Accuracy-aware skip search: the fastest model meeting a criterion, from one calibration."""
+
+    strategy: str = "none"  # none | greedy
+    criterion: str = "accuracy"  # accuracy (needs labels) | sqnr (output SQNR vs float; for unlabeled data)
+    max_drop: float = 0.01  # accuracy criterion: the largest accepted drop below float
+    drop_mode: str = "absolute"  # absolute (0.01 = one point) | relative (0.01 = 1% of float accuracy)
+    min_sqnr_db: float = 30.0  # sqnr criterion: the lowest accepted output SQNR
+    max_trials: int = 20  # conversions tried, the fully quantized one included
+    requantize: bool = True  # after meeting the bar, try putting skipped layers back to int8
+
+
+@dataclass
 class TrackingSpec:
     enabled: bool = True
     tracking_uri: str = MISSING
@@ -175,6 +188,7 @@ class PipelineSpec:
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     tracking: TrackingSpec = MISSING
+    search: SearchSpec = field(default_factory=SearchSpec)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     output_dir: str = "outputs"
@@ -210,6 +224,21 @@ def validate(spec: PipelineSpec) -> None:
         _check_in(f"evaluate.latency.forms[{position}]", form, ("eager", "traced", "frozen"))
     for position, model in enumerate(spec.evaluate.models):
         _check_in(f"evaluate.models[{position}]", model, ("float", "reference", "lowered"))
+    _check_in("search.strategy", spec.search.strategy, ("none", "greedy"))
+    _check_in("search.criterion", spec.search.criterion, ("accuracy", "sqnr"))
+    _check_in("search.drop_mode", spec.search.drop_mode, ("absolute", "relative"))
+    if spec.search.strategy != "none":
+        if "calibrate" not in spec.stages:
+            raise ConfigError(
+                f"search.strategy='{spec.search.strategy}' needs the calibrate stage; stages={spec.stages}."
+            )
+        if spec.search.max_trials < 1:
+            raise ConfigError(f"search.max_trials={spec.search.max_trials} must be >= 1.")
+        if spec.search.criterion == "accuracy" and not spec.model.trained:
+            raise ConfigError(
+                "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
+                "use search.criterion=sqnr with search.min_sqnr_db."
+            )
     for key in ("threads", "warmup", "repeats"):
         if getattr(spec.evaluate.latency, key) < 1:
             raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")

@@ -56,12 +56,19 @@ class Tracker:
         self.spec = spec
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.nested = False
 
     @property
     def active(self) -> bool:
         return self.run_id is not None
 
-    def start(self, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None = None) -> None:
+    def start(
+        self,
+        params: dict[str, str],
+        tags: dict[str, str],
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
         if not self.spec.enabled:
             return
         _make_sqlite_folder(self.spec.tracking_uri)
@@ -70,8 +77,9 @@ class Tracker:
         all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, tags=all_tags, run_name=self.spec.run_name)
+        run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or self.spec.run_name)
         self.run_id = run.info.run_id
+        self.nested = parent_run_id is not None
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         log.info(
             "MLflow run %s in experiment '%s' (%s)", self.run_id, self.spec.experiment_name, self.spec.tracking_uri
@@ -105,7 +113,7 @@ class Tracker:
             return
         assert self.client is not None and self.run_id is not None
         self.client.set_terminated(self.run_id, status=status)
-        log.info("MLflow run %s ended %s", self.run_id, status)
+        log.log(logging.DEBUG if self.nested else logging.INFO, "MLflow run %s ended %s", self.run_id, status)
         self.run_id = None
 
 
