@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
@@ -42,7 +43,15 @@ def main(cfg: DictConfig) -> float | None:
         spec.data.name,
         run_dir,
     )
-    state = runner.run(spec, cfg, run_dir, log_file)
+    parent_run_id, job_tags = None, {}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from pipeline.tracking import sweep_parent_run_id
+
+        parent_run_id = sweep_parent_run_id(run_dir)
+        overrides = list(hydra_cfg.overrides.task)
+        job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
+        job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
+    state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
     return state.metrics.get("eval/lowered/accuracy")
 
 

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cache import CalibrationCache, cache_key
 from pipeline.schema import STAGES, PipelineSpec, SkipSpec
 from pipeline.tracking import Tracker, flatten
-from stages.calibrate import calibrate
+from stages.calibrate import calibrate, prepare
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.load import load
@@ -68,17 +69,40 @@ def _run_load(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) 
     }
 
 
+def _calibrate_or_load(spec: PipelineSpec, loaded: Loaded) -> Calibrated:
+    """Calibrate, or rebuild the calibrated model from the cache when its key has an entry."""
+    if not spec.cache.enabled:
+        return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    cache = CalibrationCache(Path(spec.cache.dir))
+    batches = loaded.data.calibration[: spec.calibrate.max_batches]
+    key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
+    with cache.lock(key):
+        cached = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
+        if cached is not None:
+            log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
+            return Calibrated(cached, len(batches), sum(int(x.shape[0]) for x, _ in batches), True, key)
+        calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+        entry = cache.store(key, calibrated.model, {"batches": calibrated.num_batches, "backend": spec.backend.engine})
+        log.info("calibrate: cached as %s", entry)
+        calibrated.cache_key = key
+        return calibrated
+
+
 def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.loaded is not None
-    state.calibrated = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    state.calibrated = _calibrate_or_load(spec, state.loaded)
+    calibrated = state.calibrated
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prepared_graph.py").write_text(state.calibrated.model.code)
+    (out / "prepared_graph.py").write_text(calibrated.model.code)
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
-    torch.save(state.calibrated.model.state_dict(), out / "observer_state.pt")
+    torch.save(calibrated.model.state_dict(), out / "observer_state.pt")
+    tracker.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
     return {
-        "calibrate/calibrations": 1.0,  # calibration passes this run made (a sweep or search sums them)
-        "calibrate/batches": float(state.calibrated.num_batches),
-        "calibrate/samples": float(state.calibrated.num_samples),
+        # Calibration passes this run made: 0 on a cache hit (a sweep or search sums them).
+        "calibrate/calibrations": 0.0 if calibrated.cache_hit else 1.0,
+        "cache/hit": float(calibrated.cache_hit),
+        "calibrate/batches": float(calibrated.num_batches),
+        "calibrate/samples": float(calibrated.num_samples),
     }
 
 
@@ -278,14 +302,25 @@ def run_tags(spec: PipelineSpec) -> dict[str, str]:
     }
 
 
-def run(spec: PipelineSpec, resolved: DictConfig, run_dir: Path, log_file: Path | None = None) -> RunState:
+def run(
+    spec: PipelineSpec,
+    resolved: DictConfig,
+    run_dir: Path,
+    log_file: Path | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunState:
     """Run spec.stages in pipeline order; on any failure the run ends FAILED (KILLED on Ctrl-C),
     with the error saved, and everything finished before it stays on disk and in MLflow."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker = Tracker(spec.tracking)
-    tracker.start(flatten(OmegaConf.to_container(resolved, resolve=True)), run_tags(spec))
+    tracker.start(
+        flatten(OmegaConf.to_container(resolved, resolve=True)),
+        {**run_tags(spec), **(extra_tags or {})},
+        parent_run_id=parent_run_id,
+    )
     tracker.log_artifacts(config_file)
     state = RunState(skip=spec.skip)
     stages = planned_stages(spec)

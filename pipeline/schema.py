@@ -168,6 +168,12 @@ class SearchSpec:
 
 
 @dataclass
+class CacheSpec:
+    enabled: bool = True
+    dir: str = MISSING  # one folder per entry, named by its key; delete the folder to clear the cache
+
+
+@dataclass
 class TrackingSpec:
     enabled: bool = True
     tracking_uri: str = MISSING
@@ -189,6 +195,7 @@ class PipelineSpec:
     export: ExportSpec = field(default_factory=ExportSpec)
     tracking: TrackingSpec = MISSING
     search: SearchSpec = field(default_factory=SearchSpec)
+    cache: CacheSpec = MISSING
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     output_dir: str = "outputs"

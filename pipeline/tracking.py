@@ -7,6 +7,7 @@ runs many jobs in one process (Hydra's basic launcher) and nested runs must not 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -17,9 +18,11 @@ from typing import Any
 # mlflow configures its own logger (which then bypasses Hydra's job log) unless told not to.
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
+from hydra.experimental.callback import Callback  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline.schema import TrackingSpec  # noqa: E402
 
@@ -140,3 +143,203 @@ def _make_sqlite_folder(uri: str) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps: one parent run per `python -m pipeline -m ...`, each job a nested child run.
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def sweep_parent_run_id(job_dir: Path) -> str | None:
+    """The parent run a sweep job nests under: the callback writes its id into the sweep folder,
+    which every job, in this process or a launcher's worker, can read. (MLFLOW_RUN_ID would make
+    the job resume the parent instead of nesting under it.)"""
+    path = job_dir.parent / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+class SweepCallback(Callback):
+    """Opens the sweep's parent run before any job starts (which also creates the SQLite store
+    once, before parallel workers could race to create it), and closes it with the comparison
+    report when the sweep ends. Hydra skips on_multirun_end when a job fails, so an exit handler
+    closes the parent too: FAILED, with the report marking the failed jobs."""
+
+    def __init__(self) -> None:
+        self.client: MlflowClient | None = None
+        self.parent_run_id: str | None = None
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = TrackingSpec(**OmegaConf.to_container(config.tracking, resolve=True))  # type: ignore[arg-type]
+        if not tracking.enabled:
+            return
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        _make_sqlite_folder(tracking.tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking.tracking_uri)
+        experiment_id = ensure_experiment(self.client, tracking)
+        overrides = list(config.hydra.overrides.task)
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"sweep-{self.sweep_dir.name}",
+            tags={"sweep": "true", "sweep_dir": str(self.sweep_dir.resolve()), "overrides": " ".join(overrides)},
+        )
+        self.parent_run_id = run.info.run_id
+        (self.sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
+        atexit.register(self._close, "FAILED")
+        log.info("MLflow sweep parent run %s (%s)", self.parent_run_id, tracking.tracking_uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        if self.client is None or self.parent_run_id is None or self.sweep_dir is None:
+            return
+        client, parent, self.client = self.client, self.parent_run_id, None
+        try:
+            rows = write_report(client, parent, self.sweep_dir / "report")
+            if any(row["status"] != "FINISHED" for row in rows):
+                status = "FAILED"
+        finally:
+            client.set_terminated(parent, status=status)
+            log.info("MLflow sweep parent run %s ended %s", parent, status)
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison report of a sweep: a table and an accuracy-vs-speedup plot, one row per job.
+
+REPORT_COLUMNS = [
+    ("job", None),
+    ("backend", None),
+    ("skip", None),
+    ("qconfig_mapping", None),
+    ("status", None),
+    ("float_acc", "eval/float/accuracy"),
+    ("lowered_acc", "eval/lowered/accuracy"),
+    ("acc_delta", "eval/accuracy_delta"),
+    ("sqnr_db", "eval/lowered/sqnr_db"),
+    ("latency_b1_ms", "latency/lowered/b1_ms"),
+    ("speedup_b1", "latency/speedup_b1"),
+    ("size_ratio", "size/ratio"),
+    ("cache_hit", "cache/hit"),
+    ("calibrations", "calibrate/calibrations"),
+]
+
+
+def sweep_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=5000
+    )
+    rows = []
+    for run in sorted(children, key=lambda r: int(r.data.tags.get("job_num", 0))):
+        row: dict[str, Any] = {
+            "job": run.data.tags.get("job_num", run.info.run_name),
+            "backend": run.data.tags.get("backend", ""),
+            "skip": run.data.tags.get("skip", ""),
+            "qconfig_mapping": run.data.tags.get("qconfig_mapping", ""),
+            "status": run.info.status,
+        }
+        for column, metric in REPORT_COLUMNS:
+            if metric is not None:
+                row[column] = run.data.metrics.get(metric)
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_report(client: MlflowClient, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
+    """report.csv, report.md and report.png in out_dir, logged to the parent run; also printed."""
+    import csv
+
+    rows = sweep_rows(client, parent_run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = [column for column, _ in REPORT_COLUMNS]
+    with (out_dir / "report.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    (out_dir / "report.md").write_text(markdown)
+    _plot_report(rows, out_dir / "report.png")
+    client.log_artifacts(parent_run_id, str(out_dir), "report")
+    log.info("sweep report (%d jobs, %s):\n%s", len(rows), out_dir, markdown)
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes (higher is better on both)."""
+    return [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any(ox >= x and oy >= y and (ox > x or oy > y) for j, (ox, oy) in enumerate(points) if j != i)
+    ]
+
+
+def _plot_report(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plotted = [row for row in rows if row["speedup_b1"] is not None and row["acc_delta"] is not None]
+    figure, axis = plt.subplots(figsize=(8, 5))
+    points = [(row["speedup_b1"], row["acc_delta"] * 100) for row in plotted]
+    front = set(pareto_front(points))
+    for i, (row, (x, y)) in enumerate(zip(plotted, points, strict=True)):
+        axis.scatter(x, y, s=60, color="tab:orange" if i in front else "tab:blue", zorder=3)
+        axis.annotate(
+            f"{row['backend']}/{row['skip']}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 5 + 9 * (i % 3)),
+            fontsize=8,
+        )
+    if front:
+        ordered = sorted((points[i] for i in front), key=lambda p: p[0])
+        axis.plot([p[0] for p in ordered], [p[1] for p in ordered], "--", color="tab:orange", label="Pareto front")
+        axis.legend(loc="lower left")
+    failed = [row for row in rows if row["status"] != "FINISHED"]
+    title = "accuracy delta vs speedup at batch 1, one point per job"
+    if failed:
+        title += f" ({len(failed)} failed job(s) not shown)"
+    axis.set_title(title)
+    axis.set_xlabel("speedup over float (batch 1, fastest form)")
+    axis.set_ylabel("lowered - float accuracy (points)")
+    axis.axhline(0, color="0.7", linewidth=1)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.tracking report <parent run id | sweep dir>`: rebuild a past sweep's report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="rebuild a sweep's comparison report from the MLflow store")
+    report.add_argument("sweep", help="the sweep's parent run id, or its folder (outputs/multirun/<date_time>)")
+    report.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    report.add_argument("--out", type=Path, default=None, help="default: <sweep dir>/report, or ./report-<id>")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sweep = Path(args.sweep)
+    parent = (sweep / PARENT_RUN_FILE).read_text().strip() if sweep.is_dir() else args.sweep
+    out = args.out or (sweep / "report" if sweep.is_dir() else Path(f"report-{parent}"))
+    write_report(MlflowClient(tracking_uri=args.tracking_uri), parent, out)
+
+
+if __name__ == "__main__":
+    main()
