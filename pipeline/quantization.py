@@ -136,6 +136,10 @@ def import_path(obj: Any) -> str:
     """The dotted path config uses for an object type (the inverse of resolve_import, for logs)."""
     if obj is operator.add:
         return "operator.add"
+    name = getattr(obj, "__name__", "")
+    for public in (nn, torch):  # prefer the documented spelling: torch.nn.Conv2d, torch.add
+        if name and getattr(public, name, None) is obj:
+            return f"{public.__name__}.{name}"
     module = getattr(obj, "__module__", None) or "builtins"
     return f"{module}.{getattr(obj, '__qualname__', getattr(obj, '__name__', str(obj)))}"
 
@@ -441,3 +445,48 @@ def layer_sensitivity(
         sqnr = float(torch.stack([torch.as_tensor(s) for s in output["sqnr"]]).mean())
         layers.append(LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr))
     return sorted(layers, key=lambda layer: layer.sqnr_db)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which skip entries match anything
+
+
+def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec) -> list[str]:
+    """One readable line per skip entry that matches nothing in the model, with the closest names
+    that do exist (module names, object types as import paths)."""
+    modules = dict(prepared.named_modules(remove_duplicate=False))
+    names = [name for name in modules if name and "activation_post_process" not in name]
+    scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
+    types: set[Any] = set()
+    calls: dict[tuple[str, Any], int] = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            module = modules[str(node.target)]
+            types.add(type(module))
+            children = list(module.children())
+            if children and type(module).__module__.startswith("torch.ao.nn.intrinsic"):
+                types.add(type(children[0]))
+        elif node.op in ("call_function", "call_method"):
+            types.add(node.target)
+            parent = scope.get(node.name, ("", None))[0]
+            calls[(parent, node.target)] = calls.get((parent, node.target), 0) + 1
+    type_paths = sorted(import_path(t) for t in types if not isinstance(t, str))
+    problems = []
+    for i, path in enumerate(skip.object_type):
+        if resolve_import(path, f"skip.object_type[{i}]") not in types:
+            problems.append(f"skip.object_type[{i}]='{path}' matches no op in the model.{closest(path, type_paths)}")
+    for i, name in enumerate(skip.module_name):
+        if name not in modules:
+            problems.append(f"skip.module_name[{i}]='{name}' is not a module of the model.{closest(name, names)}")
+    for i, pattern in enumerate(skip.module_name_regex):
+        if not any(re.match(pattern, name) for name in names):
+            problems.append(f"skip.module_name_regex[{i}]='{pattern}' matches no module name.{closest(pattern, names)}")
+    for i, entry in enumerate(skip.module_name_object_type_order):
+        target = resolve_import(entry.object_type, f"skip.module_name_object_type_order[{i}].object_type")
+        count = calls.get((entry.module_name, target), 0)
+        if entry.index >= count:
+            problems.append(
+                f"skip.module_name_object_type_order[{i}]: module '{entry.module_name}' calls "
+                f"{entry.object_type} {count} time(s), so index {entry.index} matches nothing."
+            )
+    return problems

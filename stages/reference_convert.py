@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from pipeline import quantization
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 from stages.types import Calibrated, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,11 @@ def reference_convert(
     skip: SkipSpec,
     custom: CustomConfigSpec,
 ) -> ReferenceModel:
+    unmatched = quantization.unmatched_skip_entries(calibrated.model, skip)
+    if unmatched and skip.strict:
+        raise ConfigError(f"skip={skip.name} (skip.strict=true): " + " ".join(unmatched))
+    for problem in unmatched:
+        log.warning("skip=%s: %s", skip.name, problem)
     _, convert_custom_config = quantization.build_custom_configs(custom)
     with quantization.quantized_engine(backend.engine):
         conversion = quantization.convert_reference(

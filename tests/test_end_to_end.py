@@ -128,5 +128,11 @@ def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     client = _client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
-    finished = sorted(r.data.tags["backend"] for r in runs if r.info.status == "FINISHED")
-    assert finished == sorted(["x86", "fbgemm", "x86", "qnnpack", "onednn"])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["backend"] for r in children if r.info.status == "FINISHED") == sorted(
+        ["fbgemm", "x86", "qnnpack", "onednn"]
+    )
+    single = [r for r in runs if r not in parents and r not in children]
+    assert [r.data.tags["backend"] for r in single] == ["x86"]
