@@ -1,0 +1,185 @@
+"""Sweeps from the command line: one calibration per backend, a parent run with nested children
+under both launchers, the comparison report, and the README's `mlflow ui` serving them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import pareto_front
+from tests.conftest import REPO_ROOT
+
+FAST = [
+    "evaluate.latency.repeats=3",
+    "evaluate.latency.warmup=1",
+    "evaluate.latency.batch_sizes=[1]",
+    "export.onnx=false",
+    "export.torchscript=none",
+]
+SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
+
+
+def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", *overrides, *FAST, f"output_dir={tmp_path}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _parent_and_children(tmp_path: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, parents[0], children
+
+
+def _report(tmp_path: Path) -> list[dict[str, str]]:
+    (report,) = tmp_path.glob("multirun/*/report/report.csv")
+    with report.open() as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tmp_path: Path) -> None:
+    result = _sweep(tmp_path, "backend=fbgemm", SIX_SKIPS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, parent, children = _parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 1
+    assert sum(c.data.metrics["cache/hit"] for c in children) == 5
+    assert len({c.data.tags["cache_key"] for c in children}) == 1
+    assert sorted(c.data.tags["override.skip"] for c in children) == sorted(SIX_SKIPS[5:].split(","))
+    assert all(c.data.tags["override.backend"] == "fbgemm" for c in children)
+    rows = _report(tmp_path)
+    assert [row["skip"] for row in rows] == SIX_SKIPS[5:].split(",")
+    assert {row["status"] for row in rows} == {"FINISHED"}
+    report_dir = next(tmp_path.glob("multirun/*/report"))
+    markdown_rows = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(markdown_rows) == 7  # header + 6 jobs
+    assert (report_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.csv", "report/report.md", "report/report.png"} <= logged
+    assert "| fbgemm | first_add |" in result.stdout  # the table is printed too
+
+    # The rebuild command gives the same table from the store alone.
+    rebuilt = tmp_path / "rebuilt"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.tracking",
+            "report",
+            parent.info.run_id,
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--out",
+            str(rebuilt),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (rebuilt / "report.csv").read_text() == (report_dir / "report.csv").read_text()
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_path: Path) -> None:
+    result = _sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "database is locked" not in output and "duplicate column" not in output
+    _, parent, children = _parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    # Jobs ran in worker processes, and the per-key lock made each backend calibrate once.
+    assert len({c.data.params["backend.engine"] for c in children}) == 2
+    assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 2
+    assert len(_report(tmp_path)) == 4
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_the_parent_and_the_report_marks_it(tmp_path: Path) -> None:
+    # qconfig_mapping=... with the everything-float skip makes `lower` refuse one job.
+    result = _sweep(tmp_path, "backend=x86", "skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]")
+    assert result.returncode != 0
+    _, parent, children = _parent_and_children(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    assert sorted(row["status"] for row in _report(tmp_path)) == ["FAILED", "FINISHED"]
+
+
+def test_pareto_front_keeps_points_nothing_beats_on_both_axes() -> None:
+    points = [(1.0, 0.0), (2.0, -0.01), (1.5, -0.02), (0.5, 0.0), (2.0, -0.01)]
+    assert pareto_front(points) == [0, 1, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
+    result = _sweep(tmp_path, "backend=x86", "skip=none,add")
+    assert result.returncode == 0, result.stdout[-3000:]
+    readme = (REPO_ROOT / "README.md").read_text()
+    (command,) = [
+        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
+    ]
+    port = _free_port()
+    args = command.split()[1:]
+    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{tmp_path}/mlflow.db"
+    args[args.index("--port") + 1] = str(port)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow), *args[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "mlflow ui did not answer within 90 s"
+            assert server.poll() is None, "mlflow ui exited"
+            time.sleep(1)
+        experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
+        (experiment,) = [e for e in experiments.json()["experiments"] if e["name"] == "fx-ptq"]
+        runs = requests.post(
+            f"{base}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
+            timeout=10,
+        ).json()["runs"]
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
+        assert len(parent_ids) == 1
+        assert sorted(t["skip"] for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]) == ["add", "none"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
