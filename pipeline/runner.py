@@ -299,6 +299,7 @@ def run_tags(spec: PipelineSpec) -> dict[str, str]:
         "model": spec.model.name,
         "data": spec.data.name,
         "custom_config": spec.custom_config.name,
+        "weights": "trained" if spec.model.trained else "random",
     }
 
 

@@ -1,0 +1,92 @@
+"""A skip-list sweep with the calibration cache against the same sweep with cache.enabled=false.
+
+Model: the ResNet-18-shaped network (conf/model/resnet18.yaml, random weights) on synthetic
+inputs; x86 backend, histogram observers; N skip-lists through `python -m pipeline -m`, the basic
+launcher, latency and export off (the sweep's cost is calibration plus conversion). Each arm gets
+a fresh output folder (fresh store, empty cache). Calibration counts come from the MLflow store.
+
+    python bench/sweep_cache.py [--size 112] [--batches 4]
+
+Prints a table and writes outputs/bench/sweep_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+SKIPS = "none,add,first_last,block2_regex,linear,conv"  # six ways to skip (first_last names miss here)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep(cache: bool, size: int, batches: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-m",
+            "model=resnet18",
+            "data=synthetic",
+            f"data.factory.shape=[3,{size},{size}]",
+            f"data.factory.calibration_batches={batches}",
+            "data.factory.evaluation_batches=1",
+            "backend=x86",
+            f"skip={SKIPS}",
+            "evaluate.latency.enabled=false",
+            "stages=[load,calibrate,reference_convert,lower,evaluate]",
+            f"cache.enabled={str(cache).lower()}",
+            f"output_dir={out}",
+        ]
+        start = time.perf_counter()
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
+        jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        return {
+            "wall_seconds": seconds,
+            "jobs": len(jobs),
+            "calibrations": sum(r.data.metrics.get("calibrate/calibrations", 0) for r in jobs),
+            "calibrate_stage_seconds": sum(r.data.metrics.get("stage/calibrate/seconds", 0) for r in jobs),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=112, help="input height and width")
+    parser.add_argument("--batches", type=int, default=4, help="calibration batches of 8")
+    args = parser.parse_args()
+    cached = sweep(True, args.size, args.batches)
+    uncached = sweep(False, args.size, args.batches)
+    result = {
+        "model": "resnet18 (random weights)",
+        "input": [3, args.size, args.size],
+        "calibration_batches": args.batches,
+        "skip_lists": SKIPS.split(","),
+        "cached": cached,
+        "uncached": uncached,
+        "wall_time_ratio_uncached_over_cached": uncached["wall_seconds"] / cached["wall_seconds"],
+    }
+    print(f"{'arm':<22}{'jobs':>6}{'calibrations':>14}{'calibrate s':>13}{'wall s':>9}")
+    for name, arm in (("cache.enabled=true", cached), ("cache.enabled=false", uncached)):
+        print(
+            f"{name:<22}{arm['jobs']:>6}{arm['calibrations']:>14.0f}{arm['calibrate_stage_seconds']:>13.1f}"
+            f"{arm['wall_seconds']:>9.1f}"
+        )
+    print(f"wall-time ratio (uncached / cached): {result['wall_time_ratio_uncached_over_cached']:.2f}x")
+    out = REPO / "outputs" / "bench" / "sweep_cache.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
