@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -51,8 +52,25 @@ def main(cfg: DictConfig) -> float | None:
         overrides = list(hydra_cfg.overrides.task)
         job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
         job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
-    state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
+    # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
+    except KeyboardInterrupt:
+        log.error("Interrupted: the MLflow run is marked KILLED; what finished is in %s.", run_dir)
+        raise
+    except (schema.ConfigError, runner.StageFailed) as error:
+        log.error("%s %s", "Invalid input:" if isinstance(error, schema.ConfigError) else "Failed:", error)
+        log.debug("traceback", exc_info=True)
+        if multirun:
+            raise  # Hydra records this job as failed and runs the others
+        sys.exit(2 if isinstance(error, schema.ConfigError) else 1)
     return state.metrics.get("eval/lowered/accuracy")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache import CalibrationCache, cache_key
-from pipeline.schema import STAGES, PipelineSpec, SkipSpec
+from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec
 from pipeline.tracking import Tracker, flatten
 from stages.calibrate import calibrate, prepare
 from stages.evaluate import evaluate
@@ -27,6 +27,17 @@ from stages.search import SearchResult, Trial, search
 from stages.types import Calibrated, Loaded, Lowered, ReferenceModel
 
 log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the stage, the error and where the earlier outputs are."""
+
+    def __init__(self, stage: str, run_dir: Path, error: BaseException) -> None:
+        self.stage = stage
+        super().__init__(
+            f"stage '{stage}' failed: {type(error).__name__}: {error} Outputs of the stages before it are in "
+            f"{run_dir}; the traceback is in {run_dir / 'error.txt'}."
+        )
 
 
 @dataclass
@@ -283,6 +294,15 @@ STAGE_RUNNERS = {
 }
 
 
+def warn_about_backend(spec: PipelineSpec) -> None:
+    if spec.backend.engine == "onednn" and not torch.cpu._is_vnni_supported():
+        log.warning(
+            "backend=onednn on a CPU without VNNI: onednn's default qconfig uses full 8-bit activations, which "
+            "these CPUs compute with possible overflow, so accuracy may drop (pytorch#103646); backend=x86 or "
+            "fbgemm use 7-bit activations and are exact here."
+        )
+
+
 def planned_stages(spec: PipelineSpec) -> list[str]:
     """spec.stages in pipeline order, with `search` after calibrate when a search strategy is set."""
     stages = [stage for stage in STAGES if stage in spec.stages]
@@ -314,6 +334,7 @@ def run(
     """Run spec.stages in pipeline order; on any failure the run ends FAILED (KILLED on Ctrl-C),
     with the error saved, and everything finished before it stays on disk and in MLflow."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    warn_about_backend(spec)
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker = Tracker(spec.tracking)
@@ -347,7 +368,9 @@ def run(
         error_file.write_text(f"stage: {current}\n{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
         tracker.set_tags({"failed_stage": str(current)})
         tracker.log_artifacts(error_file)
-        raise
+        if isinstance(error, ConfigError) or not isinstance(error, Exception):
+            raise  # already names the config key; or SystemExit and friends
+        raise StageFailed(str(current), run_dir, error) from error
     finally:
         _write_json(run_dir / "metrics.json", state.metrics)
         tracker.log_artifacts(run_dir / "metrics.json")
@@ -355,3 +378,27 @@ def run(
             tracker.log_artifacts(log_file)
         tracker.end(status)
     return state
+
+
+def sync_offline_run(run_dir: Path, tracking_uri: str) -> str:
+    """Log a run directory written with tracking=offline (or off) to a store: params and tags from its
+    config.yaml, metrics from metrics.json, every file as an artifact, FAILED if it has error.txt."""
+    from dataclasses import replace
+
+    from pipeline.schema import PipelineSpec
+
+    resolved = OmegaConf.load(run_dir / "config.yaml")
+    spec: PipelineSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineSpec), resolved))
+    tracker = Tracker(replace(spec.tracking, enabled=True, tracking_uri=tracking_uri))
+    tracker.start(
+        flatten(OmegaConf.to_container(resolved, resolve=True)), {**run_tags(spec), "synced_from": str(run_dir)}
+    )
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        tracker.log_metrics(json.loads(metrics_file.read_text()))
+    run_id = tracker.run_id
+    for path in sorted(run_dir.iterdir()):
+        tracker.log_artifacts(path, path.name if path.is_dir() else None)
+    tracker.end("FAILED" if (run_dir / "error.txt").exists() else "FINISHED")
+    assert run_id is not None
+    return run_id

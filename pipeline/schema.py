@@ -211,6 +211,14 @@ def validate(spec: PipelineSpec) -> None:
     from pipeline import quantization  # torch import kept out of schema import time
 
     _check_in("backend.engine", spec.backend.engine, ENGINES)
+    import torch
+
+    supported = [engine for engine in torch.backends.quantized.supported_engines if engine != "none"]
+    if spec.backend.engine not in supported:
+        raise ConfigError(
+            f"backend.engine='{spec.backend.engine}' is not supported by this torch build on this CPU; "
+            f"supported engines here are {supported}."
+        )
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
     for position, stage in enumerate(spec.stages):
         _check_in(f"stages[{position}]", stage, STAGES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.schema import TrackingSpec  # noqa: E402
+from pipeline.schema import ConfigError, TrackingSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ class Tracker:
     ) -> None:
         if not self.spec.enabled:
             return
-        _make_sqlite_folder(self.spec.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.spec.tracking_uri)
+        self.client = connect(self.spec)
         experiment_id = ensure_experiment(self.client, self.spec)
-        all_tags = dict(tags)
+        close_stale_runs(self.client, experiment_id)
+        all_tags = {**tags, **process_tags()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or self.spec.run_name)
@@ -118,6 +119,51 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
         log.log(logging.DEBUG if self.nested else logging.INFO, "MLflow run %s ended %s", self.run_id, status)
         self.run_id = None
+
+
+def connect(spec: TrackingSpec) -> MlflowClient:
+    """A client for the store, failing fast (before any work) when an http store does not answer:
+    mlflow itself would retry for minutes, then lose the run's results at the first log call."""
+    uri = spec.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as error:
+            raise ConfigError(
+                f"tracking.tracking_uri='{uri}' does not answer ({type(error).__name__}). Start the MLflow "
+                f"server, use the local SQLite store (tracking=sqlite), or run offline with tracking=offline "
+                f"and log the run later with `python -m pipeline.tracking sync <run dir> --tracking-uri {uri}`."
+            ) from None
+    _make_sqlite_folder(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this run: lets a later run tell a crashed (hard-killed) run from a live one."""
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process, on this host, is gone (SIGKILL, power loss):
+    no exit handler ran for them, so nothing else ever would."""
+    stale = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("pipeline.host") != socket.gethostname() or not tags.get("pipeline.pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags["pipeline.pid"]), 0)
+        except ProcessLookupError:
+            client.set_tag(run.info.run_id, "closed_by", "stale-run-check")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            stale.append(run.info.run_id)
+        except PermissionError:
+            pass  # alive, someone else's
+    if stale:
+        log.warning("closed %d stale RUNNING run(s) whose process is gone, as KILLED: %s", len(stale), stale)
+    return stale
 
 
 def ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> str:
@@ -176,14 +222,18 @@ class SweepCallback(Callback):
             return
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        _make_sqlite_folder(tracking.tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking.tracking_uri)
+        self.client = connect(tracking)
         experiment_id = ensure_experiment(self.client, tracking)
         overrides = list(config.hydra.overrides.task)
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep-{self.sweep_dir.name}",
-            tags={"sweep": "true", "sweep_dir": str(self.sweep_dir.resolve()), "overrides": " ".join(overrides)},
+            tags={
+                "sweep": "true",
+                "sweep_dir": str(self.sweep_dir.resolve()),
+                "overrides": " ".join(overrides),
+                **process_tags(),
+            },
         )
         self.parent_run_id = run.info.run_id
         (self.sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
@@ -324,7 +374,8 @@ def _plot_report(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.tracking report <parent run id | sweep dir>`: rebuild a past sweep's report."""
+    """`python -m pipeline.tracking report|sync|close-stale ...`: rebuild a past sweep's report, log an
+    offline run to a store, or close runs left RUNNING by a hard-killed process."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
@@ -333,8 +384,24 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("sweep", help="the sweep's parent run id, or its folder (outputs/multirun/<date_time>)")
     report.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     report.add_argument("--out", type=Path, default=None, help="default: <sweep dir>/report, or ./report-<id>")
+    stale = commands.add_parser("close-stale", help="mark KILLED the RUNNING runs whose process is gone")
+    stale.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    sync = commands.add_parser("sync", help="log a run made with tracking=offline (or tracking=off) to a store")
+    sync.add_argument("run_dir", type=Path)
+    sync.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "close-stale":
+        client = MlflowClient(tracking_uri=args.tracking_uri)
+        for experiment in client.search_experiments():
+            close_stale_runs(client, experiment.experiment_id)
+        return
+    if args.command == "sync":
+        from pipeline.runner import sync_offline_run
+
+        run_id = sync_offline_run(args.run_dir, args.tracking_uri)
+        print(f"logged {args.run_dir} as MLflow run {run_id} ({args.tracking_uri})")
+        return
     sweep = Path(args.sweep)
     parent = (sweep / PARENT_RUN_FILE).read_text().strip() if sweep.is_dir() else args.sweep
     out = args.out or (sweep / "report" if sweep.is_dir() else Path(f"report-{parent}"))

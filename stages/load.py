@@ -36,10 +36,54 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"model.checkpoint='{path}' does not exist; give the path of a state_dict file.")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.checkpoint='{path}' holds a {type(state).__name__}, not a state_dict.")
-    model.load_state_dict(state)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(
+            f"model.checkpoint='{path}' cannot be read as a torch file with weights_only=True "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); it may be truncated, or hold "
+            f"pickled objects rather than a state_dict of tensors. Save one with torch.save(model.state_dict(), path)."
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(
+            f"model.checkpoint='{path}' holds a {type(state).__name__}, not a state_dict (a dict of tensors); "
+            f"save one with torch.save(model.state_dict(), path)."
+        )
+    expected = model.state_dict().keys()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.checkpoint='{path}' does not fit the model built by model.factory: "
+            f"{len(missing)} missing keys (first: {missing[:5]}) and {len(unexpected)} unexpected keys "
+            f"(first: {unexpected[:5]}). Check that the checkpoint belongs to this architecture and its kwargs."
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # same keys, different shapes
+        raise ConfigError(f"model.checkpoint='{path}' does not fit the model: {error}") from error
+
+
+def _check_data(data: DataBundle, data_spec: DataSpec) -> None:
+    for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
+        if not batches or sum(int(x.shape[0]) for x, _ in batches) == 0:
+            raise ConfigError(
+                f"data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
+                f"both calibration and evaluation need at least one batch."
+            )
+
+
+def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSpec, data_spec: DataSpec) -> None:
+    shapes = [tuple(t.shape) for t in data.example_inputs]
+    try:
+        with torch.no_grad():
+            model(*data.example_inputs)
+    except Exception as error:
+        raise ConfigError(
+            f"load: model={model_spec.name} rejects the inputs of data={data_spec.name} (example input shapes "
+            f"{shapes}): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Make the data's shape match "
+            f"what the model expects (e.g. data.factory.shape for synthetic data)."
+        ) from error
 
 
 def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
@@ -59,6 +103,8 @@ def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
             f"data.factory._target_='{data_spec.factory['_target_']}' returned a {type(data).__name__}, "
             f"not a stages.types.DataBundle."
         )
+    _check_data(data, data_spec)
+    _check_model_accepts(model, data, model_spec, data_spec)
     log.info(
         "model=%s (%d parameters%s), data=%s: %d calibration and %d evaluation samples",
         model_spec.name,
