@@ -23,7 +23,7 @@ schema.register()
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
 
-    # torch's own warnings go through logging: one readable line on the console, all in the job log.
+    # torch's own warnings go through logging, to the job log only (conf/hydra/job_logging/pipeline.yaml).
     logging.captureWarnings(True)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
