@@ -357,8 +357,8 @@ def _plot_report(rows: list[dict[str, Any]], path: Path) -> None:
         )
     if front:
         ordered = sorted((points[i] for i in front), key=lambda p: p[0])
-        axis.plot([p[0] for p in ordered], [p[1] for p in ordered], "--", color="tab:orange", label="Pareto front")
-        axis.legend(loc="lower left")
+        axis.plot([p[0] for p in ordered], [p[1] for p in ordered], "o--", color="tab:orange", label="Pareto front")
+        axis.legend(loc="best")
     failed = [row for row in rows if row["status"] != "FINISHED"]
     title = "accuracy delta vs speedup at batch 1, one point per job"
     if failed:
@@ -368,6 +368,7 @@ def _plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_ylabel("lowered - float accuracy (points)")
     axis.axhline(0, color="0.7", linewidth=1)
     axis.grid(alpha=0.3)
+    axis.margins(x=0.12, y=0.2)  # room for the labels above the points, inside the axes
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
