@@ -1,8 +1,9 @@
 """The calibration cache: calibrate once per (model, data, backend, base mapping, prepare config).
 
-A prepared model cannot be pickled in torch 2.13, but its observer state_dict can: an entry is that
-state_dict plus a manifest, and a hit re-runs prepare_fx and loads the state (which gives a model
-identical to the calibrated one, per-channel observers included; tests/test_cache.py proves it).
+A prepared model cannot be pickled in torch 2.13, but its observers' buffers can: an entry is those
+buffers plus a manifest, and a hit re-runs prepare_fx on the float model (whose weights are in the
+key) and loads them, which gives a model identical to the calibrated one, per-channel observers
+included (tests/test_cache.py proves it).
 
 The key hashes only what changes calibration: the model's weights and code, the calibration data
 itself, the calibrate settings, the backend, the base qconfig mapping, the custom prepare config and
@@ -35,11 +36,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.fx import GraphModule
 
+from pipeline import quantization
 from pipeline.schema import PipelineSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the entry layout or the meaning of the key changes
+FORMAT_VERSION = 2  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -128,7 +130,7 @@ class CalibrationCache:
                 raise ValueError("mismatched " + ", ".join(problems))
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
-            prepared.load_state_dict(state, strict=True)
+            quantization.load_observer_state(prepared, state)
         except Exception as error:  # any failure means: do not trust it, rebuild it
             log.warning(
                 "cache: entry %s is corrupt or incompatible (%s: %s); removing it and calibrating again",
@@ -146,7 +148,7 @@ class CalibrationCache:
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory))
         try:
             state_path = temporary / STATE_FILE
-            torch.save(prepared.state_dict(), state_path)
+            torch.save(quantization.observer_state_dict(prepared), state_path)
             manifest = {
                 "key": key,
                 "format": FORMAT_VERSION,

@@ -36,8 +36,10 @@ from pipeline.schema import (
 warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
 
 from torch.ao.quantization import (  # noqa: E402
+    FakeQuantizeBase,
     HistogramObserver,
     MinMaxObserver,
+    ObserverBase,
     QConfig,
     QConfigMapping,
     default_per_channel_weight_observer,
@@ -280,6 +282,28 @@ def check_specs(backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpe
 def build_custom_configs(spec: CustomConfigSpec) -> tuple[PrepareCustomConfig, ConvertCustomConfig]:
     """PrepareCustomConfig / ConvertCustomConfig from their from_dict shapes (empty for `none`)."""
     return PrepareCustomConfig.from_dict(dict(spec.prepare)), ConvertCustomConfig.from_dict(dict(spec.convert))
+
+
+# --------------------------------------------------------------------------------------------------
+# What calibration produced
+
+
+def observer_state_dict(prepared: GraphModule) -> dict[str, torch.Tensor]:
+    """The calibration result alone: every observer's buffers (min/max, histograms). Not the weights:
+    prepare_fx rebuilds them from the float model (for ResNet-18, 47 MB against 0.2 MB of observers)."""
+    prefixes = tuple(
+        f"{name}." for name, module in prepared.named_modules() if isinstance(module, ObserverBase | FakeQuantizeBase)
+    )
+    return {key: value for key, value in prepared.state_dict().items() if key.startswith(prefixes)}
+
+
+def load_observer_state(prepared: GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Load observer_state_dict's output into a freshly prepared model; the keys must match exactly."""
+    expected = observer_state_dict(prepared).keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"observer keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    prepared.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------

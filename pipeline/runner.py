@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
 from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec
 from pipeline.tracking import Tracker, flatten
@@ -106,7 +107,7 @@ def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Trac
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepared_graph.py").write_text(calibrated.model.code)
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
-    torch.save(calibrated.model.state_dict(), out / "observer_state.pt")
+    torch.save(quantization.observer_state_dict(calibrated.model), out / "observer_state.pt")
     tracker.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
     return {
         # Calibration passes this run made: 0 on a cache hit (a sweep or search sums them).

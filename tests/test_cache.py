@@ -37,7 +37,11 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
     spec, loaded, calibrated = calibrated_fbgemm
     cache = CalibrationCache(tmp_path)
     key = _key(spec, loaded)
-    cache.store(key, calibrated.model, {})
+    entry = cache.store(key, calibrated.model, {})
+    # The entry holds the observers only; the weights come back from the float model.
+    stored = torch.load(entry / "observer_state.pt", weights_only=True)
+    assert stored and all("activation_post_process" in k for k in stored)
+    assert not any(k.endswith(".weight") and "activation_post_process" not in k for k in stored)
     rebuilt = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
     assert rebuilt is not None
     assert rebuilt.code == calibrated.model.code
