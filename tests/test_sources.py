@@ -389,3 +389,19 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
     for trial in state.search.trials:
         assert "eval/lowered/sqnr_db" in trial.metrics
         assert "eval/lowered/accuracy" not in trial.metrics
+
+
+@pytest.mark.parametrize(
+    ("option", "key"),
+    [
+        ("model=custom", "model.factory._target_"),
+        ("data=image_folder", "data.factory.root"),
+        ("data=tensor_file", "data.factory.path"),
+    ],
+)
+def test_required_keys_are_reported_by_the_cli(option: str, key: str, tmp_path: Path) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue) as error:  # what __main__ turns into "<key> is required"
+        to_spec(compose_config([option], output_dir=tmp_path))
+    assert error.value.full_key == key
