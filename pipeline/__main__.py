@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from pipeline import schema
 
@@ -34,6 +35,10 @@ def main(cfg: DictConfig) -> float | None:
     except schema.ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
+        sys.exit(2)
+    except MissingMandatoryValue as error:  # a `???` key, e.g. data.factory.root of data=image_folder
+        key = error.full_key
+        log.error("Invalid config: %s is required (it is ??? in the config); set it, e.g. %s=<value>.", key, key)
         sys.exit(2)
     log.info(
         "backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",

@@ -114,6 +114,9 @@ class ModelSpec:
     factory: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # a state_dict file, loaded with weights_only=True after the factory
     trained: bool = True  # false for random weights: accuracy is then logged as meaningless
+    # Folders put at the front of sys.path before the factory is imported (relative to where you run), so
+    # _target_ can name a function in your own .py file: this runs that file's code, by design.
+    python_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class DataSpec:
     name: str = MISSING
     # Hydra-instantiated factory returning a stages.types.DataBundle.
     factory: dict[str, Any] = field(default_factory=dict)
+    python_path: list[str] = field(default_factory=list)  # as model.python_path, for a data factory of your own
 
 
 @dataclass
@@ -259,8 +263,23 @@ def validate(spec: PipelineSpec) -> None:
             raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")
     if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
+    for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
+        check_python_path(key, folders)
     # Names and import paths in the mappings resolve now, not halfway through a run.
     quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
+
+
+def check_python_path(key: str, folders: list[str]) -> None:
+    """Every python_path entry is an existing folder (a typo would otherwise surface as a failed import)."""
+    from pathlib import Path
+
+    for position, folder in enumerate(folders):
+        if not Path(folder).is_dir():
+            raise ConfigError(
+                f"{key}[{position}]='{folder}' is not a folder (resolved against the current directory "
+                f"{Path.cwd()}: {Path(folder).resolve()}); list the folders that hold your .py files, "
+                f"e.g. {key}=[./my_project]."
+            )
 
 
 def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:

@@ -1,11 +1,14 @@
 """Stage `load`: the float model in eval mode, example inputs, calibration and evaluation data.
 
-Config keys read: model.factory, model.checkpoint, model.trained, model.name, data.factory, seed.
+Config keys read: model.factory, model.python_path, model.checkpoint, model.trained, model.name, data.factory,
+data.python_path, seed.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -13,22 +16,90 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.schema import ConfigError, DataSpec, ModelSpec
+from pipeline.schema import ConfigError, DataSpec, ModelSpec, closest
 from stages.types import DataBundle, Loaded
 
 log = logging.getLogger(__name__)
 
 
-def _build(factory: dict, key: str) -> object:
+def _use_python_path(folders: list[str], target: str) -> list[str]:
+    """Put `folders` (made absolute) at the front of sys.path so `target` can live in a user's own file.
+
+    A module of the same top-level name imported earlier from elsewhere (a previous run in this process,
+    e.g. a sweep or a test) would shadow the file now on the path, so it is forgotten first."""
+    resolved = [str(Path(folder).resolve()) for folder in folders]
+    for folder in reversed(resolved):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    if not resolved:
+        return resolved
+    importlib.invalidate_caches()  # finders cache folder listings; the user's file may be newer
+    top = target.split(".")[0]
+    for folder in resolved:
+        provided = [Path(folder, f"{top}.py"), Path(folder, top, "__init__.py")]
+        found = next((file for file in provided if file.is_file()), None)
+        if found is None:
+            continue
+        loaded = sys.modules.get(top)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != found.resolve():
+            for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
+                del sys.modules[name]
+        break
+    return resolved
+
+
+def _import_target(target: str, key: str, searched: list[str]) -> object:
+    """Import `target` (a dotted path) or raise a ConfigError saying where it was looked for and what to set."""
+    path_key = f"{key.split('.')[0]}.python_path"
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            found: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and (module_name == error.name or module_name.startswith(f"{error.name}.")):
+                continue  # this prefix is not a module; try a shorter one
+            raise ConfigError(
+                f"{key}._target_='{target}': importing '{module_name}' failed because it imports '{error.name}', "
+                f"which is not installed in this environment ({sys.executable})."
+            ) from error
+        except Exception as error:  # a syntax error or an exception in the user's module body
+            raise ConfigError(
+                f"{key}._target_='{target}': importing '{module_name}' raised {type(error).__name__}: {error}"
+            ) from error
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                names = [name for name in dir(found) if not name.startswith("_")]
+                raise ConfigError(
+                    f"{key}._target_='{target}': module '{module_name}' "
+                    f"({getattr(sys.modules.get(module_name), '__file__', '?')}) has no attribute '{attribute}'."
+                    f"{closest(attribute, names)}"
+                )
+            found = getattr(found, attribute)
+        return found
+    top = parts[0]
+    shown = [entry or "." for entry in sys.path if entry not in searched][:6]
+    raise ConfigError(
+        f"{key}._target_='{target}' does not resolve: no module '{top}' was found in {path_key} "
+        f"{searched or '(empty)'} nor on sys.path (first entries: {shown}). If '{top}.py' is your own file, "
+        f"set {path_key} to the folder that holds it, e.g. {path_key}=[path/to/folder] (relative to where you "
+        f"run); otherwise install the package that provides '{top}'."
+    )
+
+
+def _build(factory: dict, key: str, python_path: list[str] | None = None) -> object:
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
+    target = str(factory["_target_"])
+    searched = _use_python_path(list(python_path or []), target)
+    _import_target(target, key, searched)
     try:
         return instantiate(OmegaConf.create(dict(factory)) if not OmegaConf.is_config(factory) else factory)
-    except Exception as error:  # Hydra wraps import and call errors alike
-        raise ConfigError(
-            f"{key}._target_='{factory['_target_']}' could not be built: {error}. The target must be an "
-            f"importable callable (a dotted path; a user file's folder must be on PYTHONPATH)."
-        ) from error
+    except Exception as error:  # Hydra wraps call errors; a factory's own ConfigError already names its key
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise ConfigError(f"{key}._target_='{target}' could not be built: {error}") from error
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -88,7 +159,7 @@ def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSp
 
 def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
     torch.manual_seed(seed)
-    model = _build(model_spec.factory, "model.factory")
+    model = _build(model_spec.factory, "model.factory", model_spec.python_path)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.factory._target_='{model_spec.factory['_target_']}' returned a {type(model).__name__}, "
@@ -97,7 +168,7 @@ def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
     if model_spec.checkpoint is not None:
         load_checkpoint(model, model_spec.checkpoint)
     model.eval()
-    data = _build(data_spec.factory, "data.factory")
+    data = _build(data_spec.factory, "data.factory", data_spec.python_path)
     if not isinstance(data, DataBundle):
         raise ConfigError(
             f"data.factory._target_='{data_spec.factory['_target_']}' returned a {type(data).__name__}, "

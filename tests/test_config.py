@@ -25,6 +25,14 @@ def test_default_config_validates_and_runs_all_stages_in_order() -> None:
     assert spec.tracking.tracking_uri == "sqlite:///outputs/mlflow.db"
 
 
+# Options with `???` keys the user must set (values here only need to compose and validate).
+REQUIRED_KEYS = {
+    "model=custom": ["model.factory._target_=stages.sources.digits.digits_cnn"],
+    "data=image_folder": ["data.factory.root=images"],
+    "data=tensor_file": ["data.factory.path=inputs.pt"],
+}
+
+
 @pytest.mark.parametrize(
     "group",
     ["backend", "qconfig_mapping", "skip", "custom_config", "model", "data", "evaluate", "export", "tracking"],
@@ -33,7 +41,7 @@ def test_every_shipped_option_of_a_group_composes_and_validates(group: str) -> N
     options = _options(group)
     assert options, f"conf/{group}/ is empty"
     for option in options:
-        spec = to_spec(compose_config([f"{group}={option}"]))
+        spec = to_spec(compose_config([f"{group}={option}", *REQUIRED_KEYS.get(f"{group}={option}", [])]))
         schema.validate(spec)
 
 

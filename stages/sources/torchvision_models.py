@@ -1,0 +1,68 @@
+"""torchvision classification architectures by name, with random weights (never downloaded).
+
+Needs the optional `torchvision` extra, and a torchvision build that matches the installed torch:
+PyPI's default wheel does not import beside torch 2.13.0+cpu (`operator torchvision::nms does not
+exist`), which `build` turns into a ConfigError saying what to install.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from pipeline.schema import ConfigError, closest
+
+
+def import_torchvision() -> Any:
+    """The torchvision module, or a ConfigError that says why it does not import and what the extra needs."""
+    try:
+        import torchvision
+    except Exception as error:  # ImportError, or RuntimeError from a build for another torch
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"model=torchvision (stages.sources.torchvision_models.build) needs torchvision, which does not "
+            f"import here: {type(error).__name__}: {first_line}. Install the optional extra with a torchvision "
+            f"build matching this torch ({torch.__version__}): PyPI's default wheel is built for another torch "
+            f"and fails with 'operator torchvision::nms does not exist'; install the torchvision release built "
+            f"for torch {torch.__version__.split('+')[0]} from the PyTorch CPU wheel index "
+            f"(https://download.pytorch.org/whl/cpu). "
+            f"Or bring the architecture as your own factory (model.factory._target_ + model.python_path)."
+        ) from error
+    return torchvision
+
+
+def unshare_stateless_modules(model: nn.Module) -> nn.Module:
+    """An FX GraphModule of `model` in which every call of a parameter-free module has its own copy.
+
+    torchvision's ResNet blocks call one `self.relu` twice; after conv+relu fusion that ReLU sits in two
+    places, and re-tracing (lowering, the numeric suite) then fails with KeyError 'conv1.1'. Same numerics."""
+    graph_module = fx.symbolic_trace(model)
+    calls: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        calls[node.target] = calls.get(node.target, 0) + 1
+        module = graph_module.get_submodule(node.target)
+        stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
+        if calls[node.target] > 1 and stateless:
+            name = f"{node.target}_call{calls[node.target]}"
+            graph_module.add_submodule(name, copy.deepcopy(module))
+            node.target = name
+    graph_module.recompile()
+    return graph_module.eval()
+
+
+def build(arch: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """torchvision.models.<arch> with random weights (weights=None: nothing is downloaded)."""
+    torchvision = import_torchvision()
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    if arch not in names:
+        raise ConfigError(
+            f"model.factory.arch='{arch}' is not a torchvision classification model; choose one of "
+            f"torchvision.models.list_models() (e.g. resnet18, mobilenet_v2).{closest(arch, names)}"
+        )
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    return unshare_stateless_modules(model.eval())
