@@ -84,6 +84,9 @@ class QConfigMappingSpec:
     module_name_regex: list[ModuleNameRegexEntry] = field(default_factory=list)
     module_name: list[ModuleNameEntry] = field(default_factory=list)
     module_name_object_type_order: list[ModuleNameObjectTypeOrderEntry] = field(default_factory=list)
+    # true: convs / linears whose output feeds only ReLU6 / hardtanh observe the clipped range (found by
+    # tracing the model at prepare time; each gets a module_name entry, explicit module_name entries win).
+    clamp_bounded_activations: bool = False
 
 
 @dataclass

@@ -21,13 +21,32 @@ def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, c
     """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one)."""
     prepare_custom_config, _ = quantization.build_custom_configs(custom)
     with quantization.quantized_engine(backend.engine):
-        return quantization.prepare(
+        prepared = quantization.prepare(
             loaded.model,
             quantization.build_qconfig_mapping(mapping, backend),
             loaded.data.example_inputs,
             quantization.get_backend_config(backend.backend_config),
             prepare_custom_config,
         )
+    if mapping.clamp_bounded_activations:
+        clamped = quantization.clamp_bounded_activation_observers(
+            prepared, loaded.model, prepare_custom_config, backend.engine
+        )
+        if clamped:
+            log.info(
+                "qconfig_mapping=%s: %d conv/linear outputs feed only ReLU6/hardtanh and observe the clipped range: %s",
+                mapping.name,
+                len(clamped),
+                ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in clamped.items()),
+            )
+        else:
+            log.info(
+                "qconfig_mapping=%s: clamp_bounded_activations is on, but no conv or linear of model=%s feeds only "
+                "ReLU6/hardtanh; nothing clamped",
+                mapping.name,
+                loaded.model_name,
+            )
+    return prepared
 
 
 def calibrate(
