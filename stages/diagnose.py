@@ -158,7 +158,7 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
         return 0.0 if value is None else min(value, cap)
 
     rows = range(len(layers))
-    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.45 * len(layers)))
+    figure, axis = plt.subplots(figsize=(10, 1.5 + 0.45 * len(layers)))
     height = 0.27
     for offset, label, color, values in (
         (-height, "own (layer alone, float inputs)", "tab:red", [layer.own_sqnr_db for layer in layers]),
@@ -171,7 +171,7 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
     axis.axvline(spec.skip_below_db, linestyle="--", color="black", label=f"skip below {spec.skip_below_db:g} dB")
     axis.set_xlabel("SQNR vs float (dB, higher is better)")
     axis.set_title("Per-layer SQNR, worst own SQNR first")
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a bar
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
