@@ -455,14 +455,38 @@ def prepare(
     backend_config: Any,
     prepare_custom_config: PrepareCustomConfig,
 ) -> GraphModule:
-    """prepare_fx on a deep copy, so the float model stays untouched for evaluation."""
-    return prepare_fx(
+    """prepare_fx on a deep copy, so the float model stays untouched for evaluation; shared stateless
+    children then get their own copies (see unshare_stateless_modules)."""
+    prepared = prepare_fx(
         copy.deepcopy(model).eval(),
         mapping,
         example_inputs,
         prepare_custom_config=prepare_custom_config,
         backend_config=backend_config,
     )
+    unshare_stateless_modules(prepared)
+    return prepared
+
+
+def unshare_stateless_modules(model: nn.Module) -> list[str]:
+    """Give every module object reachable under several names (torchvision's BasicBlock calls self.relu
+    twice; after fusion that ReLU sits inside a fused ConvReLU2d and at its own path) its own copy at
+    each extra name, and return those names. Re-tracing (the numeric suite, pickling) names a module by
+    its first path only, which renames nodes and breaks lowering and the numeric suite with KeyErrors.
+    Only modules without parameters or buffers are copied, so the state_dict (and the calibration
+    cache) is unchanged; a shared module with state is left as it is."""
+    first_path: dict[int, str] = {}
+    copied = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) not in first_path:
+            first_path[id(module)] = name
+            continue
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            continue
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, copy.deepcopy(module))
+        copied.append(name)
+    return copied
 
 
 @dataclass
@@ -580,6 +604,7 @@ class LayerSensitivity:
     module_name: str  # a skip-list's module_name entry
     quantized_type: str
     sqnr_db: float  # of this layer's output, quantized alone on float inputs (no error from earlier layers)
+    key: str = ""  # the numeric suite's name for the layer (joins it with the suite's other results)
 
 
 def layer_sensitivity(
@@ -588,13 +613,9 @@ def layer_sensitivity(
     """Each quantized layer's own error, worst first, from torch's FX numeric suite shadow loggers:
     the int8 layer runs on the float model's input to that layer, so one bad layer does not make
     every later one look bad (which is what a skip search needs to rank)."""
-    import io
-    from contextlib import redirect_stdout
-
-    import torch.ao.ns._numeric_suite_fx as numeric_suite
     from torch.ao.ns.fx.utils import compute_sqnr
 
-    with quantized_engine(engine), torch.no_grad(), redirect_stdout(io.StringIO()):  # the suite print()s
+    with _numeric_suite(engine) as numeric_suite:
         shadowed = numeric_suite.add_shadow_loggers(
             "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
         )
@@ -602,20 +623,106 @@ def layer_sensitivity(
         results = numeric_suite.extract_shadow_logger_info(shadowed, numeric_suite.OutputLogger, "int8")
         numeric_suite.extend_logger_results_with_comparison(results, "float", "int8", compute_sqnr, "sqnr")
     layers = []
-    for result in results.values():
+    for result_key, result in results.items():
         output = result["node_output"]["int8"][0]
-        sqnr = float(torch.stack([torch.as_tensor(s) for s in output["sqnr"]]).mean())
-        layers.append(LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr))
+        sqnr = _mean_sqnr(output)
+        layers.append(
+            LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr, result_key)
+        )
     return sorted(layers, key=lambda layer: layer.sqnr_db)
+
+
+@contextlib.contextmanager
+def _numeric_suite(engine: str) -> Iterator[Any]:
+    """torch's FX numeric suite, run under `engine` without autograd and with its print()s swallowed."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch.ao.ns._numeric_suite_fx as numeric_suite
+
+    with quantized_engine(engine), torch.no_grad(), redirect_stdout(io.StringIO()):
+        yield numeric_suite
+
+
+def _mean_sqnr(output: dict[str, Any]) -> float:
+    return float(torch.stack([torch.as_tensor(s) for s in output["sqnr"]]).mean())
+
+
+@dataclass
+class LoggedOutput:
+    """One op's output through the whole quantized network so far (numeric suite add_loggers)."""
+
+    key: str  # the numeric suite's name for the op, shared by its loggers and shadows
+    module_name: str
+    quantized_type: str
+    sqnr_db: float  # int8 network vs float network at this op's output: earlier layers' error included
+    has_weight: bool
+
+
+@dataclass
+class LayerDiagnostics:
+    module_name: str
+    quantized_type: str
+    own_sqnr_db: float  # quantized alone on float inputs (layer_sensitivity)
+    cumulative_sqnr_db: float | None  # its output through the whole quantized network so far
+    weight_sqnr_db: float | None  # int8 weight vs float weight; None for layers without weights
+
+
+def layer_diagnostics(
+    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
+    """Per quantized layer (worst own SQNR first): own SQNR (layer_sensitivity's shadow loggers),
+    cumulative SQNR (add_loggers / extract_logger_info) and weight SQNR (extract_weights). Also every
+    logged op's cumulative SQNR in execution order, which shows where an error starts."""
+    from torch.ao.ns.fx.utils import compute_sqnr
+
+    with _numeric_suite(engine) as numeric_suite:
+        float_logged, int8_logged = numeric_suite.add_loggers(
+            "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
+        )
+        float_logged(inputs)
+        int8_logged(inputs)
+        activations = numeric_suite.extract_logger_info(float_logged, int8_logged, numeric_suite.OutputLogger, "int8")
+        numeric_suite.extend_logger_results_with_comparison(activations, "float", "int8", compute_sqnr, "sqnr")
+        weights = numeric_suite.extract_weights("float", prepared, "int8", lowered)  # reads only: no copies
+        numeric_suite.extend_logger_results_with_comparison(weights, "float", "int8", compute_sqnr, "sqnr")
+        # The results dict is in attribute order; the int8 graph's node order is execution order.
+        position = {node.name: i for i, node in enumerate(int8_logged.graph.nodes)}
+    weight_sqnr = {key: _mean_sqnr(result["weight"]["int8"][0]) for key, result in weights.items()}
+    outputs = {key: result["node_output"]["int8"][0] for key, result in activations.items()}
+    logged = [
+        LoggedOutput(
+            key,
+            output["fqn"],
+            output["ref_node_target_type"].rsplit(".", 1)[-1],
+            _mean_sqnr(output),
+            key in weight_sqnr,
+        )
+        for key, output in sorted(
+            outputs.items(), key=lambda item: position.get(item[1]["ref_node_name"], len(position))
+        )
+    ]
+    cumulative = {output.key: output.sqnr_db for output in logged}
+    layers = [
+        LayerDiagnostics(
+            layer.module_name,
+            layer.quantized_type,
+            layer.sqnr_db,
+            cumulative.get(layer.key),
+            weight_sqnr.get(layer.key),
+        )
+        for layer in layer_sensitivity(prepared, lowered, inputs, engine)
+    ]
+    return layers, logged
 
 
 # --------------------------------------------------------------------------------------------------
 # Which skip entries match anything
 
 
-def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec) -> list[str]:
+def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec, prefix: str = "skip") -> list[str]:
     """One readable line per skip entry that matches nothing in the model, with the closest names
-    that do exist (module names, object types as import paths)."""
+    that do exist (module names, object types as import paths); `prefix` names the config key."""
     modules = dict(prepared.named_modules(remove_duplicate=False))
     names = [name for name in modules if name and "activation_post_process" not in name]
     scope = prepared.meta["_observed_graph_module_attrs"].node_name_to_scope
@@ -635,20 +742,131 @@ def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec) -> list[str]:
     type_paths = sorted(import_path(t) for t in types if not isinstance(t, str))
     problems = []
     for i, path in enumerate(skip.object_type):
-        if resolve_import(path, f"skip.object_type[{i}]") not in types:
-            problems.append(f"skip.object_type[{i}]='{path}' matches no op in the model.{closest(path, type_paths)}")
+        if resolve_import(path, f"{prefix}.object_type[{i}]") not in types:
+            problems.append(
+                f"{prefix}.object_type[{i}]='{path}' matches no op in the model.{closest(path, type_paths)}"
+            )
     for i, name in enumerate(skip.module_name):
         if name not in modules:
-            problems.append(f"skip.module_name[{i}]='{name}' is not a module of the model.{closest(name, names)}")
+            problems.append(f"{prefix}.module_name[{i}]='{name}' is not a module of the model.{closest(name, names)}")
     for i, pattern in enumerate(skip.module_name_regex):
         if not any(re.match(pattern, name) for name in names):
-            problems.append(f"skip.module_name_regex[{i}]='{pattern}' matches no module name.{closest(pattern, names)}")
+            problems.append(
+                f"{prefix}.module_name_regex[{i}]='{pattern}' matches no module name.{closest(pattern, names)}"
+            )
     for i, entry in enumerate(skip.module_name_object_type_order):
-        target = resolve_import(entry.object_type, f"skip.module_name_object_type_order[{i}].object_type")
+        target = resolve_import(entry.object_type, f"{prefix}.module_name_object_type_order[{i}].object_type")
         count = calls.get((entry.module_name, target), 0)
         if entry.index >= count:
             problems.append(
-                f"skip.module_name_object_type_order[{i}]: module '{entry.module_name}' calls "
+                f"{prefix}.module_name_object_type_order[{i}]: module '{entry.module_name}' calls "
                 f"{entry.object_type} {count} time(s), so index {entry.index} matches nothing."
             )
     return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# What a model's names are and what each mapping entry matches (the inspect stage)
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    op: str  # call_module | call_function | call_method
+    target: str  # module path, or the function / method as config writes it (import path)
+    scope: str  # the module the op runs in (call_module: the module itself)
+    quantized: bool  # the prepare-time mapping gives it a qconfig
+
+
+@dataclass
+class EntryMatch:
+    key: str  # the config key, e.g. skip.module_name[1]
+    value: str
+    nodes: list[str]  # FX nodes the entry alone would configure
+    note: str = ""  # for an entry that matches nothing: why, with the closest names
+
+
+def model_nodes(prepared: GraphModule) -> list[NodeInfo]:
+    """Every op node of a prepared model (observers left out), in graph order."""
+    attrs = prepared.meta["_observed_graph_module_attrs"]
+    modules = dict(prepared.named_modules(remove_duplicate=False))
+    nodes = []
+    for node in prepared.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_module" and "activation_post_process" in str(node.target):
+            continue
+        if node.op == "call_module":
+            target = f"{node.target} ({import_path(type(modules[str(node.target)]))})"
+        elif node.op == "call_function":
+            target = import_path(node.target)
+        else:
+            target = str(node.target)  # a method name, as object_type entries write it ("reshape")
+        scope = attrs.node_name_to_scope.get(node.name, ("", None))[0]
+        nodes.append(NodeInfo(node.name, node.op, target, scope, attrs.node_name_to_qconfig.get(node.name) is not None))
+    return nodes
+
+
+def _nodes_configured_by(prepared: GraphModule, mapping: QConfigMapping) -> list[str]:
+    """The op nodes `mapping` gives a qconfig, computed by torch's own per-node resolution (the one
+    prepare and convert use), so module-name prefixes, regexes, fused types and call order all count."""
+    attrs = prepared.meta["_observed_graph_module_attrs"]
+    _update_qconfig_for_fusion(prepared, mapping)
+    per_node = _generate_node_name_to_qconfig(
+        prepared,
+        copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),
+        prepared.graph,
+        mapping,
+        attrs.node_name_to_scope,
+    )
+    ops = {node.name for node in model_nodes(prepared)}
+    return [name for name, qconfig in per_node.items() if qconfig is not None and name in ops]
+
+
+def entry_matches(
+    prepared: GraphModule, mapping_spec: QConfigMappingSpec, skip: SkipSpec, backend: BackendSpec
+) -> list[EntryMatch]:
+    """For each entry of the skip-list and of the configured mapping (its own entries, not the base's):
+    the nodes it matches, or why it matches nothing and the closest names that exist."""
+    probe = QCONFIG_LIBRARY["minmax_per_tensor"][1](backend.engine)  # any qconfig: only None vs not counts
+    as_skip = SkipSpec(
+        name=mapping_spec.name,
+        object_type=[entry.object_type for entry in mapping_spec.object_type],
+        module_name_regex=[entry.regex for entry in mapping_spec.module_name_regex],
+        module_name=[entry.module_name for entry in mapping_spec.module_name],
+        module_name_object_type_order=list(mapping_spec.module_name_object_type_order),
+    )
+    matches = []
+    for prefix, spec in (("skip", skip), ("qconfig_mapping", as_skip)):
+        problems = unmatched_skip_entries(prepared, spec, prefix)
+        entries: list[tuple[str, str, Callable[[QConfigMapping], Any]]] = []
+        for i, path in enumerate(spec.object_type):
+            target = resolve_import(path, f"{prefix}.object_type[{i}]")
+            entries.append((f"{prefix}.object_type[{i}]", path, lambda m, t=target: m.set_object_type(t, probe)))
+        for i, pattern in enumerate(spec.module_name_regex):
+            entries.append(
+                (f"{prefix}.module_name_regex[{i}]", pattern, lambda m, r=pattern: m.set_module_name_regex(r, probe))
+            )
+        for i, name in enumerate(spec.module_name):
+            entries.append((f"{prefix}.module_name[{i}]", name, lambda m, n=name: m.set_module_name(n, probe)))
+        for i, entry in enumerate(spec.module_name_object_type_order):
+            target = resolve_import(entry.object_type, f"{prefix}.module_name_object_type_order[{i}].object_type")
+            entries.append(
+                (
+                    f"{prefix}.module_name_object_type_order[{i}]",
+                    f"{entry.module_name} / {entry.object_type} / {entry.index}",
+                    lambda m, e=entry, t=target: m.set_module_name_object_type_order(e.module_name, t, e.index, probe),
+                )
+            )
+        for key, value, add_entry in entries:
+            mapping = QConfigMapping()
+            add_entry(mapping)
+            nodes = _nodes_configured_by(prepared, mapping)
+            note = ""
+            if not nodes:
+                note = next((line for line in problems if line.startswith((f"{key}=", f"{key}:"))), "")
+                # The reason without the key and value the caller shows anyway.
+                note = note.removeprefix(f"{key}='{value}' ").removeprefix(f"{key}: ")
+                note = note or "it names modules or ops that have no quantizable node."
+            matches.append(EntryMatch(key, value, nodes, note))
+    return matches

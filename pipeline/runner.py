@@ -16,11 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
-from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec
+from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec, skip_yaml
 from pipeline.tracking import Tracker, flatten
 from stages.calibrate import calibrate, prepare
+from stages.diagnose import diagnose, write_outputs
 from stages.evaluate import evaluate
 from stages.export import export
+from stages.inspect import inspect
 from stages.load import load
 from stages.lower import lower
 from stages.reference_convert import reference_convert
@@ -198,13 +200,12 @@ def write_search_outputs(result: SearchResult, criterion: str, out: Path) -> Non
         writer.writerow(["module_name", "quantized_type", "own_output_sqnr_db"])
         for layer in result.sensitivity:
             writer.writerow([layer.module_name, layer.quantized_type, f"{layer.sqnr_db:.3f}"])
-    skip = result.skip_spec()
     header = (
-        f"# Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
+        f"Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
         f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}.\n"
-        f"# Copy to conf/skip/searched.yaml and run with skip=searched.\n"
+        f"Copy to conf/skip/searched.yaml and run with skip=searched.\n"
     )
-    (out / "searched_skip.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.structured(skip)))
+    (out / "searched_skip.yaml").write_text(skip_yaml(result.skip_spec(), header))
 
     figure, axis = plt.subplots(figsize=(7, 4))
     numbers = [trial.number for trial in result.trials]
@@ -244,6 +245,29 @@ def _run_lower(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker)
     (out / "lowered_graph.py").write_text(state.lowered.model.code)
     _write_json(out / "node_counts.json", state.lowered.node_counts)
     return {f"nodes/{kind}": float(count) for kind, count in state.lowered.node_counts.items()}
+
+
+def _run_inspect(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
+    assert state.loaded is not None and state.skip is not None
+    report = inspect(state.loaded, spec.backend, spec.qconfig_mapping, state.skip, spec.custom_config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.txt").write_text(report)
+    print(report, flush=True)  # the point of the stage: readable in the terminal, not only in the log
+    return {}
+
+
+def _run_diagnose(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
+    assert state.loaded is not None and state.calibrated is not None and state.lowered is not None
+    diagnosis = diagnose(state.loaded, state.calibrated, state.lowered, spec.diagnose)
+    write_outputs(diagnosis, spec.diagnose, out)
+    log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
+    return {
+        "diagnose/layers": float(len(diagnosis.layers)),
+        "diagnose/worst_layer_sqnr_db": diagnosis.layers[0].own_sqnr_db if diagnosis.layers else float("nan"),
+        "diagnose/first_layer_sqnr_db": diagnosis.first_layer_sqnr_db,
+        "diagnose/engine_problem": float(diagnosis.engine_problem),
+        "diagnose/suggested_skip": float(len(diagnosis.suggested.module_name)),
+    }
 
 
 def _run_evaluate(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
@@ -290,6 +314,8 @@ STAGE_RUNNERS = {
     "search": _run_search,
     "reference_convert": _run_reference_convert,
     "lower": _run_lower,
+    "inspect": _run_inspect,
+    "diagnose": _run_diagnose,
     "evaluate": _run_evaluate,
     "export": _run_export,
 }
@@ -305,10 +331,15 @@ def warn_about_backend(spec: PipelineSpec) -> None:
 
 
 def planned_stages(spec: PipelineSpec) -> list[str]:
-    """spec.stages in pipeline order, with `search` after calibrate when a search strategy is set."""
+    """spec.stages in pipeline order, with `search` after calibrate when a search strategy is set,
+    `inspect` after load when listed, and `diagnose` after lower when enabled."""
     stages = [stage for stage in STAGES if stage in spec.stages]
     if spec.search.strategy != "none":
         stages.insert(stages.index("calibrate") + 1, "search")
+    if "inspect" in spec.stages:
+        stages.insert(stages.index("load") + 1, "inspect")
+    if spec.diagnose.enabled and "lower" in stages:
+        stages.insert(stages.index("lower") + 1, "diagnose")
     return stages
 
 

@@ -23,7 +23,10 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "lower": ("reference_convert",),
     "evaluate": ("load",),
     "export": ("lower",),
+    "inspect": ("load",),
 }
+# Allowed in `stages` but not run by default: `inspect` lists names and what each mapping entry matches.
+OPTIONAL_STAGES: tuple[str, ...] = ("inspect",)
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
 
@@ -175,6 +178,20 @@ class SearchSpec:
 
 
 @dataclass
+class DiagnoseSpec:
+    """Per-layer numeric-suite report after `lower`: table, chart, plain-words diagnosis, suggested skip-list."""
+
+    enabled: bool = True
+    max_batches: int = 2  # evaluation batches fed through the numeric suite's loggers
+    # The error "starts at the first layer" (a kernel or engine fault) when the first layer's cumulative
+    # SQNR is below first_layer_db and no later op is more than later_margin_db worse.
+    first_layer_db: float = 15.0
+    later_margin_db: float = 6.0
+    skip_below_db: float = 30.0  # suggested skip-list: layers whose own SQNR is below this ...
+    max_skip: int = 3  # ... at most this many, worst first
+
+
+@dataclass
 class CacheSpec:
     enabled: bool = True
     dir: str = MISSING  # one folder per entry, named by its key; delete the folder to clear the cache
@@ -202,10 +219,33 @@ class PipelineSpec:
     export: ExportSpec = field(default_factory=ExportSpec)
     tracking: TrackingSpec = MISSING
     search: SearchSpec = field(default_factory=SearchSpec)
+    diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     cache: CacheSpec = MISSING
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     output_dir: str = "outputs"
+
+
+_SKIP_KEY_COMMENTS = {
+    "name": "shown in run names and MLflow tags",
+    "object_type": "op types left float, as import paths (fused forms included)",
+    "module_name_regex": "modules left float whose full name matches one of these (re.match)",
+    "module_name": "modules left float, by full name (inspect: stages=[load,inspect])",
+    "module_name_object_type_order": "the index-th call of object_type inside module_name left float",
+    "strict": "true: an entry that matches nothing is an error instead of a warning",
+}
+
+
+def skip_yaml(skip: SkipSpec, header: str) -> str:
+    """A SkipSpec as a conf/skip file: `header` as comment lines on top, then every key commented."""
+    from omegaconf import OmegaConf
+
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    for line in OmegaConf.to_yaml(OmegaConf.structured(skip)).splitlines():
+        key = line.split(":", 1)[0]
+        comment = _SKIP_KEY_COMMENTS.get(key) if not line.startswith((" ", "-")) else None
+        lines.append(f"{line}  # {comment}" if comment else line)
+    return "\n".join(lines) + "\n"
 
 
 def register() -> None:
@@ -228,7 +268,7 @@ def validate(spec: PipelineSpec) -> None:
         )
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
     for position, stage in enumerate(spec.stages):
-        _check_in(f"stages[{position}]", stage, STAGES)
+        _check_in(f"stages[{position}]", stage, (*STAGES, *OPTIONAL_STAGES))
     if len(set(spec.stages)) != len(spec.stages):
         raise ConfigError(f"stages={list(spec.stages)} names a stage twice; list each stage once.")
     for stage in spec.stages:
@@ -261,6 +301,9 @@ def validate(spec: PipelineSpec) -> None:
                 "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
                 "use search.criterion=sqnr with search.min_sqnr_db."
             )
+    for key in ("max_batches", "max_skip"):
+        if getattr(spec.diagnose, key) < 1:
+            raise ConfigError(f"diagnose.{key}={getattr(spec.diagnose, key)} must be >= 1.")
     for key in ("threads", "warmup", "repeats"):
         if getattr(spec.evaluate.latency, key) < 1:
             raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")

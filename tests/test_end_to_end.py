@@ -117,7 +117,7 @@ def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "[6/6] export done" in run.stdout
+    assert "[5/7] diagnose done" in run.stdout and "[7/7] export done" in run.stdout  # diagnose is on by default
     sweep = subprocess.run(
         [sys.executable, "-m", "pipeline", "-m", "backend=fbgemm,x86,qnnpack,onednn", *fast],
         cwd=REPO_ROOT,

@@ -1,0 +1,64 @@
+"""Stage `inspect` (optional: `stages=[load,inspect]`): the names a skip-list or mapping can use, so
+nobody has to guess them. It runs prepare_fx (no calibration) and lists every module (name, type as
+an import path), every FX op node (op, target, the module it runs in, whether the mapping quantizes
+it), and for each entry of the configured skip-list and qconfig_mapping the nodes it matches, or
+"matches nothing" with the closest names.
+
+Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.prepare.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline import quantization
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from stages.calibrate import prepare
+from stages.types import Loaded
+
+log = logging.getLogger(__name__)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, ["-" * width for width in widths], *rows]
+    ]
+
+
+def inspect(
+    loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
+) -> str:
+    """The report as terminal-readable text."""
+    prepared = prepare(loaded, backend, mapping, custom)
+    modules = [
+        [name, quantization.import_path(type(module))]
+        for name, module in prepared.named_modules()
+        if name and "activation_post_process" not in name
+    ]
+    nodes = [
+        [node.name, node.op, node.target, node.scope or "(top level)", "int8" if node.quantized else "float"]
+        for node in quantization.model_nodes(prepared)
+    ]
+    lines = [
+        f"Model {loaded.model_name}, prepared for backend={backend.engine} with qconfig_mapping={mapping.name}.",
+        "",
+        "Modules (after fusion; module_name and module_name_regex entries match these names):",
+        *_table(["module_name", "type"], modules),
+        "",
+        "FX op nodes in graph order (object_type matches the target's type; module_name_object_type_order counts",
+        "calls of one object_type inside one scope):",
+        *_table(["node", "op", "target", "scope", "mapping"], nodes),
+        "",
+    ]
+    matches = quantization.entry_matches(prepared, mapping, skip, backend)
+    lines.append(f"What each entry of skip={skip.name} and qconfig_mapping={mapping.name} matches:")
+    if not matches:
+        lines.append("  (no entries)")
+    for match in matches:
+        if match.nodes:
+            lines.append(f"  {match.key}='{match.value}' -> {', '.join(match.nodes)}")
+        else:
+            lines.append(f"  {match.key}='{match.value}' -> matches nothing: {match.note}")
+    return "\n".join(lines) + "\n"

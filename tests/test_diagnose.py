@@ -1,0 +1,222 @@
+"""The diagnose stage (per-layer SQNR table, diagnosis, suggested skip-list), the inspect stage, and
+models that call one module twice."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
+
+from pipeline import quantization, schema
+from pipeline.schema import SkipSpec
+from stages.evaluate import sqnr_db
+from stages.lower import lower
+from stages.reference_convert import reference_convert
+from tests.conftest import CONF_DIR, to_spec
+
+TO_LOWER = ["stages=[load,calibrate,reference_convert,lower]", "tracking=off", "cache.enabled=false"]
+RANDOM_WEIGHTS = ["model.checkpoint=null", "model.trained=false"]
+
+
+class ConvReLU6Net(nn.Module):
+    """conv -> ReLU6 twice (MobileNet-style, ReLU6 unfused), on 1x8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.act1 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.ReLU6()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SharedReLUNet(nn.Module):
+    """Calls one nn.ReLU object twice, like torchvision's BasicBlock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def conv_relu6_net() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvReLU6Net().eval()
+
+
+def shared_relu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return SharedReLUNet().eval()
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "diagnose" / "layers.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_default_model_table_chart_and_suggested_skip_are_consistent(run_pipeline, tmp_path: Path) -> None:
+    # 36 dB sits inside the default model's own-SQNR range (33-40 dB), so the suggestion is not empty.
+    _, state, run_dir = run_pipeline([*TO_LOWER, "diagnose.skip_below_db=36"])
+    rows = _rows(run_dir)
+    # One row per quantized layer: the six convs and the classifier.
+    assert sorted(row["module_name"] for row in rows) == sorted(
+        ["stem.0", "block1.conv1", "block1.conv2", "widen.0", "block2.conv1", "block2.conv2", "fc"]
+    )
+    own = [float(row["own_sqnr_db"]) for row in rows]
+    assert own == sorted(own), "worst own SQNR first"
+    assert [int(row["rank"]) for row in rows] == list(range(1, len(rows) + 1))
+    for row in rows:  # every layer here has weights and a logged output; int8 is good but not exact
+        assert 20 < float(row["cumulative_sqnr_db"]) < 60
+        assert 30 < float(row["weight_sqnr_db"]) < 60
+    metrics = state.metrics
+    assert metrics["diagnose/layers"] == len(rows)
+    assert metrics["diagnose/worst_layer_sqnr_db"] == pytest.approx(own[0], abs=1e-3)
+    stem = next(row for row in rows if row["module_name"] == "stem.0")
+    assert metrics["diagnose/first_layer_sqnr_db"] == pytest.approx(float(stem["cumulative_sqnr_db"]), abs=1e-3)
+    assert metrics["diagnose/engine_problem"] == 0.0
+    text = (run_dir / "diagnose" / "diagnosis.txt").read_text()
+    assert "kernel or engine problem" not in text and rows[0]["module_name"] in text
+
+    png = (run_dir / "diagnose" / "layers.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # The suggested file is a conf/skip option as it stands, listing the layers below the threshold.
+    expected = [row["module_name"] for row in rows if float(row["own_sqnr_db"]) < 36][:3]
+    assert expected
+    suggested_file = run_dir / "diagnose" / "suggested_skip.yaml"
+    assert "Copy to conf/skip/suggested.yaml and run with skip=suggested" in suggested_file.read_text()
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    shutil.copy(suggested_file, conf / "skip" / "suggested.yaml")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        spec = to_spec(compose(config_name="config", overrides=["skip=suggested"]))
+    schema.validate(spec)
+    assert spec.skip.name == "suggested" and spec.skip.module_name == expected
+
+
+@pytest.mark.slow
+def test_skipping_the_suggested_layers_raises_output_sqnr(run_pipeline) -> None:
+    spec, state, run_dir = run_pipeline(["model=outlier_mlp", "qconfig_mapping=minmax_per_channel", *TO_LOWER])
+    suggested = OmegaConf.merge(
+        OmegaConf.structured(SkipSpec), OmegaConf.load(run_dir / "diagnose" / "suggested_skip.yaml")
+    )
+    # The outlier sits between hidden.1 and hidden.2 (see stages/sources/outlier_mlp.py).
+    assert list(suggested.module_name) == ["hidden.1", "hidden.2"]
+    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
+    with torch.no_grad():
+        float_out = state.loaded.model(inputs)
+
+    def output_sqnr(skip: SkipSpec) -> float:
+        reference = reference_convert(state.calibrated, spec.backend, spec.qconfig_mapping, skip, spec.custom_config)
+        lowered = lower(reference, spec.backend, state.loaded.data.example_inputs)
+        with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
+            return sqnr_db(float_out, lowered.model(inputs))
+
+    before = output_sqnr(SkipSpec(name="none"))
+    after = output_sqnr(OmegaConf.to_object(suggested))
+    assert before < 10 and after > before + 15, (before, after)
+
+
+@pytest.mark.slow
+def test_qnnpack_relu6_is_diagnosed_as_an_engine_problem_and_x86_is_not(run_pipeline) -> None:
+    model = ["model.factory._target_=tests.test_diagnose.conv_relu6_net", *RANDOM_WEIGHTS, *TO_LOWER]
+    _, qnnpack, qnnpack_dir = run_pipeline([*model, "backend=qnnpack"])
+    assert qnnpack.metrics["diagnose/engine_problem"] == 1.0
+    assert qnnpack.metrics["diagnose/first_layer_sqnr_db"] < 15
+    text = (qnnpack_dir / "diagnose" / "diagnosis.txt").read_text()
+    assert "first quantized layer: conv1 (Conv2d), act1 (ReLU6)" in text
+    assert "kernel or engine problem" in text and "use ReLU instead of ReLU6" in text
+    assert "skipping layers does not fix" in (qnnpack_dir / "diagnose" / "suggested_skip.yaml").read_text()
+
+    _, x86, x86_dir = run_pipeline([*model, "backend=x86"])
+    assert x86.metrics["diagnose/engine_problem"] == 0.0
+    assert x86.metrics["diagnose/first_layer_sqnr_db"] > 30
+    assert "kernel or engine problem" not in (x86_dir / "diagnose" / "diagnosis.txt").read_text()
+
+
+def test_inspect_lists_real_names_and_marks_a_bogus_skip_entry(run_pipeline, capsys) -> None:
+    _, state, run_dir = run_pipeline(
+        [
+            "stages=[load,inspect]",
+            "tracking=off",
+            "skip=first_last",
+            "skip.module_name=[stem.0,fcc]",
+            "skip.object_type=[operator.add]",
+            "qconfig_mapping=mixed",
+        ]
+    )
+    text = (run_dir / "inspect" / "model.txt").read_text()
+    assert text in capsys.readouterr().out  # printed as well
+    assert state.calibrated is None  # prepare only, no calibration
+    lines = text.splitlines()
+    assert any(line.split()[:2] == ["block1.conv1", "torch.ao.nn.intrinsic.modules.fused.ConvReLU2d"] for line in lines)
+    assert any(line.split()[:3] == ["fc", "call_module", "fc"] for line in lines)
+    assert "  skip.module_name[0]='stem.0' -> stem_0" in lines
+    bogus = next(line for line in lines if line.startswith("  skip.module_name[1]='fcc'"))
+    assert "matches nothing" in bogus and "Did you mean 'fc'" in bogus
+    # operator.add: the two residual adds, wherever they run.
+    adds = next(line for line in lines if line.startswith("  skip.object_type[0]='operator.add' -> "))
+    assert adds.split(" -> ")[1].split(", ") == ["add", "add_1"]
+    # The mapping's own entries: the Linear type, the stem regex, the block2 module name (prefix).
+    assert "  qconfig_mapping.object_type[0]='torch.nn.Linear' -> fc" in lines
+    assert "  qconfig_mapping.module_name_regex[0]='stem\\..*' -> stem_0" in lines
+    block2 = next(line for line in lines if line.startswith("  qconfig_mapping.module_name[0]='block2' -> "))
+    assert set(block2.split(" -> ")[1].split(", ")) == {"block2_conv1", "block2_conv2", "add_1", "block2_relu2"}
+
+
+def test_inspect_needs_load() -> None:
+    from tests.conftest import compose_config
+
+    with pytest.raises(schema.ConfigError, match=r"runs 'inspect' without \['load'\]"):
+        schema.validate(to_spec(compose_config(["stages=[inspect]"])))
+    assert "inspect" not in to_spec(compose_config([])).stages
+
+
+@pytest.mark.slow
+def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run_pipeline, monkeypatch) -> None:
+    model = ["model.factory._target_=tests.test_diagnose.shared_relu_net", *RANDOM_WEIGHTS, *TO_LOWER]
+    spec, state, run_dir = run_pipeline(model)
+    assert state.metrics["diagnose/layers"] >= 3
+    assert {row["module_name"] for row in _rows(run_dir)} >= {"conv1", "conv2", "fc"}
+    prepared = state.calibrated.model
+    # The fused conv1 keeps the original ReLU; the top-level `relu` is now its own copy.
+    assert prepared.get_submodule("relu") is not prepared.get_submodule("conv1.1")
+
+    # The same calibration on the unmodified prepared model, converted by torch's own convert_fx.
+    from stages.calibrate import calibrate
+
+    monkeypatch.setattr(quantization, "unshare_stateless_modules", lambda model: [])
+    plain = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate).model
+    assert plain.get_submodule("relu") is plain.get_submodule("conv1.1")
+    assert plain.state_dict().keys() == prepared.state_dict().keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in prepared.state_dict().items())
+    expected = quantization.convert_in_one_step(
+        plain,
+        quantization.build_convert_mapping(spec.qconfig_mapping, spec.skip, spec.backend, plain),
+        quantization.get_backend_config(spec.backend.backend_config),
+        quantization.build_custom_configs(spec.custom_config)[1],
+        spec.backend.engine,
+    )
+    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
+    with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
+        assert torch.equal(state.lowered.model(inputs), expected(inputs))
