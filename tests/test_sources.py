@@ -21,7 +21,7 @@ from stages.load import load
 from stages.sources.digits import _digits_tensors, _split_indices
 from stages.sources.image_folder import image_folder_data
 from stages.sources.tensor_file import tensor_file_data
-from stages.sources.torchvision_models import import_torchvision, unshare_stateless_modules
+from stages.sources.torchvision_models import import_torchvision
 from tests.conftest import FAST, REPO_ROOT, compose_config, to_spec
 
 USER_MODULE = "byo_user_net"
@@ -359,23 +359,6 @@ def test_torchvision_architecture_runs_with_random_weights(run_pipeline) -> None
     )
     assert not [key for key in state.metrics if "accuracy" in key]
     assert state.metrics["eval/lowered/sqnr_db"] > 10
-
-
-def test_unshare_gives_every_call_its_own_module_with_the_same_outputs() -> None:
-    class ReusesReLU(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1, self.conv2, self.relu = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.relu(self.conv2(self.relu(self.conv1(x))))
-
-    model = ReusesReLU().eval()
-    unshared = unshare_stateless_modules(model)
-    targets = [node.target for node in unshared.graph.nodes if node.op == "call_module"]
-    assert targets == ["conv1", "relu", "conv2", "relu_call2"]
-    x = torch.randn(2, 1, 8, 8)
-    assert torch.equal(unshared(x), model(x))
 
 
 @pytest.mark.slow

@@ -7,11 +7,10 @@ exist`), which `build` turns into a ConfigError saying what to install.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from pipeline.schema import ConfigError, closest
 
@@ -34,27 +33,6 @@ def import_torchvision() -> Any:
     return torchvision
 
 
-def unshare_stateless_modules(model: nn.Module) -> nn.Module:
-    """An FX GraphModule of `model` in which every call of a parameter-free module has its own copy.
-
-    torchvision's ResNet blocks call one `self.relu` twice; after conv+relu fusion that ReLU sits in two
-    places, and re-tracing (lowering, the numeric suite) then fails with KeyError 'conv1.1'. Same numerics."""
-    graph_module = fx.symbolic_trace(model)
-    calls: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module":
-            continue
-        calls[node.target] = calls.get(node.target, 0) + 1
-        module = graph_module.get_submodule(node.target)
-        stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-        if calls[node.target] > 1 and stateless:
-            name = f"{node.target}_call{calls[node.target]}"
-            graph_module.add_submodule(name, copy.deepcopy(module))
-            node.target = name
-    graph_module.recompile()
-    return graph_module.eval()
-
-
 def build(arch: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
     """torchvision.models.<arch> with random weights (weights=None: nothing is downloaded)."""
     torchvision = import_torchvision()
@@ -65,4 +43,5 @@ def build(arch: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
             f"torchvision.models.list_models() (e.g. resnet18, mobilenet_v2).{closest(arch, names)}"
         )
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    return unshare_stateless_modules(model.eval())
+    # torchvision's blocks call one ReLU twice: quantization.prepare gives each call its own copy.
+    return model.eval()
