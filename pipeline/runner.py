@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
 from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec
 from pipeline.tracking import Tracker, flatten
@@ -105,6 +106,8 @@ def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Trac
     calibrated = state.calibrated
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepared_graph.py").write_text(calibrated.model.code)
+    prepare_custom_config, _ = quantization.build_custom_configs(spec.custom_config)
+    (out / "prepare_custom_config.yaml").write_text(quantization.custom_config_yaml(prepare_custom_config))
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
     torch.save(calibrated.model.state_dict(), out / "observer_state.pt")
     tracker.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
@@ -125,6 +128,8 @@ def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path, track
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference_graph.py").write_text(state.reference.model.code)
+    _, convert_custom_config = quantization.build_custom_configs(spec.custom_config)
+    (out / "convert_custom_config.yaml").write_text(quantization.custom_config_yaml(convert_custom_config))
     _write_json(out / "left_float.json", state.reference.left_float)
     return {"skip/left_float_nodes": float(len(state.reference.left_float))}
 

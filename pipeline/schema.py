@@ -261,6 +261,7 @@ def validate(spec: PipelineSpec) -> None:
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
     # Names and import paths in the mappings resolve now, not halfway through a run.
     quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
+    quantization.check_custom_config(spec.custom_config)
 
 
 def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:
