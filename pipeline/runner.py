@@ -108,6 +108,8 @@ def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Trac
     calibrated = state.calibrated
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepared_graph.py").write_text(calibrated.model.code)
+    prepare_custom_config, _ = quantization.build_custom_configs(spec.custom_config)
+    (out / "prepare_custom_config.yaml").write_text(quantization.custom_config_yaml(prepare_custom_config))
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
     torch.save(quantization.observer_state_dict(calibrated.model), out / "observer_state.pt")
     tracker.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
@@ -128,6 +130,8 @@ def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path, track
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference_graph.py").write_text(state.reference.model.code)
+    _, convert_custom_config = quantization.build_custom_configs(spec.custom_config)
+    (out / "convert_custom_config.yaml").write_text(quantization.custom_config_yaml(convert_custom_config))
     _write_json(out / "left_float.json", state.reference.left_float)
     return {"skip/left_float_nodes": float(len(state.reference.left_float))}
 
@@ -258,6 +262,12 @@ def _run_inspect(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracke
 
 def _run_diagnose(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.loaded is not None and state.calibrated is not None and state.lowered is not None
+    blocker = quantization.numeric_suite_blocker(spec.custom_config)
+    if blocker is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diagnosis.txt").write_text(f"Skipped: {blocker}.\n")
+        log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
+        return {"diagnose/skipped": 1.0}
     diagnosis = diagnose(state.loaded, state.calibrated, state.lowered, spec.diagnose)
     write_outputs(diagnosis, spec.diagnose, out)
     log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)

@@ -290,6 +290,12 @@ def validate(spec: PipelineSpec) -> None:
     _check_in("search.criterion", spec.search.criterion, ("accuracy", "sqnr"))
     _check_in("search.drop_mode", spec.search.drop_mode, ("absolute", "relative"))
     if spec.search.strategy != "none":
+        blocker = quantization.numeric_suite_blocker(spec.custom_config)
+        if blocker is not None:
+            raise ConfigError(
+                f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
+                f"Use search.strategy=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
+            )
         if "calibrate" not in spec.stages:
             raise ConfigError(
                 f"search.strategy='{spec.search.strategy}' needs the calibrate stage; stages={spec.stages}."
@@ -313,6 +319,7 @@ def validate(spec: PipelineSpec) -> None:
         check_python_path(key, folders)
     # Names and import paths in the mappings resolve now, not halfway through a run.
     quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
+    quantization.check_custom_config(spec.custom_config)
 
 
 def check_python_path(key: str, folders: list[str]) -> None:

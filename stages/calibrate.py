@@ -11,7 +11,7 @@ import logging
 import torch
 
 from pipeline import quantization
-from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, QConfigMappingSpec
+from pipeline.schema import BackendSpec, CalibrateSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec
 from stages.types import Calibrated, Loaded, progress
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,20 @@ def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, c
     """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one)."""
     prepare_custom_config, _ = quantization.build_custom_configs(custom)
     with quantization.quantized_engine(backend.engine):
-        prepared = quantization.prepare(
-            loaded.model,
-            quantization.build_qconfig_mapping(mapping, backend),
-            loaded.data.example_inputs,
-            quantization.get_backend_config(backend.backend_config),
-            prepare_custom_config,
-        )
+        try:
+            prepared = quantization.prepare(
+                loaded.model,
+                quantization.build_qconfig_mapping(mapping, backend),
+                loaded.data.example_inputs,
+                quantization.get_backend_config(backend.backend_config),
+                prepare_custom_config,
+            )
+        except Exception as error:
+            untraceable = quantization.untraceable_module(error)
+            if untraceable is None:
+                raise
+            raise not_traceable_error(loaded.model_name, custom.name, untraceable) from error
+
     if mapping.clamp_bounded_activations:
         clamped = quantization.clamp_bounded_activation_observers(
             prepared, loaded.model, prepare_custom_config, backend.engine
@@ -47,6 +54,28 @@ def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, c
                 loaded.model_name,
             )
     return prepared
+
+
+def not_traceable_error(model_name: str, custom_name: str, failed: quantization.UntraceableModule) -> ConfigError:
+    """Which module FX could not trace, and the custom_config setting that lets FX step around it."""
+    cause = f"{type(failed.error).__name__}: {str(failed.error).splitlines()[0] if str(failed.error) else ''}"
+    path = quantization.import_path(failed.cls)
+    if not failed.name:
+        return ConfigError(
+            f"prepare_fx cannot symbolically trace model={model_name}: its own top-level forward ({path}) raised "
+            f"{cause}. FX records only code whose control flow does not depend on tensor values; move the "
+            f"data-dependent part into a submodule and list that submodule in "
+            f"custom_config.prepare.non_traceable_module_name (it then stays float), or quantize it as a custom "
+            f"module (see README 'Custom modules')."
+        )
+    return ConfigError(
+        f"prepare_fx cannot symbolically trace model={model_name} (custom_config={custom_name}): submodule "
+        f"'{failed.name}' ({path}) raised {cause}. FX records only code whose control flow does not depend on "
+        f"tensor values; let FX call that module as a leaf (it then stays float) with "
+        f"`custom_config.prepare.non_traceable_module_name: [{failed.name}]` or "
+        f"`custom_config.prepare.non_traceable_module_class: [{path}]`, or quantize it as a custom module with "
+        f"custom_config.prepare.float_to_observed_custom_module_class (see README 'Custom modules')."
+    )
 
 
 def calibrate(

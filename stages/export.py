@@ -8,6 +8,10 @@
   [onnx] extra; skipped with the reason when it is not installed).
 - the readable FX code of the lowered model.
 
+custom_config's preserved attributes (e.g. class names) ride along in the TorchScript and .ptl files
+as the extra file `preserved_attributes.json` (tracing drops plain Python attributes), and in the
+ONNX file as metadata_props under the same key.
+
 A lowered GraphModule cannot be pickled in torch 2.13, so torch.save of the module is never used.
 
 Config keys read: export.*, backend.engine.
@@ -16,6 +20,7 @@ Config keys read: export.*, backend.engine.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -38,6 +43,36 @@ def _torchscript(lowered: Lowered, example: torch.Tensor, spec: ExportSpec) -> t
     return torch.jit.freeze(module.eval()) if spec.freeze else module
 
 
+PRESERVED_ATTRIBUTES_FILE = "preserved_attributes.json"
+
+
+def preserved_attribute_files(model: torch.nn.Module) -> dict[str, str]:
+    """custom_config's preserved attributes as a JSON `_extra_files` entry. TorchScript tracing (and
+    freezing) drops plain Python attributes, but extra files travel inside the archive; read them back
+    with torch.jit.load(path, _extra_files={"preserved_attributes.json": ""}). Values JSON cannot hold
+    are written as their str()."""
+    attributes = quantization.preserved_attributes(model)
+    if not attributes:
+        return {}
+    return {PRESERVED_ATTRIBUTES_FILE: json.dumps(attributes, sort_keys=True, default=str)}
+
+
+def read_extra_file(path: Path, name: str) -> str:
+    """An `_extra_files` entry of a TorchScript or lite-interpreter archive, without loading the model."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (member,) = [entry for entry in archive.namelist() if entry.endswith(f"/extra/{name}")]
+        return archive.read(member).decode()
+
+
+def _check_extra_files(written: dict[str, str], reloaded: dict[str, str | bytes], path: Path) -> None:
+    for name, text in written.items():
+        value = reloaded.get(name, "")
+        if (value.decode() if isinstance(value, bytes) else value) != text:
+            raise RuntimeError(f"export: {name} reloaded from {path} differs from what was written.")
+
+
 def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return (expected - actual).abs().max().item()
 
@@ -51,6 +86,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     check_inputs = loaded.data.evaluation[0][0]
     example = loaded.data.example_inputs[0]
 
+    extra_files = preserved_attribute_files(lowered.model)
     with quantization.quantized_engine(engine), torch.no_grad():
         expected = lowered.model(check_inputs)
 
@@ -61,8 +97,10 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
         scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
         if scripted is not None:
             path = out_dir / f"lowered_{engine}.torchscript.pt"
-            torch.jit.save(scripted, str(path))
-            reloaded = torch.jit.load(str(path))
+            torch.jit.save(scripted, str(path), _extra_files=extra_files)
+            reloaded_extra = dict.fromkeys(extra_files, "")
+            reloaded = torch.jit.load(str(path), _extra_files=reloaded_extra)
+            _check_extra_files(extra_files, reloaded_extra, path)
             diff = _max_abs_diff(expected, reloaded(check_inputs))
             metrics["export/torchscript/max_abs_diff"] = diff
             metrics["export/torchscript/bytes"] = float(path.stat().st_size)
@@ -76,7 +114,10 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             from torch.jit.mobile import _load_for_lite_interpreter
 
             path = out_dir / "lowered_qnnpack.ptl"
-            (scripted or _torchscript(lowered, example, ExportSpec()))._save_for_lite_interpreter(str(path))
+            module = scripted or _torchscript(lowered, example, ExportSpec())
+            module._save_for_lite_interpreter(str(path), _extra_files=extra_files)
+            # The mobile loader reads no extra files; they sit in the zip archive's extra/ folder.
+            _check_extra_files(extra_files, {name: read_extra_file(path, name) for name in extra_files}, path)
             diff = _max_abs_diff(expected, _load_for_lite_interpreter(str(path))(check_inputs))
             metrics["export/lite_interpreter/max_abs_diff"] = diff
             if diff != 0.0:
@@ -93,6 +134,8 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             path = out_dir / f"lowered_{engine}.onnx"
             try:
                 metrics.update(_export_onnx(lowered, example, check_inputs, expected, spec.onnx_opset, path))
+                if extra_files:
+                    _add_onnx_metadata(path, extra_files)
                 files["onnx"] = path
             except torch.onnx.errors.UnsupportedOperatorError as error:
                 # e.g. onednn fuses conv+add+relu into one kernel that has no ONNX symbolic.
@@ -103,6 +146,16 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     for name, reason in skipped.items():
         log.info("export: skipped %s: %s", name, reason)
     return ExportBundle(files=files, skipped=skipped, metrics=metrics)
+
+
+def _add_onnx_metadata(path: Path, extra_files: dict[str, str]) -> None:
+    """The preserved attributes as ONNX metadata_props (key preserved_attributes.json)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for name, text in extra_files.items():
+        model.metadata_props.add(key=name, value=text)
+    onnx.save(model, str(path))
 
 
 def _export_onnx(

@@ -1,0 +1,268 @@
+"""Custom modules through PrepareCustomConfig / ConvertCustomConfig, the experiment=custom_module
+example end to end, and the error for a model FX cannot trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline import quantization, schema
+from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec
+from stages.calibrate import prepare
+from stages.export import PRESERVED_ATTRIBUTES_FILE, read_extra_file
+from stages.sources.custom_block import (
+    CLASS_NAMES,
+    VERSION,
+    CustomBlockCNN,
+    ObservedPeakLimiter,
+    PeakLimiter,
+    QuantizedPeakLimiter,
+)
+from stages.sources.digits import digits_data
+from stages.types import Loaded
+from tests.conftest import CONF_DIR, FAST, REPO_ROOT, compose_config, to_spec
+
+MODULE = "stages.sources.custom_block"
+FLOAT, OBSERVED, QUANTIZED = f"{MODULE}.PeakLimiter", f"{MODULE}.ObservedPeakLimiter", f"{MODULE}.QuantizedPeakLimiter"
+# Measured on this example: lowered output SQNR vs float 32.4 dB (fbgemm) and 32.1 dB (qnnpack), the
+# same as the reference model. 28 dB leaves room for other CPUs' rounding, while a quantized block
+# that ignored the calibrated qparams (or a lowering that broke around it) lands far below.
+SQNR_FLOOR_DB = 28.0
+
+
+def _example_spec() -> CustomConfigSpec:
+    return to_spec(compose_config(["experiment=custom_module"])).custom_config
+
+
+def _spec(prepare: dict | None = None, convert: dict | None = None) -> CustomConfigSpec:
+    return CustomConfigSpec(name="test", prepare=prepare or {}, convert=convert or {})
+
+
+def _static(key: str, mapping: dict[str, str]) -> dict:
+    return {key: {"static": mapping}}
+
+
+PREPARE_KEY = "float_to_observed_custom_module_class"
+CONVERT_KEY = "observed_to_quantized_custom_module_class"
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML -> configs -> to_dict
+
+
+def test_experiment_preset_picks_model_data_and_custom_config_and_validates() -> None:
+    spec = to_spec(compose_config(["experiment=custom_module"]))
+    schema.validate(spec)
+    assert (spec.model.name, spec.data.name, spec.custom_config.name) == ("custom_block", "digits", "custom_block")
+    default = to_spec(compose_config([]))
+    assert (default.model.name, default.custom_config.name) == ("digits_cnn", "none")
+    assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == ["custom_module", "none"]
+
+
+def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> None:
+    spec = _example_spec()
+    prepare_config, convert_config = quantization.build_custom_configs(spec)
+    prepare_dict, convert_dict = prepare_config.to_dict(), convert_config.to_dict()
+    assert prepare_dict[PREPARE_KEY] == {"static": {PeakLimiter: ObservedPeakLimiter}}
+    assert convert_dict[CONVERT_KEY] == {"static": {ObservedPeakLimiter: QuantizedPeakLimiter}}
+    assert prepare_dict["preserved_attributes"] == convert_dict["preserved_attributes"] == ["class_names", "version"]
+    # to_dict -> from_dict -> to_dict is the identity on the resolved configs.
+    assert type(prepare_config).from_dict(prepare_dict).to_dict() == prepare_dict
+    assert type(convert_config).from_dict(convert_dict).to_dict() == convert_dict
+    # The YAML written into the run folders holds import paths and builds the same configs again.
+    logged_prepare = yaml.safe_load(quantization.custom_config_yaml(prepare_config))
+    logged_convert = yaml.safe_load(quantization.custom_config_yaml(convert_config))
+    assert logged_prepare[PREPARE_KEY] == {"static": {FLOAT: OBSERVED}}
+    assert logged_convert[CONVERT_KEY] == {"static": {OBSERVED: QUANTIZED}}
+    rebuilt_prepare, rebuilt_convert = quantization.build_custom_configs(_spec(logged_prepare, logged_convert))
+    assert rebuilt_prepare.to_dict() == prepare_dict
+    assert rebuilt_convert.to_dict() == convert_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation before calibration
+
+
+def test_validation_runs_from_schema_validate() -> None:
+    spec = to_spec(compose_config(["experiment=custom_module"]))
+    spec = replace(spec, custom_config=_spec(_static(PREPARE_KEY, {f"{MODULE}.Nope": OBSERVED})))
+    with pytest.raises(ConfigError, match=r"Nope"):
+        schema.validate(spec)
+
+
+def test_import_path_that_does_not_resolve() -> None:
+    with pytest.raises(ConfigError) as error:
+        quantization.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: f"{MODULE}.ObservedPeakLimitr"})))
+    assert (
+        f"custom_config.prepare.float_to_observed_custom_module_class.static['{FLOAT}']="
+        f"'{MODULE}.ObservedPeakLimitr' is not an importable path"
+    ) in str(error.value)
+    assert "e.g. 'torch.nn.Conv2d'" in str(error.value)
+
+
+def test_quantized_class_without_from_observed() -> None:
+    spec = _spec(_static(PREPARE_KEY, {FLOAT: OBSERVED}), _static(CONVERT_KEY, {OBSERVED: FLOAT}))
+    with pytest.raises(ConfigError) as error:
+        quantization.check_custom_config(spec)
+    assert (
+        f"custom_config.convert.observed_to_quantized_custom_module_class.static['{OBSERVED}']='{FLOAT}' "
+        f"has no classmethod from_observed()"
+    ) in str(error.value)
+
+
+def test_observed_class_in_convert_mapping_that_prepare_never_produces() -> None:
+    with pytest.raises(ConfigError) as error:
+        quantization.check_custom_config(_spec(convert=_static(CONVERT_KEY, {OBSERVED: QUANTIZED})))
+    message = str(error.value)
+    assert f"custom_config.convert.observed_to_quantized_custom_module_class.static['{OBSERVED}']" in message
+    assert "no custom_config.prepare.float_to_observed_custom_module_class.static entry" in message
+    assert "produces for static: none" in message
+
+
+def test_observed_class_without_from_float() -> None:
+    with pytest.raises(ConfigError) as error:
+        quantization.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: QUANTIZED})))
+    assert (
+        f"custom_config.prepare.float_to_observed_custom_module_class.static['{FLOAT}']='{QUANTIZED}' "
+        f"has no classmethod from_float()"
+    ) in str(error.value)
+
+
+def test_unknown_quant_mode() -> None:
+    with pytest.raises(ConfigError) as error:
+        quantization.check_custom_config(_spec({PREPARE_KEY: {"statik": {FLOAT: OBSERVED}}}))
+    message = str(error.value)
+    assert "custom_config.prepare.float_to_observed_custom_module_class has quant mode 'statik'" in message
+    assert "['static', 'dynamic', 'weight_only']" in message
+    assert "Did you mean 'static'?" in message
+
+
+def test_unknown_key_is_named_with_the_valid_ones() -> None:
+    with pytest.raises(
+        ConfigError, match=r"custom_config.prepare.preserved_attribute is not a key.*'preserved_attributes'"
+    ):
+        quantization.check_custom_config(_spec({"preserved_attribute": ["version"]}))
+
+
+# --------------------------------------------------------------------------------------------------
+# A model FX cannot trace
+
+
+def _loaded(model: nn.Module) -> Loaded:
+    return Loaded(model=model.eval(), data=digits_data(), model_name="custom_block", trained_weights=False)
+
+
+BACKEND = BackendSpec(engine="fbgemm", backend_config="fbgemm")
+MAPPING = QConfigMappingSpec(name="backend_default")
+
+
+def test_untraceable_submodule_is_a_config_error_naming_it_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as error:
+        prepare(_loaded(CustomBlockCNN()), BACKEND, MAPPING, CustomConfigSpec())
+    message = str(error.value)
+    assert "cannot symbolically trace model=custom_block" in message
+    assert f"submodule 'limiter' ({FLOAT}) raised TraceError" in message
+    assert "symbolically traced variables cannot be used as inputs to control flow" in message
+    assert "`custom_config.prepare.non_traceable_module_name: [limiter]`" in message
+    assert f"`custom_config.prepare.non_traceable_module_class: [{FLOAT}]`" in message
+
+
+def test_the_suggested_setting_makes_the_model_prepare() -> None:
+    prepared = prepare(_loaded(CustomBlockCNN()), BACKEND, MAPPING, _spec({"non_traceable_module_name": ["limiter"]}))
+    assert type(prepared.limiter) is PeakLimiter  # called as a leaf, left float
+
+
+def test_untraceable_top_level_forward_is_named_as_such() -> None:
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.flatten(x, 1)
+            return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+    with pytest.raises(ConfigError, match=r"its own top-level forward \(.*Gated\) raised TraceError"):
+        prepare(_loaded(Gated()), BACKEND, MAPPING, CustomConfigSpec())
+
+
+# --------------------------------------------------------------------------------------------------
+# The example end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
+    spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
+    lowered = state.lowered.model
+    assert isinstance(lowered.limiter, QuantizedPeakLimiter)
+    assert state.lowered.node_counts["float"] == 0  # the custom block runs on quantized tensors
+    # The preserved attributes, on the lowered model and inside every exported file after reload.
+    assert lowered.class_names == CLASS_NAMES and lowered.version == VERSION
+    expected = {"class_names": CLASS_NAMES, "version": VERSION}
+    files = {PRESERVED_ATTRIBUTES_FILE: ""}
+    torch.jit.load(str(run_dir / "export" / f"lowered_{engine}.torchscript.pt"), _extra_files=files)
+    assert json.loads(files[PRESERVED_ATTRIBUTES_FILE]) == expected
+    if engine == "qnnpack":
+        assert (
+            json.loads(read_extra_file(run_dir / "export" / "lowered_qnnpack.ptl", PRESERVED_ATTRIBUTES_FILE))
+            == expected
+        )
+    onnx_file = run_dir / "export" / f"lowered_{engine}.onnx"
+    if onnx_file.exists():
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+        assert json.loads(props[PRESERVED_ATTRIBUTES_FILE]) == expected
+    # Sane numbers.
+    metrics = state.metrics
+    assert metrics["eval/float/accuracy"] >= 0.9
+    assert abs(metrics["eval/lowered/accuracy"] - metrics["eval/float/accuracy"]) <= 0.02
+    assert metrics["eval/lowered/sqnr_db"] >= SQNR_FLOOR_DB
+    assert metrics["export/torchscript/max_abs_diff"] == 0.0
+    # Both configs are in the run folders (so in MLflow with the stage artifacts), as import paths.
+    logged_prepare = yaml.safe_load((run_dir / "calibrate" / "prepare_custom_config.yaml").read_text())
+    logged_convert = yaml.safe_load((run_dir / "reference_convert" / "convert_custom_config.yaml").read_text())
+    assert logged_prepare[PREPARE_KEY] == {"static": {FLOAT: OBSERVED}}
+    assert logged_convert[CONVERT_KEY] == {"static": {OBSERVED: QUANTIZED}}
+    # torch's numeric suite cannot trace around custom modules: diagnose says so instead of failing the run.
+    assert metrics["diagnose/skipped"] == 1.0
+    assert "numeric suite" in (run_dir / "diagnose" / "diagnosis.txt").read_text()
+
+
+def test_search_refuses_custom_modules_before_any_work() -> None:
+    spec = to_spec(compose_config(["experiment=custom_module", "search=greedy"]))
+    with pytest.raises(ConfigError, match=r"search.strategy='greedy'.*custom_config.prepare.float_to_observed"):
+        schema.validate(spec)
+
+
+@pytest.mark.slow
+def test_cli_runs_the_example_in_one_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "experiment=custom_module",
+            "backend=fbgemm",
+            f"output_dir={tmp_path}",
+            *FAST,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "export" / "lowered_fbgemm.torchscript.pt").is_file()
