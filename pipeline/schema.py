@@ -7,12 +7,15 @@ then checks what types cannot say (names in closed sets, import paths, stage ord
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 STAGES: tuple[str, ...] = ("load", "calibrate", "reference_convert", "lower", "evaluate", "export")
 # A stage may run only if the stages it reads from run too.
@@ -206,6 +209,47 @@ def register() -> None:
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
 
 
+def from_config(cfg: DictConfig) -> PipelineSpec:
+    """The composed config as a PipelineSpec, or ConfigError: a key the schema does not have (Hydra
+    lets `+key=value` add one anywhere) or a required value left empty (an entry without `index`)."""
+    _reject_unknown_keys(cfg, PipelineSpec, "")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except MissingMandatoryValue as error:
+        owner = error.object_type
+        needed = [f.name for f in dataclasses.fields(owner) if f.default is MISSING] if owner else []
+        raise ConfigError(
+            f"{error.full_key} has no value and is required"
+            + (f": every {owner.__name__} needs {needed}." if needed else ".")
+        ) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {str(error).splitlines()[0]}") from None
+
+
+def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:
+    hints = typing.get_type_hints(spec_type)
+    for key in node:
+        full_key = f"{prefix}{key}"
+        if key not in hints:
+            shown = node[key]
+            shown = OmegaConf.to_container(shown) if OmegaConf.is_config(shown) else shown
+            raise ConfigError(
+                f"{full_key}={shown} names no config key.{closest(str(key), list(hints))} The keys here "
+                f"({spec_type.__name__}) are {list(hints)}; `+key=value` cannot add others "
+                f"(only a factory's kwargs take new keys)."
+            )
+        if OmegaConf.is_missing(node, key):
+            continue
+        value, hint = node[key], hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
+            _reject_unknown_keys(value, hint, f"{full_key}.")
+        item_type = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(item_type) and isinstance(value, ListConfig):
+            for position, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    _reject_unknown_keys(item, item_type, f"{full_key}[{position}].")
+
+
 def validate(spec: PipelineSpec) -> None:
     """Checks that need more than a type: raise ConfigError before any work starts."""
     from pipeline import quantization  # torch import kept out of schema import time
@@ -259,8 +303,29 @@ def validate(spec: PipelineSpec) -> None:
             raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")
     if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
-    # Names and import paths in the mappings resolve now, not halfway through a run.
+    # Names and import paths in the mappings and factories resolve now, not halfway through a run.
     quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
+    for key, factory in (("model.factory", spec.model.factory), ("data.factory", spec.data.factory)):
+        if "_target_" not in factory:
+            raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
+        _check_factory(key, factory, quantization.resolve_import(str(factory["_target_"]), f"{key}._target_"))
+
+
+def _check_factory(key: str, factory: dict[str, Any], target: Any) -> None:
+    """The factory's kwargs fit its signature (a typo'd kwarg fails here, not after the run started)."""
+    import inspect
+
+    kwargs = {name: value for name, value in factory.items() if not str(name).startswith("_")}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: Hydra will tell at build time
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"{key} does not fit {factory['_target_']}{signature}: {error}. Give only the keyword arguments it takes."
+        ) from None
 
 
 def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:
