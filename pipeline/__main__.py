@@ -58,7 +58,8 @@ def main(cfg: DictConfig) -> float | None:
         job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
         job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
     # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, runner.stop_on_signal)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
@@ -75,10 +76,6 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra records this job as failed and runs the others
         sys.exit(2 if isinstance(error, schema.ConfigError) else 1)
     return state.metrics.get("eval/lowered/accuracy")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def cli() -> None:
