@@ -358,14 +358,15 @@ def run(
     _stop_signal = None
     run_dir.mkdir(parents=True, exist_ok=True)
     warn_about_backend(spec)
-    config_file = run_dir / "config.yaml"
-    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker = Tracker(spec.tracking)
+    # The store first: an unreachable one is a ConfigError before anything is written.
     tracker.start(
         flatten(OmegaConf.to_container(resolved, resolve=True)),
         {**run_tags(spec), **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
     state = RunState(skip=spec.skip)
     stages = planned_stages(spec)

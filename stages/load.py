@@ -68,13 +68,24 @@ def _check_data(data: DataBundle, data_spec: DataSpec) -> None:
     for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
         if not batches or sum(int(x.shape[0]) for x, _ in batches) == 0:
             raise ConfigError(
-                f"data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
+                f"load: data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
                 f"both calibration and evaluation need at least one batch."
             )
 
 
 def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSpec, data_spec: DataSpec) -> None:
     shapes = [tuple(t.shape) for t in data.example_inputs]
+    # Every batch like the example inputs (batch size aside): otherwise calibrate or evaluate would fail
+    # midway on a shape the model rejects, far from the data that caused it.
+    sample_shape = shapes[0][1:]
+    for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
+        for position, (inputs, _) in enumerate(batches):
+            if tuple(inputs.shape[1:]) != sample_shape:
+                raise ConfigError(
+                    f"load: data={data_spec.name} {part} batch {position} has shape {tuple(inputs.shape)}, but the "
+                    f"example inputs have {shapes[0]}: every batch must have the per-sample shape {sample_shape} "
+                    f"(calibrate and evaluate feed them all to model={model_spec.name})."
+                )
     try:
         with torch.no_grad():
             model(*data.example_inputs)
