@@ -40,6 +40,18 @@ class StageFailed(RuntimeError):
             f"{run_dir}; the traceback is in {run_dir / 'error.txt'}."
         )
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # A joblib worker sends a failed job's exception back to the launcher by pickle; one that does
+        # not unpickle makes joblib abort the sweep and kill the other jobs mid-run.
+        return _rebuild_stage_failed, (self.stage, str(self))
+
+
+def _rebuild_stage_failed(stage: str, message: str) -> StageFailed:
+    error = StageFailed.__new__(StageFailed)
+    RuntimeError.__init__(error, message)
+    error.stage = stage
+    return error
+
 
 # The signal that asked this process to stop, once one has (see stop_on_signal).
 _stop_signal: str | None = None

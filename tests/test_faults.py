@@ -264,7 +264,7 @@ def test_a_signal_swallowed_by_library_code_still_stops_the_run_before_caching(
         run_pipeline(["stages=[load,calibrate]", "calibrate.max_batches=2"])
     (run,) = _runs(store)
     assert run.info.status == "KILLED"
-    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # nothing cached
+    assert _cache_entries(tmp_path) == []  # nothing cached
     monkeypatch.undo()
     # The remembered signal does not leak into the next run.
     _, state, _ = run_pipeline(["stages=[load,calibrate]", "calibrate.max_batches=2"])
@@ -300,7 +300,8 @@ def _start_slow_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], P
 
 
 def _cache_entries(tmp_path: Path) -> list[str]:
-    return [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    cache = tmp_path / "cache"  # absent when the signal came before the cache was opened
+    return [p.name for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
 
 
 @pytest.mark.slow
@@ -351,6 +352,14 @@ def test_the_next_run_closes_runs_whose_process_is_gone_and_only_those(run_pipel
     assert statuses[dead.info.run_id] == "KILLED"
     assert store.get_run(dead.info.run_id).data.tags["closed_by"] == "stale-run-check"
     assert statuses[alive.info.run_id] == "RUNNING" and statuses[elsewhere.info.run_id] == "RUNNING"
+
+
+def test_a_stage_failure_survives_pickling_to_the_sweep_launcher() -> None:
+    import pickle
+
+    error = runner.StageFailed("lower", Path("/runs/1"), RuntimeError("nothing was quantized"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is runner.StageFailed and copy.stage == "lower" and str(copy) == str(error)
 
 
 @pytest.mark.slow
