@@ -6,6 +6,7 @@ Config keys read: model.factory, model.checkpoint, model.trained, model.name, da
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise ConfigError(f"model.checkpoint='{path}' does not exist; give the path of a state_dict file.")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # a damaged pickle, not a refused one
+            raise ConfigError(
+                f"model.checkpoint='{path}' cannot be read as a torch file ({str(error)[:200]}); it may be truncated."
+            ) from error
+        raise ConfigError(
+            f"model.checkpoint='{path}' holds pickled Python objects (e.g. a whole nn.Module), which "
+            f"torch.load(weights_only=True) refuses so that no code from the file runs; the pipeline has no "
+            f"option to load it anyway. Save a state_dict instead: torch.save(model.state_dict(), path)."
+        ) from error
     except Exception as error:
         raise ConfigError(
             f"model.checkpoint='{path}' cannot be read as a torch file with weights_only=True "

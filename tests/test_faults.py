@@ -69,7 +69,8 @@ def test_a_bad_checkpoint_is_a_config_error_naming_the_file_and_the_problem(tmp_
         "missing": "does not exist",
         "truncated": "cannot be read as a torch file with weights_only=True",
         # weights_only=True refuses the pickled class: no code from the file runs.
-        "pickled_module": "cannot be read as a torch file with weights_only=True",
+        "pickled_module": "holds pickled Python objects (e.g. a whole nn.Module), which torch.load(weights_only=True) "
+        "refuses so that no code from the file runs; the pipeline has no option to load it anyway.",
         "wrong_keys": "2 missing keys (first: ['fc.weight', 'fc.bias']) and 1 unexpected keys (first: ['head.weight'])",
         "wrong_shapes": "size mismatch for fc.bias",
     }[case]
