@@ -10,35 +10,35 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig
 
 from pipeline import schema
 
 log = logging.getLogger("pipeline")
 
 schema.register()
+# Set once Hydra has composed the config and called main(): an exit before that is Hydra refusing the
+# command line or a config file (unknown option, key or value type).
+_job_started = False
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
 
+    global _job_started
+    _job_started = True
     # torch's own warnings go through logging, to the job log only (conf/hydra/job_logging/pipeline.yaml).
     logging.captureWarnings(True)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     try:
-        spec: schema.PipelineSpec = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        spec = schema.from_config(cfg)
         schema.validate(spec)
     except schema.ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
-        sys.exit(2)
-    except MissingMandatoryValue as error:  # a `???` key, e.g. data.factory.root of data=image_folder
-        key = error.full_key
-        log.error("Invalid config: %s is required (it is ??? in the config); set it, e.g. %s=<value>.", key, key)
         sys.exit(2)
     log.info(
         "backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",
@@ -58,13 +58,17 @@ def main(cfg: DictConfig) -> float | None:
         job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
         job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
     # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, runner.stop_on_signal)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
-    except KeyboardInterrupt:
-        log.error("Interrupted: the MLflow run is marked KILLED; what finished is in %s.", run_dir)
-        raise
+    except KeyboardInterrupt as interrupt:
+        reason = str(interrupt) or "SIGINT"
+        log.error("Interrupted (%s): the MLflow run is marked KILLED; what finished is in %s.", reason, run_dir)
+        if multirun:
+            raise  # stops the sweep
+        sys.exit(143 if "SIGTERM" in reason else 130)  # the shell's 128 + signal number
     except (schema.ConfigError, runner.StageFailed) as error:
         log.error("%s %s", "Invalid input:" if isinstance(error, schema.ConfigError) else "Failed:", error)
         log.debug("traceback", exc_info=True)
@@ -74,9 +78,16 @@ def main(cfg: DictConfig) -> float | None:
     return state.metrics.get("eval/lowered/accuracy")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+def cli() -> None:
+    """main(), with Hydra's own config errors exiting 2 like every other bad input (Hydra prints them
+    and exits 1). A sweep keeps Hydra's status: 1 says some job failed, whatever the cause."""
+    try:
+        main()
+    except SystemExit as done:
+        if done.code == 1 and not _job_started and not {"-m", "--multirun"} & set(sys.argv[1:]):
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -55,6 +55,7 @@ from torch.ao.quantization.fx.qconfig_mapping_utils import (  # noqa: E402
 )
 from torch.ao.quantization.fx.tracer import QuantizationTracer  # noqa: E402
 from torch.ao.quantization.fx.utils import get_skipped_module_name_and_classes  # noqa: E402
+from torch.ao.quantization.qconfig import qconfig_equals  # noqa: E402
 from torch.ao.quantization.quantize_fx import (  # noqa: E402
     attach_preserved_attrs_to_model,
     convert_fx,
@@ -411,6 +412,54 @@ def build_convert_mapping(
     return mapping
 
 
+def _describe(qconfig: QConfig | None) -> str:
+    if qconfig is None:
+        return "None"
+
+    def observer(factory: Any) -> str:
+        made = factory()  # with_args partials hide the class; an instance names it and its range
+        return f"{type(made).__name__}({made.dtype}, {getattr(made, 'qscheme', '')})"
+
+    return f"QConfig(activation={observer(qconfig.activation)}, weight={observer(qconfig.weight)})"
+
+
+def check_convert_mapping(prepare_mapping: QConfigMapping, convert_mapping: QConfigMapping) -> None:
+    """convert_fx's rule, checked before converting so a breach names the entry and both values (torch
+    asserts mid-convert, tersely): the global qconfig is unchanged, and every object_type, module_name
+    and module_name_regex key of the prepare mapping is in the convert mapping with an equal value or None."""
+    rule = (
+        "convert_fx accepts a convert-time mapping only if it keeps every prepare-time key with the same "
+        "qconfig or None (a skip-list may only set entries to None; a different qconfig needs a new calibration)"
+    )
+    if not qconfig_equals(prepare_mapping.global_qconfig, convert_mapping.global_qconfig):
+        raise ConfigError(
+            f"the global qconfig differs between prepare ({_describe(prepare_mapping.global_qconfig)}) and convert "
+            f"({_describe(convert_mapping.global_qconfig)}): {rule}."
+        )
+    for kind, before, after in (
+        ("object_type", prepare_mapping.object_type_qconfigs, convert_mapping.object_type_qconfigs),
+        ("module_name", prepare_mapping.module_name_qconfigs, convert_mapping.module_name_qconfigs),
+        ("module_name_regex", prepare_mapping.module_name_regex_qconfigs, convert_mapping.module_name_regex_qconfigs),
+    ):
+        for key, prepared in before.items():
+            shown = import_path(key) if kind == "object_type" else repr(key)
+            if key not in after:
+                raise ConfigError(f"{kind} entry {shown} is in the prepare mapping but not at convert time: {rule}.")
+            if after[key] is not None and not qconfig_equals(prepared, after[key]):
+                raise ConfigError(
+                    f"{kind} entry {shown} has {_describe(prepared)} at prepare but {_describe(after[key])} at "
+                    f"convert: {rule}."
+                )
+        for key, added in after.items():
+            # torch lets a new key through its mapping check, then fails per node if it changes one.
+            if key not in before and added is not None:
+                shown = import_path(key) if kind == "object_type" else repr(key)
+                raise ConfigError(
+                    f"{kind} entry {shown} is new at convert time with {_describe(added)} (prepare had no such "
+                    f"entry): {rule}."
+                )
+
+
 def check_specs(backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec) -> None:
     """Resolve every name and import path of the mapping and skip-list (raises ConfigError)."""
     build_qconfig_mapping(mapping, backend)
@@ -693,6 +742,7 @@ def convert_reference(
     # then the per-node qconfig on the not yet converted graph.
     mapping_for_nodes = copy.deepcopy(convert_mapping)
     _update_qconfig_for_fusion(prepared, mapping_for_nodes)
+    check_convert_mapping(attrs.qconfig_mapping, mapping_for_nodes)
     node_name_to_qconfig = _generate_node_name_to_qconfig(
         prepared,
         copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),

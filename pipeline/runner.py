@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -41,6 +42,37 @@ class StageFailed(RuntimeError):
             f"stage '{stage}' failed: {type(error).__name__}: {error} Outputs of the stages before it are in "
             f"{run_dir}; the traceback is in {run_dir / 'error.txt'}."
         )
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # A joblib worker sends a failed job's exception back to the launcher by pickle; one that does
+        # not unpickle makes joblib abort the sweep and kill the other jobs mid-run.
+        return _rebuild_stage_failed, (self.stage, str(self))
+
+
+def _rebuild_stage_failed(stage: str, message: str) -> StageFailed:
+    error = StageFailed.__new__(StageFailed)
+    RuntimeError.__init__(error, message)
+    error.stage = stage
+    return error
+
+
+# The signal that asked this process to stop, once one has (see stop_on_signal).
+_stop_signal: str | None = None
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    """Handler for SIGTERM and SIGINT: stop the run like Ctrl-C (the MLflow run ends KILLED, nothing is
+    cached). Raised at once and also remembered, because library code can swallow it (seen: a SIGTERM
+    during prepare_fx's first trace, which lazily imports torch._inductor): the run then stops at the
+    next check (before caching, and between stages) instead of finishing."""
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+    raise KeyboardInterrupt(_stop_signal)
+
+
+def _check_stop() -> None:
+    if _stop_signal is not None:
+        raise KeyboardInterrupt(_stop_signal)
 
 
 @dataclass
@@ -96,6 +128,7 @@ def _calibrate_or_load(spec: PipelineSpec, loaded: Loaded) -> Calibrated:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
             return Calibrated(cached, len(batches), sum(int(x.shape[0]) for x, _ in batches), True, key)
         calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+        _check_stop()  # a swallowed signal must not leave an entry that a later run trusts
         entry = cache.store(key, calibrated.model, {"batches": calibrated.num_batches, "backend": spec.backend.engine})
         log.info("calibrate: cached as %s", entry)
         calibrated.cache_key = key
@@ -375,16 +408,19 @@ def run(
 ) -> RunState:
     """Run spec.stages in pipeline order; on any failure the run ends FAILED (KILLED on Ctrl-C),
     with the error saved, and everything finished before it stays on disk and in MLflow."""
+    global _stop_signal
+    _stop_signal = None
     run_dir.mkdir(parents=True, exist_ok=True)
     warn_about_backend(spec)
-    config_file = run_dir / "config.yaml"
-    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker = Tracker(spec.tracking)
+    # The store first: an unreachable one is a ConfigError before anything is written.
     tracker.start(
         flatten(OmegaConf.to_container(resolved, resolve=True)),
         {**run_tags(spec), **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
     state = RunState(skip=spec.skip)
     stages = planned_stages(spec)
@@ -392,6 +428,7 @@ def run(
     status = "FAILED"
     try:
         for position, stage in enumerate(stages, start=1):
+            _check_stop()
             current = stage
             log.info("[%d/%d] %s ...", position, len(stages), stage)
             start = time.perf_counter()
@@ -401,6 +438,7 @@ def run(
             tracker.log_metrics(metrics)
             tracker.log_artifacts(run_dir / stage, stage)
             log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage, metrics[f"stage/{stage}/seconds"])
+        _check_stop()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

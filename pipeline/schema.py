@@ -7,12 +7,15 @@ then checks what types cannot say (names in closed sets, import paths, stage ord
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 STAGES: tuple[str, ...] = ("load", "calibrate", "reference_convert", "lower", "evaluate", "export")
 # A stage may run only if the stages it reads from run too.
@@ -253,6 +256,48 @@ def register() -> None:
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
 
 
+def from_config(cfg: DictConfig) -> PipelineSpec:
+    """The composed config as a PipelineSpec, or ConfigError: a key the schema does not have (Hydra
+    lets `+key=value` add one anywhere) or a required value left empty (an entry without `index`)."""
+    _reject_unknown_keys(cfg, PipelineSpec, "")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except MissingMandatoryValue as error:  # a `???` left unset, e.g. data.factory.root of data=image_folder
+        owner = error.object_type
+        is_spec = owner is not None and dataclasses.is_dataclass(owner)
+        needed = [f.name for f in dataclasses.fields(owner) if f.default is MISSING] if is_spec else []
+        raise ConfigError(
+            f"{error.full_key} has no value and is required (it is ??? in the config); set it, e.g. "
+            f"{error.full_key}=<value>" + (f". Every {owner.__name__} needs {needed}." if needed else ".")
+        ) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {str(error).splitlines()[0]}") from None
+
+
+def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:
+    hints = typing.get_type_hints(spec_type)
+    for key in node:
+        full_key = f"{prefix}{key}"
+        if key not in hints:
+            shown = node[key]
+            shown = OmegaConf.to_container(shown) if OmegaConf.is_config(shown) else shown
+            raise ConfigError(
+                f"{full_key}={shown} names no config key.{closest(str(key), list(hints))} The keys here "
+                f"({spec_type.__name__}) are {list(hints)}; `+key=value` cannot add others "
+                f"(only a factory's kwargs take new keys)."
+            )
+        if OmegaConf.is_missing(node, key):
+            continue
+        value, hint = node[key], hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
+            _reject_unknown_keys(value, hint, f"{full_key}.")
+        item_type = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(item_type) and isinstance(value, ListConfig):
+            for position, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    _reject_unknown_keys(item, item_type, f"{full_key}[{position}].")
+
+
 def validate(spec: PipelineSpec) -> None:
     """Checks that need more than a type: raise ConfigError before any work starts."""
     from pipeline import quantization  # torch import kept out of schema import time
@@ -317,9 +362,13 @@ def validate(spec: PipelineSpec) -> None:
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
     for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
         check_python_path(key, folders)
-    # Names and import paths in the mappings resolve now, not halfway through a run.
+    # Names and import paths in the mappings and factories resolve now, not halfway through a run.
     quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
     quantization.check_custom_config(spec.custom_config)
+    from stages.load import resolve_factory  # imports the user's factory module: after the cheap checks
+
+    resolve_factory(spec.model.factory, "model.factory", spec.model.python_path)
+    resolve_factory(spec.data.factory, "data.factory", spec.data.python_path)
 
 
 def check_python_path(key: str, folders: list[str]) -> None:

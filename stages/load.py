@@ -7,9 +7,12 @@ data.python_path, seed.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -88,12 +91,31 @@ def _import_target(target: str, key: str, searched: list[str]) -> object:
     )
 
 
-def _build(factory: dict, key: str, python_path: list[str] | None = None) -> object:
+def resolve_factory(factory: dict[str, Any], key: str, python_path: list[str] | None = None) -> Any:
+    """The factory's callable, imported with python_path first, its kwargs checked against its signature:
+    run by schema.validate before any work, and again by load."""
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
     target = str(factory["_target_"])
     searched = _use_python_path(list(python_path or []), target)
-    _import_target(target, key, searched)
+    found = _import_target(target, key, searched)
+    kwargs = {name: value for name, value in factory.items() if not str(name).startswith("_")}
+    try:
+        signature = inspect.signature(found)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return found  # builtins without a signature: Hydra will tell at build time
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"{key} does not fit {target}{signature}: {error}. Give only the keyword arguments it takes."
+        ) from None
+    return found
+
+
+def _build(factory: dict, key: str, python_path: list[str] | None = None) -> object:
+    target = str(factory.get("_target_"))
+    resolve_factory(factory, key, python_path)
     try:
         return instantiate(OmegaConf.create(dict(factory)) if not OmegaConf.is_config(factory) else factory)
     except Exception as error:  # Hydra wraps call errors; a factory's own ConfigError already names its key
@@ -109,6 +131,16 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise ConfigError(f"model.checkpoint='{path}' does not exist; give the path of a state_dict file.")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # a damaged pickle, not a refused one
+            raise ConfigError(
+                f"model.checkpoint='{path}' cannot be read as a torch file ({str(error)[:200]}); it may be truncated."
+            ) from error
+        raise ConfigError(
+            f"model.checkpoint='{path}' holds pickled Python objects (e.g. a whole nn.Module), which "
+            f"torch.load(weights_only=True) refuses so that no code from the file runs; the pipeline has no "
+            f"option to load it anyway. Save a state_dict instead: torch.save(model.state_dict(), path)."
+        ) from error
     except Exception as error:
         raise ConfigError(
             f"model.checkpoint='{path}' cannot be read as a torch file with weights_only=True "
@@ -139,13 +171,24 @@ def _check_data(data: DataBundle, data_spec: DataSpec) -> None:
     for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
         if not batches or sum(int(x.shape[0]) for x, _ in batches) == 0:
             raise ConfigError(
-                f"data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
+                f"load: data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
                 f"both calibration and evaluation need at least one batch."
             )
 
 
 def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSpec, data_spec: DataSpec) -> None:
     shapes = [tuple(t.shape) for t in data.example_inputs]
+    # Every batch like the example inputs (batch size aside): otherwise calibrate or evaluate would fail
+    # midway on a shape the model rejects, far from the data that caused it.
+    sample_shape = shapes[0][1:]
+    for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
+        for position, (inputs, _) in enumerate(batches):
+            if tuple(inputs.shape[1:]) != sample_shape:
+                raise ConfigError(
+                    f"load: data={data_spec.name} {part} batch {position} has shape {tuple(inputs.shape)}, but the "
+                    f"example inputs have {shapes[0]}: every batch must have the per-sample shape {sample_shape} "
+                    f"(calibrate and evaluate feed them all to model={model_spec.name})."
+                )
     try:
         with torch.no_grad():
             model(*data.example_inputs)

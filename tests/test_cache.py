@@ -133,3 +133,25 @@ def test_half_written_entries_are_never_read(calibrated_fbgemm, tmp_path: Path) 
     cache.store(key, calibrated.model, {})
     cache.store(key, calibrated.model, {})  # a second writer of the same key loses the race quietly
     assert sorted(p.name for p in (tmp_path / key).iterdir()) == ["manifest.json", "observer_state.pt"]
+
+
+def test_a_kill_between_writing_and_renaming_leaves_nothing_trusted(
+    calibrated_fbgemm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, loaded, calibrated = calibrated_fbgemm
+    cache = CalibrationCache(tmp_path)
+    key = _key(spec, loaded)
+
+    def killed_at_rename(source: object, target: object) -> None:
+        assert sorted(p.name for p in Path(str(source)).iterdir()) == ["manifest.json", "observer_state.pt"]
+        raise KeyboardInterrupt  # the temp folder is complete; the rename never happens
+
+    monkeypatch.setattr("pipeline.cache.os.rename", killed_at_rename)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store(key, calibrated.model, {})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # neither the key's folder nor the temporary one
+    assert cache.load(key, lambda: pytest.fail("nothing to rebuild from")) is None
+    cache.store(key, calibrated.model, {})  # the next run rebuilds it
+    prepare_again = lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config)  # noqa: E731
+    assert cache.load(key, prepare_again) is not None

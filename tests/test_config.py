@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_cli_bad_backend_fails_before_any_work(tmp_path: Path) -> None:
     result = _cli(["backend=fbgem", f"output_dir={tmp_path}"], cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2  # Hydra's own message, our exit code for bad input
     output = result.stdout + result.stderr
     assert "fbgem" in output and "fbgemm" in output and "qnnpack" in output
     assert not (tmp_path / "mlflow.db").exists()
@@ -110,3 +111,108 @@ def test_cli_bad_qconfig_name_is_one_clear_line_and_exit_2(tmp_path: Path) -> No
     assert "Invalid config: qconfig_mapping.global_qconfig='nope' is not a known qconfig" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+foo=1", "foo=1 names no config key. The keys here (PipelineSpec) are ['backend', "),
+        (
+            "+evaluate.latency.thread=2",
+            "evaluate.latency.thread=2 names no config key. Did you mean 'threads'? The keys here (LatencySpec) are",
+        ),
+        (
+            "skip.module_name_object_type_order=[{module_name:block1,object_type:operator.add}]",
+            "skip.module_name_object_type_order[0].index has no value and is required (it is ??? in the config); "
+            "set it, e.g. skip.module_name_object_type_order[0].index=<value>. Every "
+            "ModuleNameObjectTypeOrderEntry needs ['module_name', 'object_type', 'index'].",
+        ),
+    ],
+)
+def test_added_keys_and_missing_required_values_are_config_errors(override: str, expected: str) -> None:
+    with pytest.raises(schema.ConfigError) as error:
+        schema.from_config(compose_config([override]))
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "model.factory._target_=stages.sources.digits.digits_cnm",
+            "model.factory._target_='stages.sources.digits.digits_cnm': module 'stages.sources.digits' ",
+        ),
+        ("data.factory._target_=nowhere.data", "data.factory._target_='nowhere.data' does not resolve: no module"),
+        ("+model.factory.widht=8", "model.factory does not fit stages.sources.digits.digits_cnn(checkpoint"),
+    ],
+)
+def test_factories_that_do_not_resolve_or_fit_fail_validation(override: str, expected: str) -> None:
+    spec = schema.from_config(compose_config([override]))
+    with pytest.raises(schema.ConfigError) as error:
+        schema.validate(spec)
+    assert expected in str(error.value)
+    if "widht" in override:
+        assert "got an unexpected keyword argument 'widht'" in str(error.value)
+    if "digits_cnm" in override:
+        assert "has no attribute 'digits_cnm'. Did you mean 'digits_cnn'" in str(error.value)
+    if "nowhere" in override:
+        assert "set data.python_path to the folder that holds it" in str(error.value)
+
+
+def test_an_engine_this_build_cannot_run_fails_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack", "none"])
+    with pytest.raises(schema.ConfigError) as error:
+        schema.validate(to_spec(compose_config(["backend=x86"])))
+    assert str(error.value) == (
+        "backend.engine='x86' is not supported by this torch build on this CPU; supported engines here are ['qnnpack']."
+    )
+    schema.validate(to_spec(compose_config(["backend=qnnpack"])))
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_onednn_without_vnni_warns_of_accuracy(monkeypatch: pytest.MonkeyPatch, caplog, vnni: bool) -> None:
+    import torch
+
+    from pipeline import runner
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    for backend in ("onednn", "x86"):
+        runner.warn_about_backend(to_spec(compose_config([f"backend={backend}"])))
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    if vnni:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.startswith("backend=onednn on a CPU without VNNI") and "pytorch#103646" in warning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("evaluate.latncy.threads=2", "Key 'latncy' not in 'EvaluateSpec'"),
+        ("skip=unknown_key", "Key 'object_typ' not in 'SkipSpec'"),
+        ("+foo=1", "Invalid config: foo=1 names no config key."),
+        ("model.factory._target_=nowhere.model", "Invalid config: model.factory._target_='nowhere.model' is not an"),
+        ("tracking.tracking_uri=http://127.0.0.1:{port}", "Invalid input: tracking.tracking_uri='http://127.0.0.1:"),
+    ],
+)
+def test_cli_bad_input_is_a_short_message_exit_2_and_no_run(tmp_path: Path, override: str, expected: str) -> None:
+    # A conf/skip option with a typo'd key, found through Hydra's search path like a user's own conf.
+    (tmp_path / "conf" / "skip").mkdir(parents=True)
+    (tmp_path / "conf" / "skip" / "unknown_key.yaml").write_text("name: unknown_key\nobject_typ: [operator.add]\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [override.format(port=port), f"output_dir={tmp_path}", f"hydra.searchpath=[file://{tmp_path}/conf]"]
+    result = _cli(args, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert expected in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) <= 8
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    for run_dir in (tmp_path / "runs").glob("*"):  # Hydra's folder and the job log, nothing else
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "__main__.log"]
+        assert "Traceback" in (run_dir / "__main__.log").read_text()  # at debug level, for the curious

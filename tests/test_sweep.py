@@ -113,15 +113,26 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_pa
     assert len(_report(tmp_path)) == 4
 
 
-@pytest.mark.slow
-def test_a_failing_job_fails_the_parent_and_the_report_marks_it(tmp_path: Path) -> None:
-    # qconfig_mapping=... with the everything-float skip makes `lower` refuse one job.
-    result = _sweep(tmp_path, "backend=x86", "skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]")
+def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
+    """A two-job sweep whose second job fails (the everything-float skip makes `lower` refuse it):
+    the other job finishes and is in the store, the parent fails, the report marks the failed row."""
+    skips = ["skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]"]
+    result = _sweep(tmp_path, *launcher, "backend=x86", *skips)
     assert result.returncode != 0
     _, parent, children = _parent_and_children(tmp_path)
     assert parent.info.status == "FAILED"
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
-    assert sorted(row["status"] for row in _report(tmp_path)) == ["FAILED", "FINISHED"]
+    (failed,) = [c for c in children if c.info.status == "FAILED"]
+    assert failed.data.tags["failed_stage"] == "lower" and failed.data.tags["override.skip.module_name_regex"] == "[.*]"
+    (finished,) = [c for c in children if c.info.status == "FINISHED"]
+    assert finished.data.metrics["eval/lowered/accuracy"] > 0.9
+    rows = {row["status"]: row for row in _report(tmp_path)}
+    assert sorted(rows) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_the_parent_and_the_report_marks_it(tmp_path: Path) -> None:
+    check_one_failing_job(tmp_path)  # basic launcher; tests/test_faults.py runs it with joblib
 
 
 def test_pareto_front_keeps_points_nothing_beats_on_both_axes() -> None:
