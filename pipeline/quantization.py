@@ -108,38 +108,31 @@ QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
 }
 
 
-class ClampedMinMaxObserver(MinMaxObserver):
-    """A MinMaxObserver that records what it sees clamped to [clamp_min, clamp_max] and passes the input on
-    unchanged. For a conv whose output only feeds ReLU6 / hardtanh: the native backend does not fuse those,
+class _ObservesClamped:
+    """Mixin for an observer that records what it sees clamped to [clamp_min, clamp_max] and passes the input
+    on unchanged. For a conv whose output only feeds ReLU6 / hardtanh: the native backend does not fuse those,
     and they share their input's observer, so a plain observer spends the int8 levels on values the
     activation clips anyway. The bounds are constructor arguments (compared by convert_fx's qconfig check);
-    the state is MinMaxObserver's min_val / max_val buffers, so the calibration cache's state_dict holds it."""
+    the state is the base observer's buffers, so the calibration cache's observer state holds it."""
 
     def __init__(self, clamp_min: float, clamp_max: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.clamp_min, self.clamp_max = clamp_min, clamp_max
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        super().forward(x_orig.clamp(self.clamp_min, self.clamp_max))
+        super().forward(x_orig.clamp(self.clamp_min, self.clamp_max))  # type: ignore[misc]
         return x_orig
 
     def extra_repr(self) -> str:
-        return f"clamp=[{self.clamp_min}, {self.clamp_max}], {super().extra_repr()}"
+        return f"clamp=[{self.clamp_min}, {self.clamp_max}], {super().extra_repr()}"  # type: ignore[misc]
 
 
-class ClampedHistogramObserver(HistogramObserver):
-    """The HistogramObserver counterpart of ClampedMinMaxObserver (state: the histogram buffers)."""
+class ClampedMinMaxObserver(_ObservesClamped, MinMaxObserver):
+    """MinMaxObserver over the clamped range (state: min_val / max_val)."""
 
-    def __init__(self, clamp_min: float, clamp_max: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clamp_min, self.clamp_max = clamp_min, clamp_max
 
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        super().forward(x_orig.clamp(self.clamp_min, self.clamp_max))
-        return x_orig
-
-    def extra_repr(self) -> str:
-        return f"clamp=[{self.clamp_min}, {self.clamp_max}], {super().extra_repr()}"
+class ClampedHistogramObserver(_ObservesClamped, HistogramObserver):
+    """HistogramObserver over the clamped range (state: the histogram buffers)."""
 
 
 def clamped_qconfig(qconfig: QConfig, clamp_min: float, clamp_max: float, engine: str) -> QConfig:

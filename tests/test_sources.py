@@ -124,7 +124,7 @@ def test_user_file_model_runs_end_to_end_through_the_cli(trained_project: Path, 
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "[6/6] export done" in run.stdout
+    assert "[7/7] export done" in run.stdout
     (metrics_file,) = tmp_path.glob("runs/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["eval/float/accuracy"] >= 0.9

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stages.sources.digits import _digits_tensors, _split_indices
+from stages.sources.digits import fit, training_part
 
 CLASS_NAMES = [str(digit) for digit in range(10)]
 VERSION = "custom_block_cnn-1"
@@ -136,18 +136,5 @@ def custom_block_cnn(epochs: int = 15, seed: int = 0, cap: float = 4.0) -> Custo
 
 def _train(epochs: int, seed: int, cap: float) -> CustomBlockCNN:
     torch.manual_seed(seed)
-    images, labels = _digits_tensors()
-    split = _split_indices(seed=0, calibration_size=256, evaluation_size=450)
-    x, y = images[split["training"]], labels[split["training"]]
-    model = CustomBlockCNN(cap=cap)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(order), 32):
-            idx = order[start : start + 32]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    x, y = training_part()
+    return fit(CustomBlockCNN(cap=cap), x, y, epochs=epochs, batch_size=32, lr=1e-2, seed=seed)

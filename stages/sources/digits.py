@@ -94,6 +94,30 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> lis
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
+def training_part() -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels that calibration and evaluation never see (the split digits_data uses)."""
+    images, labels = _digits_tensors()
+    split = _split_indices(seed=0, calibration_size=256, evaluation_size=450)
+    return images[split["training"]], labels[split["training"]]
+
+
+def fit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int
+) -> nn.Module:
+    """Seeded Adam on cross-entropy: how the small example models train themselves when loaded."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 def digits_data(
     seed: int = 0, calibration_size: int = 256, evaluation_size: int = 450, batch_size: int = 32
 ) -> DataBundle:

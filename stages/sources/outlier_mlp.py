@@ -11,7 +11,7 @@ accuracy bar until the layers around the outlier stay float. Used by the skip-se
 import torch
 from torch import nn
 
-from stages.sources.digits import _digits_tensors, _split_indices
+from stages.sources.digits import fit, training_part
 
 
 class DigitsMLP(nn.Module):
@@ -31,20 +31,8 @@ class DigitsMLP(nn.Module):
 
 def outlier_mlp(outlier_scale: float = 200.0, outlier_layer: int = 1, epochs: int = 30, seed: int = 0) -> DigitsMLP:
     torch.manual_seed(seed)
-    images, labels = _digits_tensors()
-    split = _split_indices(seed=0, calibration_size=256, evaluation_size=450)
-    x, y = images[split["training"]], labels[split["training"]]
-    model = DigitsMLP()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(order), 64):
-            idx = order[start : start + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    x, y = training_part()
+    model = fit(DigitsMLP(), x, y, epochs=epochs, batch_size=64, lr=2e-3, seed=seed)
     with torch.no_grad():
         layer, following = model.hidden[outlier_layer], model.hidden[outlier_layer + 1]
         unit = int(layer.weight.norm(dim=1).argmax())  # a unit that is active, so its range matters
