@@ -2,7 +2,7 @@
 
 Model: the ResNet-18-shaped network (conf/model/resnet18.yaml, random weights) on synthetic
 inputs; x86 backend, histogram observers; N skip-lists through `python -m pipeline -m`, the basic
-launcher, latency and export off (the sweep's cost is calibration plus conversion). Each arm gets
+launcher, latency, diagnose and export off (the sweep's cost is calibration plus conversion). Each arm gets
 a fresh output folder (fresh store, empty cache). Calibration counts come from the MLflow store.
 
     python bench/sweep_cache.py [--size 224] [--batches 16]
@@ -41,6 +41,7 @@ def sweep(cache: bool, size: int, batches: int) -> dict[str, float]:
             "backend=x86",
             f"skip={SKIPS}",
             "evaluate.latency.enabled=false",
+            "diagnose.enabled=false",  # the same in both arms and not what the cache saves
             "stages=[load,calibrate,reference_convert,lower,evaluate]",
             f"cache.enabled={str(cache).lower()}",
             f"output_dir={out}",
