@@ -327,6 +327,57 @@ def test_a_signal_during_calibration_ends_the_run_killed_and_caches_nothing(
     assert sorted(run.info.status for run in _runs(store)) == ["FINISHED", "KILLED"]
 
 
+# Runs the CLI with a real SIGTERM sent to itself from inside CalibrationCache.store, after the entry's
+# files are written and before the rename: the moment a scheduler's kill is most harmful.
+SIGTERM_DURING_CACHE_WRITE = """
+import os, runpy, signal, sys
+import pipeline.cache
+
+real_fsync = pipeline.cache.os.fsync
+
+def fsync_then_sigterm(fd):
+    real_fsync(fd)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+pipeline.cache.os.fsync = fsync_then_sigterm
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_the_cache_write_leaves_no_entry_and_the_run_killed(
+    run_pipeline, store: MlflowClient, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "killed-writing"
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SIGTERM_DURING_CACHE_WRITE,
+            "stages=[load,calibrate]",
+            "calibrate.max_batches=2",
+            f"output_dir={tmp_path}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode == 143, output[-2000:]
+    assert "Interrupted (SIGTERM): the MLflow run is marked KILLED" in output
+    (killed,) = _runs(store)
+    assert killed.info.status == "KILLED"
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [name for name in left if not name.endswith(".lock")] == []  # no entry, no temporary folder
+
+    _, state, _ = run_pipeline(["stages=[load,calibrate]", "calibrate.max_batches=2"])
+    assert state.metrics["cache/hit"] == 0.0 and state.metrics["calibrate/calibrations"] == 1.0
+    assert len(_cache_entries(tmp_path)) == 1
+
+
 @pytest.mark.slow
 def test_a_hard_kill_leaves_running_and_close_stale_marks_it_killed(store: MlflowClient, tmp_path: Path) -> None:
     process, _ = _start_slow_run(tmp_path, "hard-killed")
