@@ -204,7 +204,7 @@ class CacheSpec:
 class TrackingSpec:
     enabled: bool = True
     tracking_uri: str = MISSING
-    artifact_location: str = MISSING
+    artifact_location: str | None = MISSING  # null: the tracking server's default (its artifact proxy)
     experiment_name: str = "fx-ptq"
     run_name: str | None = None
 
@@ -360,6 +360,17 @@ def validate(spec: PipelineSpec) -> None:
             raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")
     if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
+    uri = spec.tracking.tracking_uri
+    if (
+        spec.tracking.enabled
+        and spec.tracking.artifact_location is None
+        and not uri.startswith(("http://", "https://"))
+    ):
+        raise ConfigError(
+            f"tracking.artifact_location=null leaves artifacts to a tracking server, but tracking.tracking_uri='{uri}' "
+            f"is not one (MLflow would write them to ./mlruns of whatever folder the run starts in). Give a folder "
+            f"or a URI (tracking.artifact_location=outputs/mlartifacts, s3://bucket/mlflow), or an http(s) server."
+        )
     for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
         check_python_path(key, folders)
     # Names and import paths in the mappings and factories resolve now, not halfway through a run.

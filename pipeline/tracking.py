@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 # mlflow configures its own logger (which then bypasses Hydra's job log) unless told not to.
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
@@ -46,9 +47,10 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def artifact_uri(location: str) -> str:
-    """A local folder as an absolute file URI (a relative one would follow the process's cwd)."""
-    if "://" in location:
+def artifact_uri(location: str | None) -> str | None:
+    """A local folder as an absolute file URI (a relative one would follow the process's cwd); a URI
+    (s3://..., mlflow-artifacts:/...) as it is; None leaves the choice to the tracking server."""
+    if location is None or len(urlparse(location).scheme) > 1:  # one letter is a Windows drive
         return location
     return Path(location).resolve().as_uri()
 

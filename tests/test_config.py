@@ -75,6 +75,13 @@ def test_unknown_engine_is_a_config_error() -> None:
         schema.validate(spec)
 
 
+def test_a_null_artifact_location_needs_a_tracking_server() -> None:
+    with pytest.raises(schema.ConfigError, match=r"tracking.artifact_location=null .* tracking.tracking_uri='sqlite:"):
+        schema.validate(to_spec(compose_config(["tracking.artifact_location=null"])))
+    served = ["tracking.artifact_location=null", "tracking.tracking_uri=http://mlflow-host:5000"]
+    schema.validate(to_spec(compose_config(served)))  # the server chooses; checked for reachability at run start
+
+
 def test_stage_names_and_dependencies_are_checked() -> None:
     with pytest.raises(schema.ConfigError, match=r"stages\[1\]='calibration'"):
         schema.validate(to_spec(compose_config(["stages=[load,calibration]"])))

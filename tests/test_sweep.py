@@ -3,19 +3,21 @@ under both launchers, the comparison report, and the README's `mlflow ui` servin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import pareto_front
+from pipeline.tracking import artifact_uri, pareto_front
 from tests.conftest import REPO_ROOT
 
 FAST = [
@@ -140,29 +142,29 @@ def test_pareto_front_keeps_points_nothing_beats_on_both_axes() -> None:
     assert pareto_front(points) == [0, 1, 4]
 
 
+def test_artifact_locations_keep_uris_and_make_folders_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert artifact_uri("outputs/mlartifacts") == (tmp_path / "outputs/mlartifacts").as_uri()
+    for uri in ("s3://bucket/mlflow", "mlflow-artifacts:/fx-ptq", "file:///shared/mlartifacts", None):
+        assert artifact_uri(uri) == uri
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
-    result = _sweep(tmp_path, "backend=x86", "skip=none,add")
-    assert result.returncode == 0, result.stdout[-3000:]
-    readme = (REPO_ROOT / "README.md").read_text()
-    (command,) = [
-        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
-    ]
+@contextlib.contextmanager
+def _mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
+    """`mlflow <args>` (ui or server, on 127.0.0.1) started and answering /health; yields its base URL."""
     port = _free_port()
-    args = command.split()[1:]
-    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*args]
     args[args.index("--port") + 1] = str(port)
     assert args[args.index("--host") + 1] == "127.0.0.1"
-    mlflow = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
-        [str(mlflow), *args[1:]],
-        cwd=tmp_path,
+        [str(Path(sys.executable).with_name("mlflow")), *args],
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -177,9 +179,26 @@ def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
                     break
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "mlflow ui did not answer within 90 s"
-            assert server.poll() is None, "mlflow ui exited"
+            assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 90 s"
+            assert server.poll() is None, f"mlflow {args[0]} exited"
             time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
+    result = _sweep(tmp_path, "backend=x86", "skip=none,add")
+    assert result.returncode == 0, result.stdout[-3000:]
+    readme = (REPO_ROOT / "README.md").read_text()
+    (command,) = [
+        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
+    ]
+    args = command.split()[2:]  # after the environment setting and `mlflow`
+    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{tmp_path}/mlflow.db"
+    with _mlflow_server(args, cwd=tmp_path) as base:
         experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
         (experiment,) = [e for e in experiments.json()["experiments"] if e["name"] == "fx-ptq"]
         runs = requests.post(
@@ -187,10 +206,51 @@ def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
             json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
             timeout=10,
         ).json()["runs"]
-        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-        parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
-        assert len(parent_ids) == 1
-        assert sorted(t["skip"] for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]) == ["add", "none"]
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
+    assert len(parent_ids) == 1
+    assert sorted(t["skip"] for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]) == ["add", "none"]
+
+
+@pytest.mark.slow
+def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path) -> None:
+    """The README's cluster recipe with what runs here: Submitit's local executor (each job its own
+    process, started by submitit as on Slurm) and an `mlflow server` over a database, with artifacts
+    through the server's proxy (tracking.artifact_location=null)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [submitit] extra is not installed")
+    server_args = [
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path}/server.db",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--workers",
+        "1",
+    ]
+    with _mlflow_server(server_args, cwd=tmp_path) as base:
+        result = _sweep(
+            tmp_path,
+            "hydra/launcher=submitit_local",
+            f"tracking.tracking_uri={base}",
+            "tracking.artifact_location=null",
+            "backend=fbgemm,x86",
+            "skip=none,add",
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        client = MlflowClient(tracking_uri=base)
+        runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED"
+        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+        assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 2  # one per backend
+        assert len({c.data.tags["pipeline.pid"] for c in children}) == 4  # each job its own process
+        report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.csv", "report/report.png"} <= report
+    # Artifacts went through the server to its destination, not to a folder the jobs chose.
+    assert any((tmp_path / "server-artifacts").rglob("report.csv"))
+    assert not (tmp_path / "mlartifacts").exists()
