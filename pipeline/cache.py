@@ -104,6 +104,11 @@ class CalibrationCache:
         with (self.directory / f".{key}.lock").open("w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
+                # The runner writes only under this lock, so a temporary folder of this key seen now
+                # is what a hard-killed writer (SIGKILL, power cut) left: never read, only in the way.
+                for leftover in self.directory.glob(f".tmp-{key}-*"):
+                    log.warning("calibrate: removing %s, left by a run killed while writing the cache", leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)

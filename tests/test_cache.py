@@ -135,6 +135,18 @@ def test_half_written_entries_are_never_read(calibrated_fbgemm, tmp_path: Path) 
     assert sorted(p.name for p in (tmp_path / key).iterdir()) == ["manifest.json", "observer_state.pt"]
 
 
+def test_the_next_run_under_the_key_lock_removes_a_hard_killed_writers_leftover(tmp_path: Path) -> None:
+    cache = CalibrationCache(tmp_path)
+    leftover = tmp_path / ".tmp-abc-killed"
+    other_key = tmp_path / ".tmp-xyz-writing"  # another key's writer may still be alive: left alone
+    for folder in (leftover, other_key):
+        folder.mkdir()
+        (folder / "observer_state.pt").write_bytes(b"half")
+    with cache.lock("abc"):
+        assert not leftover.exists()
+    assert other_key.is_dir()
+
+
 def test_a_kill_between_writing_and_renaming_leaves_nothing_trusted(
     calibrated_fbgemm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
