@@ -84,8 +84,11 @@ def cli() -> None:
     try:
         main()
     except SystemExit as done:
-        if done.code == 1 and not _job_started and not {"-m", "--multirun"} & set(sys.argv[1:]):
-            sys.exit(2)
+        if done.code == 1 and not _job_started:
+            for hint in filter(None, map(schema.unknown_key_hint, sys.argv[1:])):
+                print(hint, file=sys.stderr)
+            if not {"-m", "--multirun"} & set(sys.argv[1:]):
+                sys.exit(2)
         raise
 
 

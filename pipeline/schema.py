@@ -274,6 +274,27 @@ def from_config(cfg: DictConfig) -> PipelineSpec:
         raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {str(error).splitlines()[0]}") from None
 
 
+def unknown_key_hint(override: str) -> str | None:
+    """For a command-line override whose key the schema does not have (`evaluate.latncy.threads=2`), the
+    valid keys at the first wrong segment: Hydra's own message names the key but not what is valid."""
+    key = override.split("=", 1)[0]
+    if "=" not in override or key.startswith(("+", "~", "hydra.")) or "/" in key:
+        return None
+    spec_type: Any = PipelineSpec
+    for depth, segment in enumerate(key.split(".")):
+        if not dataclasses.is_dataclass(spec_type):
+            return None  # below a free-form node (a factory's kwargs)
+        hints = typing.get_type_hints(spec_type)
+        if segment not in hints:
+            where = ".".join(key.split(".")[:depth]) or "the top level"
+            return (
+                f"'{key}' is not a config key: {where} has no '{segment}'.{closest(segment, list(hints))} "
+                f"The keys of {where} ({spec_type.__name__}) are {list(hints)}."
+            )
+        spec_type = hints[segment]
+    return None
+
+
 def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:
     hints = typing.get_type_hints(spec_type)
     for key in node:

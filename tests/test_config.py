@@ -82,6 +82,14 @@ def test_a_null_artifact_location_needs_a_tracking_server() -> None:
     schema.validate(to_spec(compose_config(served)))  # the server chooses; checked for reachability at run start
 
 
+def test_unknown_key_hint_names_the_valid_keys_only_for_keys_the_schema_lacks() -> None:
+    hint = schema.unknown_key_hint("cache.enbled=false")
+    assert hint is not None and "cache has no 'enbled'. Did you mean 'enabled'?" in hint and "'dir'" in hint
+    assert "the top level has no 'evalute'" in (schema.unknown_key_hint("evalute.models=[float]") or "")
+    for fine in ("cache.enabled=false", "backend=fbgem", "model.factory.width=8", "+foo=1", "hydra.verbose=true"):
+        assert schema.unknown_key_hint(fine) is None, fine
+
+
 def test_stage_names_and_dependencies_are_checked() -> None:
     with pytest.raises(schema.ConfigError, match=r"stages\[1\]='calibration'"):
         schema.validate(to_spec(compose_config(["stages=[load,calibration]"])))
@@ -199,7 +207,7 @@ def test_onednn_without_vnni_warns_of_accuracy(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("evaluate.latncy.threads=2", "Key 'latncy' not in 'EvaluateSpec'"),
+        ("evaluate.latncy.threads=2", "evaluate has no 'latncy'. Did you mean 'latency'? The keys of evaluate"),
         ("skip=unknown_key", "Key 'object_typ' not in 'SkipSpec'"),
         ("+foo=1", "Invalid config: foo=1 names no config key."),
         (
@@ -221,7 +229,7 @@ def test_cli_bad_input_is_a_short_message_exit_2_and_no_run(tmp_path: Path, over
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert expected in output
-    assert "Traceback" not in output and len(output.strip().splitlines()) <= 8
+    assert "Traceback" not in output and len(output.strip().splitlines()) <= 10
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
     for run_dir in (tmp_path / "runs").glob("*"):  # Hydra's folder and the job log, nothing else
         assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "__main__.log"]
