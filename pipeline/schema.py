@@ -274,6 +274,11 @@ def from_config(cfg: DictConfig) -> PipelineSpec:
         raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {str(error).splitlines()[0]}") from None
 
 
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow tracking server (http[s]), as opposed to a database or folder the client writes itself."""
+    return uri.startswith(("http://", "https://"))
+
+
 def unknown_key_hint(override: str) -> str | None:
     """For a command-line override whose key the schema does not have (`evaluate.latncy.threads=2`), the
     valid keys at the first wrong segment: Hydra's own message names the key but not what is valid."""
@@ -382,11 +387,7 @@ def validate(spec: PipelineSpec) -> None:
     if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
         raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
     uri = spec.tracking.tracking_uri
-    if (
-        spec.tracking.enabled
-        and spec.tracking.artifact_location is None
-        and not uri.startswith(("http://", "https://"))
-    ):
+    if spec.tracking.enabled and spec.tracking.artifact_location is None and not is_tracking_server(uri):
         raise ConfigError(
             f"tracking.artifact_location=null leaves artifacts to a tracking server, but tracking.tracking_uri='{uri}' "
             f"is not one (MLflow would write them to ./mlruns of whatever folder the run starts in). Give a folder "

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.schema import ConfigError, TrackingSpec  # noqa: E402
+from pipeline.schema import ConfigError, TrackingSpec, is_tracking_server  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def connect(spec: TrackingSpec) -> MlflowClient:
     """A client for the store, failing fast (before any work) when an http store does not answer:
     mlflow itself would retry for minutes, then lose the run's results at the first log call."""
     uri = spec.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    if is_tracking_server(uri):
         import requests
 
         try:
