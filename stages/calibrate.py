@@ -11,7 +11,14 @@ import logging
 import torch
 
 from pipeline import quantization
-from pipeline.schema import BackendSpec, CalibrateSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec
+from pipeline.schema import (
+    BackendSpec,
+    CalibrateSpec,
+    ConfigError,
+    CustomConfigSpec,
+    QConfigMappingSpec,
+    error_summary,
+)
 from stages.types import Calibrated, Loaded, progress
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,7 @@ def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, c
 
 def not_traceable_error(model_name: str, custom_name: str, failed: quantization.UntraceableModule) -> ConfigError:
     """Which module FX could not trace, and the custom_config setting that lets FX step around it."""
-    cause = f"{type(failed.error).__name__}: {str(failed.error).splitlines()[0] if str(failed.error) else ''}"
+    cause = error_summary(failed.error, limit=None)
     path = quantization.import_path(failed.cls)
     if not failed.name:
         return ConfigError(

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class Diagnosis:
     layers: list[quantization.LayerDiagnostics]  # worst own SQNR first
-    logged: list[quantization.LoggedOutput]  # every logged op, in execution order
-    first_layer: list[str]  # the ops of the first layer (see first_layer)
     first_layer_sqnr_db: float
     engine_problem: bool
     text: str
@@ -57,8 +55,7 @@ def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: Dia
     skipped = list(dict.fromkeys(layer.module_name for layer in candidates))[: spec.max_skip]
     suggested = SkipSpec(name="suggested", module_name=skipped)
     text = _explain(layers, logged, first, first_sqnr, worst_later, engine_problem, skipped, lowered.engine, spec)
-    first_names = [output.module_name or output.key for output in first]
-    return Diagnosis(layers, logged, first_names, first_sqnr, engine_problem, text, suggested)
+    return Diagnosis(layers, first_sqnr, engine_problem, text, suggested)
 
 
 def _explain(
@@ -90,8 +87,9 @@ def _explain(
         f"fault at the input. Most sensitive layers (own SQNR, each quantized alone on float inputs): {worst}."
     )
     drops = [(before.sqnr_db - after.sqnr_db, before, after) for before, after in pairwise(logged)]
-    if drops and max(drops, key=lambda drop: drop[0])[0] > 0:
-        _, before, after = max(drops, key=lambda drop: drop[0])
+    worst_drop = max(drops, key=lambda drop: drop[0], default=None)
+    if worst_drop is not None and worst_drop[0] > 0:
+        _, before, after = worst_drop
         text += (
             f" The cumulative SQNR falls most at {after.module_name or after.key} ({before.sqnr_db:.1f} -> "
             f"{after.sqnr_db:.1f} dB): the error of the layers feeding it is amplified there."

@@ -131,10 +131,10 @@ def evaluate(
     metrics: dict[str, float] = {}
     with quantization.quantized_engine(engine), torch.no_grad():
         outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}
-        labels = torch.cat([label for _, label in batches]) if loaded.data.has_labels else None
+        labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
         float_predictions = outputs["float"].argmax(1) if "float" in outputs else None
         for name, logits in outputs.items():
-            if labels is not None and loaded.trained_weights:
+            if labels is not None:
                 metrics[f"eval/{name}/accuracy"] = (logits.argmax(1) == labels).float().mean().item()
             if name != "float" and "float" in outputs:
                 metrics[f"eval/{name}/sqnr_db"] = sqnr_db(outputs["float"], logits)

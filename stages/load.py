@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.schema import ConfigError, DataSpec, ModelSpec, closest
+from pipeline.schema import ConfigError, DataSpec, ModelSpec, closest, error_summary
 from stages.types import DataBundle, Loaded
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     except Exception as error:
         raise ConfigError(
             f"model.checkpoint='{path}' cannot be read as a torch file with weights_only=True "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); it may be truncated, or hold "
+            f"({error_summary(error, 200)}); it may be truncated, or hold "
             f"pickled objects rather than a state_dict of tensors. Save one with torch.save(model.state_dict(), path)."
         ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -168,8 +168,8 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def _check_data(data: DataBundle, data_spec: DataSpec) -> None:
-    for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
-        if not batches or sum(int(x.shape[0]) for x, _ in batches) == 0:
+    for part, count in (("calibration", data.num_calibration_samples), ("evaluation", data.num_evaluation_samples)):
+        if count == 0:
             raise ConfigError(
                 f"load: data={data_spec.name} gave no {part} samples (data.factory={dict(data_spec.factory)}); "
                 f"both calibration and evaluation need at least one batch."
@@ -195,7 +195,7 @@ def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSp
     except Exception as error:
         raise ConfigError(
             f"load: model={model_spec.name} rejects the inputs of data={data_spec.name} (example input shapes "
-            f"{shapes}): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Make the data's shape match "
+            f"{shapes}): {error_summary(error)}. Make the data's shape match "
             f"what the model expects (e.g. data.factory.shape for synthetic data)."
         ) from error
 

@@ -73,9 +73,7 @@ def search(
         raise ValueError("search.criterion='accuracy' needs labelled data; use search.criterion=sqnr.")
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
     inputs = torch.cat([x for x, _ in batches])
-    # Accuracy of random weights (model.trained=false) means nothing: trials then carry no accuracy, like evaluate.
-    has_accuracy = loaded.data.has_labels and loaded.trained_weights
-    labels = torch.cat([y for _, y in batches]) if has_accuracy else None
+    labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
     latency_spec = replace(evaluate_spec.latency, batch_sizes=evaluate_spec.latency.batch_sizes[:1])
     size = latency_spec.batch_sizes[0]
     with torch.no_grad():

@@ -45,6 +45,11 @@ class Loaded:
     model_name: str
     trained_weights: bool
 
+    @property
+    def has_accuracy(self) -> bool:
+        """Accuracy means something: labelled data and trained weights (not model.trained=false)."""
+        return self.data.has_labels and self.trained_weights
+
 
 @dataclass
 class Calibrated:

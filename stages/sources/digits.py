@@ -90,8 +90,11 @@ def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[Batch]:
-    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> list[Batch]:
+    return [
+        (images[i : i + batch_size], None if labels is None else labels[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
 
 
 def training_part() -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError
+from pipeline.schema import ConfigError, error_summary
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle
@@ -34,7 +34,7 @@ def read_tensor_file(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     except Exception as error:
         raise ConfigError(
             f"data.factory.path='{path}' cannot be read with torch.load(weights_only=True) "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); expected {FORMAT}."
+            f"({error_summary(error, 200)}); expected {FORMAT}."
         ) from error
     if not isinstance(content, dict) or not isinstance(content.get("inputs"), torch.Tensor):
         found = f"a dict with keys {sorted(map(str, content))}" if isinstance(content, dict) else type(content).__name__
@@ -89,9 +89,7 @@ def tensor_file_data(
 
     def batches(indices: list[int]) -> list:
         chosen = torch.tensor(indices, dtype=torch.long)
-        if labels is None:
-            return [(inputs[chosen][i : i + batch_size], None) for i in range(0, len(indices), batch_size)]
-        return _batches(inputs[chosen], labels[chosen], batch_size)
+        return _batches(inputs[chosen], None if labels is None else labels[chosen], batch_size)
 
     calibration_batches = batches(calibration)
     log.info(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.schema import ConfigError, closest
+from pipeline.schema import ConfigError, closest, error_summary
 
 
 def import_torchvision() -> Any:
@@ -20,10 +20,9 @@ def import_torchvision() -> Any:
     try:
         import torchvision
     except Exception as error:  # ImportError, or RuntimeError from a build for another torch
-        first_line = (str(error).splitlines() or [""])[0][:200]
         raise ConfigError(
             f"model=torchvision (stages.sources.torchvision_models.build) needs torchvision, which does not "
-            f"import here: {type(error).__name__}: {first_line}. Install the optional extra with a torchvision "
+            f"import here: {error_summary(error, 200)}. Install the optional extra with a torchvision "
             f"build matching this torch ({torch.__version__}): PyPI's default wheel is built for another torch "
             f"and fails with 'operator torchvision::nms does not exist'; install the torchvision release built "
             f"for torch {torch.__version__.split('+')[0]} from the PyTorch CPU wheel index "
