@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -259,6 +264,8 @@ def skip_yaml(skip: SkipSpec, header: str) -> str:
 def register() -> None:
     """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`)."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
+    # ${pid:} in conf/config.yaml's run folder name: runs started in the same second get their own folder.
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
 def from_config(cfg: DictConfig) -> PipelineSpec:
@@ -333,6 +340,7 @@ def validate(spec: PipelineSpec) -> None:
     """Checks that need more than a type: raise ConfigError before any work starts."""
     from pipeline import quantization  # torch import kept out of schema import time
 
+    check_ranges(spec)
     _check_in("backend.engine", spec.backend.engine, ENGINES)
     import torch
 
@@ -376,21 +384,11 @@ def validate(spec: PipelineSpec) -> None:
             raise ConfigError(
                 f"search.strategy='{spec.search.strategy}' needs the calibrate stage; stages={spec.stages}."
             )
-        if spec.search.max_trials < 1:
-            raise ConfigError(f"search.max_trials={spec.search.max_trials} must be >= 1.")
         if spec.search.criterion == "accuracy" and not spec.model.trained:
             raise ConfigError(
                 "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
                 "use search.criterion=sqnr with search.min_sqnr_db."
             )
-    for key in ("max_batches", "max_skip"):
-        if getattr(spec.diagnose, key) < 1:
-            raise ConfigError(f"diagnose.{key}={getattr(spec.diagnose, key)} must be >= 1.")
-    for key in ("threads", "warmup", "repeats"):
-        if getattr(spec.evaluate.latency, key) < 1:
-            raise ConfigError(f"evaluate.latency.{key}={getattr(spec.evaluate.latency, key)} must be >= 1.")
-    if any(size < 1 for size in spec.evaluate.latency.batch_sizes):
-        raise ConfigError(f"evaluate.latency.batch_sizes={list(spec.evaluate.latency.batch_sizes)} must be >= 1.")
     uri = spec.tracking.tracking_uri
     if spec.tracking.enabled and spec.tracking.artifact_location is None and not is_tracking_server(uri):
         raise ConfigError(
@@ -416,12 +414,307 @@ def check_python_path(key: str, folders: list[str]) -> None:
     for position, folder in enumerate(folders):
         if not Path(folder).is_dir():
             raise ConfigError(
-                f"{key}[{position}]='{folder}' is not a folder (resolved against the current directory "
-                f"{Path.cwd()}: {Path(folder).resolve()}); list the folders that hold your .py files, "
-                f"e.g. {key}=[./my_project]."
+                f"{key}[{position}]='{folder}' is not a folder (it {path_status(folder)}; resolved against the "
+                f"current directory {Path.cwd()}: {Path(folder).resolve()}); list the folders that hold "
+                f"your .py files, e.g. {key}=[./my_project]."
             )
 
 
 def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{key}='{value}' is not valid; choose one of {list(valid)}.{closest(value, valid)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranges: every field of every *Spec has a valid range, checked before any work (issue 17). Pure
+# checks: the standard library, and torch only for the installed exporter's opset range.
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
+NAME_MAX_CHARS = 200  # names become folder names (skip.name, backend) and MLflow tags
+MAX_BATCH_SIZE = 65536  # latency inputs are the evaluation data repeated to this size, in memory
+MAX_LATENCY_RUNS = 100_000  # warm-up and timed runs per model, form and batch size
+MAX_SQNR_DB = 100.0  # int8 layers give 35-45 dB; float32 rounding alone gives ~140 dB
+# QDQ export of quantized models needs QuantizeLinear with an axis (per-channel weights): opset 13.
+ONNX_MIN_QUANTIZED_OPSET = 13
+
+
+def onnx_opsets() -> range:
+    """The opsets the installed TorchScript ONNX exporter (the one export uses) writes for quantized models."""
+    from torch.onnx import _constants
+
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+    return range(max(ONNX_MIN_QUANTIZED_OPSET, _constants.ONNX_MIN_OPSET), high + 1)
+
+
+def describe_path(path: str | Path) -> str:
+    """What is at `path`, for error messages: 'a folder', 'an empty file', 'a zip archive', 'a text
+    file (starts "# Title")', 'a legacy pickle', ... or 'missing'. Sniffs the first bytes only."""
+    file = Path(path)
+    try:
+        if file.is_symlink() and not file.exists():
+            return f"a broken symbolic link (to {os.readlink(file)})"
+        if not file.exists():
+            return "missing (nothing at that path)"
+        if file.is_dir():
+            return "a folder"
+        if not file.is_file():
+            return "a special file (a device, pipe or socket)"
+        size = file.stat().st_size
+        if size == 0:
+            return "an empty file (0 bytes)"
+        with file.open("rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        return f"unreadable ({error.strerror or type(error).__name__})"
+    if head.startswith(b"PK\x03\x04"):
+        return f"a zip archive of {size} bytes (torch.save's format)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"a legacy pickle of {size} bytes (pickle.dump, or torch.save without zip)"
+    if head.startswith(b"\x93NUMPY"):
+        return f"a NumPy .npy array of {size} bytes"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")):
+        return f"an image of {size} bytes"
+    if head.startswith(b"SQLite format 3\x00"):
+        return f"an SQLite database of {size} bytes"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not just a multi-byte character cut by the 512-byte read
+            return f"a binary file of {size} bytes"
+        text = head[: error.start].decode("utf-8")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"a text file of {size} bytes (starts {first[:40]!r})"
+
+
+def path_status(path: str | Path) -> str:
+    """'does not exist', or 'is <what describe_path finds>': for messages `key='value' <status>; ...`."""
+    what = describe_path(path)
+    return "does not exist" if what.startswith("missing") else f"is {what}"
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """torch.load can only read zip archives (torch.save) and legacy pickles."""
+    return describe_path(path).startswith(("a zip archive", "a legacy pickle"))
+
+
+def check_writable_folder(key: str, value: str) -> None:
+    """`value` is a folder this process can create files in, or can be created: the nearest existing
+    folder on its path takes a new subfolder (probed with a temporary one, removed at once; as root,
+    os.access says yes even for /proc and read-only mounts)."""
+    if not str(value).strip():
+        raise ConfigError(f"{key}='{value}' is empty; give a folder, e.g. {key}=outputs.")
+    folder = Path(value)
+    existing = folder
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = describe_path(existing)
+        where = "is" if existing == folder else f"is below '{existing}', which is"
+        raise ConfigError(f"{key}='{value}' {where} {what}, not a folder; give a folder that can hold new files.")
+    missing = folder.resolve().relative_to(existing.resolve()).parts if existing != folder else ()
+    limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    too_long = [part for part in missing if len(part.encode()) > limit]
+    if too_long:
+        raise ConfigError(
+            f"{key}='{value}' has a folder name of {len(too_long[0].encode())} bytes; this file system allows "
+            f"{limit}. Use a shorter path (the names in it come from output_dir and the config's names)."
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-check-", dir=existing)
+        os.rmdir(probe)
+    except OSError as error:
+        shown = (
+            "" if existing == folder else f" (it does not exist yet, and its nearest existing folder is '{existing}')"
+        )
+        raise ConfigError(
+            f"{key}='{value}' is not writable{shown}: creating a folder there fails with "
+            f"'{error.strerror or error}'. Give a folder you can write to, e.g. {key}=outputs."
+        ) from None
+
+
+def _check_name(key: str, value: str | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    text = str(value)
+    if not text.strip():
+        valid = "a name, or null" if optional else "a name"
+        raise ConfigError(f"{key}='{text}' is empty; it needs {valid} (letters, digits, '-', '_', '.').")
+    bad = sorted({char for char in text if char in "/\\" or not char.isprintable()})
+    if bad or len(text) > NAME_MAX_CHARS:
+        problem = f"contains {[*bad]}" if bad else f"is {len(text)} characters long"
+        raise ConfigError(
+            f"{key}='{text[:60]}{'...' if len(text) > 60 else ''}' {problem}; names appear in folder names and "
+            f"MLflow tags, so use up to {NAME_MAX_CHARS} printable characters without '/' or '\\\\'."
+        )
+
+
+def _check_int(key: str, value: int | None, low: int, high: int | None = None, none_means: str = "") -> None:
+    if value is None and none_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        valid = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise ConfigError(
+            f"{key}={value} is out of range; use {valid}" + (f", or null ({none_means})." if none_means else ".")
+        )
+
+
+def _check_float(
+    key: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False, why: str = ""
+) -> None:
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value} is out of range; use a number in {interval}{why}.")
+
+
+def _check_list(key: str, values: list, *, empty_ok: bool = True, why: str = "") -> None:
+    if not empty_ok and not values:
+        raise ConfigError(f"{key}=[] is empty; {why}.")
+    repeated = sorted({str(value) for value in values if list(values).count(value) > 1})
+    if repeated:
+        raise ConfigError(f"{key}={list(values)} lists {repeated} more than once; list each once.")
+
+
+def check_ranges(spec: PipelineSpec) -> None:
+    """Every field of every *Spec in its valid range (names, counts, thresholds, files and folders),
+    raising a one-paragraph ConfigError that names the key, the value and what is valid."""
+    stages = set(spec.stages)
+    _check_list("stages", spec.stages, empty_ok=False, why=f"run at least 'load', e.g. stages={list(STAGES)}")
+    _check_int("seed", spec.seed, 0, SEED_MAX)
+    check_writable_folder("output_dir", spec.output_dir)
+    # Names.
+    for key, value in (
+        ("backend.default_qconfig", spec.backend.default_qconfig),
+        ("qconfig_mapping.name", spec.qconfig_mapping.name),
+        ("skip.name", spec.skip.name),
+        ("custom_config.name", spec.custom_config.name),
+        ("model.name", spec.model.name),
+        ("data.name", spec.data.name),
+        ("tracking.experiment_name", spec.tracking.experiment_name),
+    ):
+        _check_name(key, value)
+    _check_name("tracking.run_name", spec.tracking.run_name, optional=True)
+    # Mappings and skip-lists: names and import paths are resolved by validate; here the plain values.
+    _check_in("qconfig_mapping.base", spec.qconfig_mapping.base, ("backend_default", "empty"))
+    for owner, entries in (
+        ("qconfig_mapping", spec.qconfig_mapping.module_name_object_type_order),
+        ("skip", spec.skip.module_name_object_type_order),
+    ):
+        for position, entry in enumerate(entries):
+            _check_int(f"{owner}.module_name_object_type_order[{position}].index", entry.index, 0)
+    for owner, names in (
+        ("qconfig_mapping.module_name", [entry.module_name for entry in spec.qconfig_mapping.module_name]),
+        ("skip.module_name", spec.skip.module_name),
+    ):
+        for position, name in enumerate(names):
+            if not str(name).strip():
+                raise ConfigError(
+                    f"{owner}[{position}]='{name}' is empty; give a module's full name (e.g. 'features.0'; "
+                    f"stages=[load,inspect] lists them)."
+                )
+    # Model and data.
+    if not str(spec.model.factory.get("_target_", "") or "").strip():
+        raise ConfigError(
+            f"model.factory={dict(spec.model.factory)} has no _target_; give the import path of a function "
+            f"returning an nn.Module, e.g. model.factory._target_=stages.sources.digits.digits_cnn."
+        )
+    if not str(spec.data.factory.get("_target_", "") or "").strip():
+        raise ConfigError(
+            f"data.factory={dict(spec.data.factory)} has no _target_; give the import path of a function "
+            f"returning a stages.types.DataBundle, e.g. data.factory._target_=stages.sources.digits.digits_data."
+        )
+    if spec.model.checkpoint is not None:
+        checkpoint = spec.model.checkpoint
+        if not str(checkpoint).strip() or not is_torch_file(checkpoint):
+            status = path_status(checkpoint) if str(checkpoint).strip() else "is empty"
+            raise ConfigError(
+                f"model.checkpoint='{checkpoint}' {status} "
+                f"(resolved: {Path(checkpoint).resolve()}); it must be a state_dict saved with "
+                f"torch.save(model.state_dict(), path), or null for the factory's own weights."
+            )
+    # Calibrate, evaluate, export.
+    _check_int("calibrate.max_batches", spec.calibrate.max_batches, 1, none_means="every calibration batch")
+    _check_int("evaluate.max_batches", spec.evaluate.max_batches, 1, none_means="every evaluation batch")
+    _check_list("evaluate.models", spec.evaluate.models)
+    if "evaluate" in stages:
+        produced = {"float"} | ({"reference"} if "reference_convert" in stages else set())
+        produced |= {"lowered"} if "lower" in stages else set()
+        if not produced & set(spec.evaluate.models):
+            raise ConfigError(
+                f"evaluate.models={list(spec.evaluate.models)} names no model that stages={list(spec.stages)} "
+                f"produce ({sorted(produced)}), so evaluate would measure nothing; list one of them."
+            )
+    latency = spec.evaluate.latency
+    if latency.enabled:
+        _check_int("evaluate.latency.threads", latency.threads, 1, os.cpu_count() or 1)
+        _check_int("evaluate.latency.warmup", latency.warmup, 0, MAX_LATENCY_RUNS)
+        _check_int("evaluate.latency.repeats", latency.repeats, 1, MAX_LATENCY_RUNS)
+        _check_list(
+            "evaluate.latency.batch_sizes",
+            latency.batch_sizes,
+            empty_ok=False,
+            why=("list at least one batch size (e.g. [1, 32]), or set evaluate.latency.enabled=false"),
+        )
+        for position, size in enumerate(latency.batch_sizes):
+            _check_int(f"evaluate.latency.batch_sizes[{position}]", size, 1, MAX_BATCH_SIZE)
+        _check_list(
+            "evaluate.latency.forms",
+            latency.forms,
+            empty_ok=False,
+            why=("list at least one of eager, traced, frozen, or set evaluate.latency.enabled=false"),
+        )
+    if spec.export.onnx and "export" in stages:
+        opsets = onnx_opsets()
+        if isinstance(spec.export.onnx_opset, bool) or spec.export.onnx_opset not in opsets:
+            raise ConfigError(
+                f"export.onnx_opset={spec.export.onnx_opset} cannot be written for a quantized model by the "
+                f"installed torch.onnx exporter; use {opsets.start} to {opsets.stop - 1} (quantized ops need "
+                f"{ONNX_MIN_QUANTIZED_OPSET}), or export.onnx=false."
+            )
+    # Search.
+    search = spec.search
+    _check_int("search.max_trials", search.max_trials, 1)
+    if search.drop_mode == "absolute":
+        why = " (absolute: 0.01 accepts one point of accuracy below float; 1 would accept any model)"
+    else:
+        why = " (relative: 0.01 accepts 1% of float accuracy lost; 1 would accept any model)"
+    _check_float("search.max_drop", search.max_drop, 0.0, 1.0, high_open=True, why=why)
+    _check_float(
+        "search.min_sqnr_db",
+        search.min_sqnr_db,
+        0.0,
+        MAX_SQNR_DB,
+        low_open=True,
+        why=" dB (int8 layers typically give 35-45 dB; 0 dB is noise as loud as the signal)",
+    )
+    # Diagnose.
+    diagnose = spec.diagnose
+    _check_int("diagnose.max_batches", diagnose.max_batches, 1)
+    _check_int("diagnose.max_skip", diagnose.max_skip, 1)
+    for key in ("first_layer_db", "skip_below_db"):
+        _check_float(f"diagnose.{key}", getattr(diagnose, key), -MAX_SQNR_DB, MAX_SQNR_DB, why=" dB")
+    _check_float("diagnose.later_margin_db", diagnose.later_margin_db, 0.0, MAX_SQNR_DB, why=" dB")
+    # Folders written to.
+    if spec.cache.enabled and "calibrate" in stages:
+        check_writable_folder("cache.dir", spec.cache.dir)
+    tracking = spec.tracking
+    if tracking.enabled:
+        uri = str(tracking.tracking_uri)
+        if not uri.strip():
+            raise ConfigError(
+                "tracking.tracking_uri='' is empty; give a store (sqlite:///outputs/mlflow.db, http://host:5000), "
+                "or tracking=off."
+            )
+        if uri.startswith("sqlite:///"):
+            database = uri.removeprefix("sqlite:///")
+            what = describe_path(database)
+            if not what.startswith(("missing", "an empty file", "an SQLite database")):
+                raise ConfigError(
+                    f"tracking.tracking_uri='{uri}' points at {what}, not an SQLite database; give a new or "
+                    f"existing .db file, e.g. tracking.tracking_uri=sqlite:///outputs/mlflow.db."
+                )
+            check_writable_folder("tracking.tracking_uri (its folder)", str(Path(database).parent))
+        location = tracking.artifact_location
+        if location is not None and len(urlparse(str(location)).scheme) <= 1:  # a local folder
+            check_writable_folder("tracking.artifact_location", str(location))

@@ -139,7 +139,7 @@ def connect(spec: TrackingSpec) -> MlflowClient:
                 f"and log the run later with `python -m pipeline.tracking sync <run dir> --tracking-uri {uri}`."
             ) from None
     _make_sqlite_folder(uri)
-    return MlflowClient(tracking_uri=uri)
+    return open_store(uri)
 
 
 def process_tags() -> dict[str, str]:
@@ -187,6 +187,46 @@ def ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> str:
 def _make_sqlite_folder(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Store creation under concurrent independent processes (issue 17). Self-contained: moves as a unit.
+
+STORE_CREATION_ATTEMPTS = 5
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client whose store exists. MlflowClient creates (and migrates) a new SQLite store as it is
+    built; here that happens under an exclusive file lock beside the store (`<file>.lock`), so processes
+    started at once do not all run MLflow's migrations on the same new file (seen: `duplicate column
+    name: step`, `table alembic_version already exists`). A creator that takes no lock (`mlflow ui`,
+    another tool) can still win the race: then the half-made schema is retried until it settles.
+    MLflow caches the store per URI in a process, so only a process's first call does any work."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)  # a server migrates its own store
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when the holder dies
+        try:
+            for attempt in range(1, STORE_CREATION_ATTEMPTS + 1):
+                try:
+                    return MlflowClient(tracking_uri=uri)  # builds the store: creates or migrates the tables
+                except Exception as error:  # sqlalchemy's, alembic's or mlflow's: told apart by the text
+                    if attempt == STORE_CREATION_ATTEMPTS or not _lost_creation_race(error):
+                        raise
+                    log.info("MLflow store %s: another process was creating it (%s); retrying", uri, error)
+                    time.sleep(0.5 * attempt)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    raise AssertionError("unreachable")
+
+
+def _lost_creation_race(error: BaseException) -> bool:
+    text = str(error).lower()
+    signs = ("already exists", "duplicate column", "database is locked", "no such table", "expected to match one row")
+    return any(sign in text for sign in signs)
 
 
 def _now_ms() -> int:

@@ -19,7 +19,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.schema import ConfigError, DataSpec, ModelSpec, closest, error_summary
+from pipeline.schema import (
+    ConfigError,
+    DataSpec,
+    ModelSpec,
+    closest,
+    describe_path,
+    error_summary,
+    is_torch_file,
+    path_status,
+)
 from stages.types import DataBundle, Loaded
 
 log = logging.getLogger(__name__)
@@ -127,23 +136,28 @@ def _build(factory: dict, key: str, python_path: list[str] | None = None) -> obj
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state_dict with weights_only=True (no code runs from the file)."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"model.checkpoint='{path}' does not exist; give the path of a state_dict file.")
+    if not is_torch_file(file):  # a text file would otherwise be reported as a refused pickle
+        raise ConfigError(
+            f"model.checkpoint='{path}' {path_status(file)}; give the path of a state_dict saved with "
+            f"torch.save(model.state_dict(), path)."
+        )
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):  # a damaged pickle, not a refused one
             raise ConfigError(
-                f"model.checkpoint='{path}' cannot be read as a torch file ({str(error)[:200]}); it may be truncated."
+                f"model.checkpoint='{path}' ({describe_path(file)}) cannot be read as a torch file "
+                f"({str(error)[:200]}); it may be truncated."
             ) from error
         raise ConfigError(
-            f"model.checkpoint='{path}' holds pickled Python objects (e.g. a whole nn.Module), which "
-            f"torch.load(weights_only=True) refuses so that no code from the file runs; the pipeline has no "
-            f"option to load it anyway. Save a state_dict instead: torch.save(model.state_dict(), path)."
+            f"model.checkpoint='{path}' ({describe_path(file)}) holds pickled Python objects (e.g. a whole "
+            f"nn.Module), which torch.load(weights_only=True) refuses so that no code from the file runs; the "
+            f"pipeline has no option to load it anyway. Save a state_dict instead: "
+            f"torch.save(model.state_dict(), path)."
         ) from error
     except Exception as error:
         raise ConfigError(
-            f"model.checkpoint='{path}' cannot be read as a torch file with weights_only=True "
+            f"model.checkpoint='{path}' ({describe_path(file)}) cannot be read as a torch file with weights_only=True "
             f"({error_summary(error, 200)}); it may be truncated, or hold "
             f"pickled objects rather than a state_dict of tensors. Save one with torch.save(model.state_dict(), path)."
         ) from error

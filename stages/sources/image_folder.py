@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, closest
+from pipeline.schema import ConfigError, closest, path_status
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle
@@ -27,8 +27,8 @@ def find_images(root: str, extensions: list[str]) -> tuple[list[str], list[tuple
     folder = Path(root)
     if not folder.is_dir():
         raise ConfigError(
-            f"data.factory.root='{root}' is not a folder (resolved: {folder.resolve()}); give the folder that "
-            f"holds one sub-folder of images per class (root/<class>/*.png)."
+            f"data.factory.root='{root}' is not a folder (it {path_status(folder)}; resolved: {folder.resolve()}); "
+            f"give the folder that holds one sub-folder of images per class (root/<class>/*.png)."
         )
     suffixes = {extension.lower() for extension in extensions}
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))

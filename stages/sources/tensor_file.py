@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, error_summary
+from pipeline.schema import ConfigError, error_summary, is_torch_file, path_status
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle
@@ -27,8 +27,10 @@ FORMAT = 'a dict {"inputs": float Tensor[N, ...], "labels": integer Tensor[N] (o
 def read_tensor_file(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The inputs and labels of a tensor file, checked against FORMAT; ConfigError naming data.factory.path."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"data.factory.path='{path}' does not exist (resolved: {file.resolve()}); expected {FORMAT}.")
+    if not is_torch_file(file):
+        raise ConfigError(
+            f"data.factory.path='{path}' {path_status(file)} (resolved: {file.resolve()}); expected {FORMAT}."
+        )
     try:
         content = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
