@@ -351,6 +351,7 @@ def validate(spec: PipelineSpec) -> None:
             f"supported engines here are {supported}."
         )
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
+    _check_in("backend.default_qconfig", spec.backend.default_qconfig, tuple(quantization.QCONFIG_LIBRARY))
     for position, stage in enumerate(spec.stages):
         _check_in(f"stages[{position}]", stage, (*STAGES, *OPTIONAL_STAGES))
     if len(set(spec.stages)) != len(spec.stages):
@@ -431,6 +432,7 @@ def _check_in(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
 NAME_MAX_CHARS = 200  # names become folder names (skip.name, backend) and MLflow tags
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux's NAME_MAX and PATH_MAX
 MAX_BATCH_SIZE = 65536  # latency inputs are the evaluation data repeated to this size, in memory
 MAX_LATENCY_RUNS = 100_000  # warm-up and timed runs per model, form and batch size
 MAX_SQNR_DB = 100.0  # int8 layers give 35-45 dB; float32 rounding alone gives ~140 dB
@@ -503,6 +505,7 @@ def check_writable_folder(key: str, value: str) -> None:
     os.access says yes even for /proc and read-only mounts)."""
     if not str(value).strip():
         raise ConfigError(f"{key}='{value}' is empty; give a folder, e.g. {key}=outputs.")
+    _check_path_length(key, value)
     folder = Path(value)
     existing = folder
     while not existing.exists() and not existing.is_symlink():
@@ -511,14 +514,6 @@ def check_writable_folder(key: str, value: str) -> None:
         what = describe_path(existing)
         where = "is" if existing == folder else f"is below '{existing}', which is"
         raise ConfigError(f"{key}='{value}' {where} {what}, not a folder; give a folder that can hold new files.")
-    missing = folder.resolve().relative_to(existing.resolve()).parts if existing != folder else ()
-    limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    too_long = [part for part in missing if len(part.encode()) > limit]
-    if too_long:
-        raise ConfigError(
-            f"{key}='{value}' has a folder name of {len(too_long[0].encode())} bytes; this file system allows "
-            f"{limit}. Use a shorter path (the names in it come from output_dir and the config's names)."
-        )
     try:
         probe = tempfile.mkdtemp(prefix=".write-check-", dir=existing)
         os.rmdir(probe)
@@ -530,6 +525,18 @@ def check_writable_folder(key: str, value: str) -> None:
             f"{key}='{value}' is not writable{shown}: creating a folder there fails with "
             f"'{error.strerror or error}'. Give a folder you can write to, e.g. {key}=outputs."
         ) from None
+
+
+def _check_path_length(key: str, value: str) -> None:
+    """Checked before the path is looked at: the file system refuses (ENAMETOOLONG) even to look."""
+    too_long = [part for part in Path(value).parts if len(part.encode()) > NAME_MAX_BYTES]
+    if too_long or len(str(value).encode()) > PATH_MAX_BYTES:
+        shown = f"{str(value)[:60]}..." if len(str(value)) > 60 else str(value)
+        problem = f"a name of {len(too_long[0].encode())} bytes" if too_long else f"{len(str(value).encode())} bytes"
+        raise ConfigError(
+            f"{key}='{shown}' has {problem}; file systems allow {NAME_MAX_BYTES} bytes per name and "
+            f"{PATH_MAX_BYTES} per path. Use a shorter path (the run folder's name also holds backend and skip.name)."
+        )
 
 
 def _check_name(key: str, value: str | None, optional: bool = False) -> None:
@@ -548,11 +555,13 @@ def _check_name(key: str, value: str | None, optional: bool = False) -> None:
         )
 
 
-def _check_int(key: str, value: int | None, low: int, high: int | None = None, none_means: str = "") -> None:
+def _check_int(
+    key: str, value: int | None, low: int, high: int | None = None, none_means: str = "", why: str = ""
+) -> None:
     if value is None and none_means:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        valid = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        valid = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}{why}"
         raise ConfigError(
             f"{key}={value} is out of range; use {valid}" + (f", or null ({none_means})." if none_means else ".")
         )
@@ -603,6 +612,29 @@ def check_ranges(spec: PipelineSpec) -> None:
     ):
         for position, entry in enumerate(entries):
             _check_int(f"{owner}.module_name_object_type_order[{position}].index", entry.index, 0)
+    mapping = spec.qconfig_mapping
+    entries = [*mapping.object_type, *mapping.module_name_regex, *mapping.module_name]
+    if mapping.global_qconfig is None and not any(
+        e.qconfig for e in [*entries, *mapping.module_name_object_type_order]
+    ):
+        raise ConfigError(
+            f"qconfig_mapping.global_qconfig=null and no entry of qconfig_mapping={mapping.name} names a qconfig, so "
+            f"nothing would be quantized (the lower stage would fail after calibrating). Set "
+            f"qconfig_mapping.global_qconfig=default, or list what to quantize, e.g. "
+            f"qconfig_mapping.object_type=[{{object_type: torch.nn.Conv2d, qconfig: default}}]."
+        )
+    for key, pattern in [
+        *(
+            (f"qconfig_mapping.module_name_regex[{i}].regex", e.regex)
+            for i, e in enumerate(spec.qconfig_mapping.module_name_regex)
+        ),
+        *((f"skip.module_name_regex[{i}]", pattern) for i, pattern in enumerate(spec.skip.module_name_regex)),
+    ]:
+        if not str(pattern).strip():
+            raise ConfigError(
+                f"{key}='{pattern}' is empty, and an empty regular expression matches every module; give a "
+                f"pattern of module names (e.g. 'features\\.1[0-9]'), or remove the entry."
+            )
     for owner, names in (
         ("qconfig_mapping.module_name", [entry.module_name for entry in spec.qconfig_mapping.module_name]),
         ("skip.module_name", spec.skip.module_name),
@@ -647,7 +679,8 @@ def check_ranges(spec: PipelineSpec) -> None:
             )
     latency = spec.evaluate.latency
     if latency.enabled:
-        _check_int("evaluate.latency.threads", latency.threads, 1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+        _check_int("evaluate.latency.threads", latency.threads, 1, cpus, why=f" (the {cpus} CPUs here)")
         _check_int("evaluate.latency.warmup", latency.warmup, 0, MAX_LATENCY_RUNS)
         _check_int("evaluate.latency.repeats", latency.repeats, 1, MAX_LATENCY_RUNS)
         _check_list(
@@ -706,8 +739,14 @@ def check_ranges(spec: PipelineSpec) -> None:
                 "tracking.tracking_uri='' is empty; give a store (sqlite:///outputs/mlflow.db, http://host:5000), "
                 "or tracking=off."
             )
+        if len(urlparse(uri).scheme) <= 1:  # a bare path (or a Windows drive): MLflow's deprecated file store
+            raise ConfigError(
+                f"tracking.tracking_uri='{uri}' is not a URI; give sqlite:///<file>.db (e.g. "
+                f"sqlite:///outputs/mlflow.db), http(s)://<server>, or file:<folder> for MLflow's file store."
+            )
         if uri.startswith("sqlite:///"):
             database = uri.removeprefix("sqlite:///")
+            _check_path_length("tracking.tracking_uri", database)
             what = describe_path(database)
             if not what.startswith(("missing", "an empty file", "an SQLite database")):
                 raise ConfigError(
