@@ -17,7 +17,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import artifact_uri, pareto_front
+from pipeline.tracking.mlflow import artifact_uri
+from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
 
 FAST = [
