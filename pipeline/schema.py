@@ -282,7 +282,7 @@ def skip_label(skip: SkipSpec, preset: SkipSpec | None = None) -> str:
     return f"custom-{hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
-def _skip_preset(name: str, config_sources: Any) -> SkipSpec | None:
+def skip_preset(name: str, config_sources: Any) -> SkipSpec | None:
     """conf/skip/<name>.yaml from the first config source that has it (Hydra's search order), as a SkipSpec."""
     import importlib.resources
     from pathlib import Path
@@ -308,7 +308,7 @@ def _skip_label_resolver(skip: DictConfig, *, _root_: DictConfig) -> str:
     spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SkipSpec), skip))
     runtime = OmegaConf.select(_root_, "hydra.runtime", default=None)
     choice = OmegaConf.select(runtime, "choices.skip", default=None) if runtime is not None else None
-    preset = _skip_preset(choice, runtime.config_sources) if choice else None
+    preset = skip_preset(choice, runtime.config_sources) if choice else None
     return skip_label(spec, preset)  # type: ignore[arg-type]
 
 
