@@ -22,7 +22,7 @@ schema.register()
 _job_started = False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
 
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
     )
     parent_run_id, job_tags = None, {}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from pipeline.tracking import sweep_parent_run_id
+        from pipeline.tracking.sweep import sweep_parent_run_id
 
         parent_run_id = sweep_parent_run_id(run_dir)
         overrides = list(hydra_cfg.overrides.task)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import open_store
+from pipeline.tracking.mlflow import open_store
 from tests.conftest import REPO_ROOT
 
 PROCESSES = 3
@@ -65,7 +65,7 @@ def test_a_store_made_by_a_creator_that_won_the_race_is_opened(tmp_path: Path) -
 
 
 def test_a_lost_creation_race_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import tracking
+    from pipeline.tracking import mlflow as tracking
 
     calls = []
 

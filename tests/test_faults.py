@@ -19,12 +19,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import quantization, runner, schema, tracking
+from pipeline import quantization, runner, schema
+from pipeline.tracking import cli as tracking_cli
+from pipeline.tracking import mlflow as mlflow_tracking
 from stages.calibrate import calibrate
 from stages.load import load, load_checkpoint
 from stages.reference_convert import reference_convert
 from stages.sources.digits import digits_cnn
 from tests.conftest import REPO_ROOT, compose_config, to_spec
+from tests.helpers import check_one_failing_job
 
 SLOW_MODEL = "model.factory._target_=tests.slow_model.slow_digits_cnn"
 NO_EXPORT = ["export.onnx=false", "export.torchscript=none"]
@@ -200,7 +203,7 @@ def test_offline_run_then_sync_logs_everything_to_a_store(run_pipeline, empty_st
     synced = tmp_path / "synced" / "mlflow.db"
     synced.parent.mkdir()
     shutil.copy(empty_store, synced)
-    tracking.main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{synced}"])
+    tracking_cli.main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{synced}"])
     client = MlflowClient(tracking_uri=f"sqlite:///{synced}")
     (run,) = _runs(client)
     assert run.info.status == "FINISHED"
@@ -386,13 +389,13 @@ def test_a_hard_kill_leaves_running_and_close_stale_marks_it_killed(store: Mlflo
     (run,) = _runs(store)
     assert run.info.status == "RUNNING"  # no exit handler ran
     assert _cache_entries(tmp_path) == []
-    tracking.main(["close-stale", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    tracking_cli.main(["close-stale", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     run = store.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["closed_by"] == "stale-run-check"
 
 
 def test_the_next_run_closes_runs_whose_process_is_gone_and_only_those(run_pipeline, store: MlflowClient) -> None:
-    experiment_id = tracking.ensure_experiment(store, to_spec(compose_config([])).tracking)
+    experiment_id = mlflow_tracking.ensure_experiment(store, to_spec(compose_config([])).tracking)
     finished = subprocess.Popen(["true"])
     finished.wait()
     host = socket.gethostname()
@@ -416,8 +419,6 @@ def test_a_stage_failure_survives_pickling_to_the_sweep_launcher() -> None:
 
 @pytest.mark.slow
 def test_a_failing_job_in_a_parallel_sweep_loses_no_other_job(tmp_path: Path) -> None:
-    from tests.test_sweep import check_one_failing_job
-
     check_one_failing_job(tmp_path, "hydra/launcher=parallel")
 
 
@@ -429,13 +430,17 @@ def _readme() -> str:
     return (REPO_ROOT / "README.md").read_text()
 
 
+def _section(readme: str, title: str) -> str:
+    """The text under `## title`, up to the next `## ` heading (wherever the section sits)."""
+    after = readme.split(f"\n## {title}\n", 1)[1]
+    return after.split("\n## ", 1)[0]
+
+
 def test_readme_mlflow_ui_binds_localhost_and_says_configs_run_code() -> None:
     readme = _readme()
     (command,) = [line for line in readme.splitlines() if " mlflow ui " in f" {line} " and "--host" in line]
     assert "--host 127.0.0.1" in command
-    sections = [line for line in readme.splitlines() if line.startswith("## ")]
-    assert sections[sections.index("## When things go wrong") + 1] == "## Layout"
-    section = readme.split("## When things go wrong")[1].split("## Layout")[0]
+    section = _section(readme, "When things go wrong")
     assert "code execution by design" in section
     assert "weights_only=True" in section and "no opt-in" in section
     for command in ("pipeline.tracking sync", "pipeline.tracking close-stale", "rm -rf outputs/cache"):
