@@ -487,3 +487,13 @@ def test_regression_a_tracking_uri_that_is_a_bare_path_is_refused(tmp_path: Path
     )
     text_db = f"sqlite:///{REPO_ROOT / 'README.md'}"
     assert "points at a text file" in _refused([f"tracking.tracking_uri={text_db}"], tmp_path)
+
+
+def test_regression_a_huge_thread_count_is_refused_before_it_reaches_torch(tmp_path: Path) -> None:
+    # 100000000 segfaulted the process in libgomp during evaluate (no message, run left RUNNING);
+    # 2**64 failed the evaluate stage with 'Overflow when unpacking long long'.
+    for threads in ("100000000", str(2**64)):
+        assert f"evaluate.latency.threads={threads} is out of range" in _refused(
+            [f"evaluate.latency.threads={threads}"], tmp_path
+        )
+    _accepted(["evaluate.latency.threads=1"], tmp_path)
