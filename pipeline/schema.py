@@ -17,19 +17,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-STAGES: tuple[str, ...] = ("load", "calibrate", "reference_convert", "lower", "evaluate", "export")
-# A stage may run only if the stages it reads from run too.
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "load": (),
-    "calibrate": ("load",),
-    "reference_convert": ("calibrate",),
-    "lower": ("reference_convert",),
-    "evaluate": ("load",),
-    "export": ("lower",),
-    "inspect": ("load",),
-}
-# Allowed in `stages` but not run by default: `inspect` lists names and what each mapping entry matches.
-OPTIONAL_STAGES: tuple[str, ...] = ("inspect",)
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
 
@@ -176,7 +163,8 @@ class ExportSpec:
 class SearchSpec:
     """Accuracy-aware skip search: the fastest model meeting a criterion, from one calibration."""
 
-    strategy: str = "none"  # none | greedy
+    enabled: bool = False  # search=greedy turns it on
+    strategy: str = "greedy"  # greedy
     criterion: str = "accuracy"  # accuracy (needs labels) | sqnr (output SQNR vs float; for unlabeled data)
     max_drop: float = 0.01  # accuracy criterion: the largest accepted drop below float
     drop_mode: str = "absolute"  # absolute (0.01 = one point) | relative (0.01 = 1% of float accuracy)
@@ -197,6 +185,13 @@ class DiagnoseSpec:
     later_margin_db: float = 6.0
     skip_below_db: float = 30.0  # suggested skip-list: layers whose own SQNR is below this ...
     max_skip: int = 3  # ... at most this many, worst first
+
+
+@dataclass
+class InspectSpec:
+    """Optional stage after load: module and node names, and what each skip/mapping entry matches."""
+
+    enabled: bool = False
 
 
 @dataclass
@@ -228,8 +223,10 @@ class PipelineSpec:
     tracking: TrackingSpec = MISSING
     search: SearchSpec = field(default_factory=SearchSpec)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
+    inspect: InspectSpec = field(default_factory=InspectSpec)
     cache: CacheSpec = MISSING
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    # The stages to run, in pipeline order (conf/config.yaml lists the default); the registry checks them.
+    stages: list[str] = MISSING
     seed: int = 0
     output_dir: str = "outputs"
 
@@ -343,17 +340,6 @@ def validate(spec: PipelineSpec) -> None:
             f"supported engines here are {supported}."
         )
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
-    for position, stage in enumerate(spec.stages):
-        _check_in(f"stages[{position}]", stage, (*STAGES, *OPTIONAL_STAGES))
-    if len(set(spec.stages)) != len(spec.stages):
-        raise ConfigError(f"stages={list(spec.stages)} names a stage twice; list each stage once.")
-    for stage in spec.stages:
-        missing = [need for need in STAGE_NEEDS[stage] if need not in spec.stages]
-        if missing:
-            raise ConfigError(
-                f"stages={list(spec.stages)} runs '{stage}' without {missing}, which it reads from. "
-                f"Add them, or run a prefix of {list(STAGES)}."
-            )
     if spec.export.torchscript not in ("trace", "script", "none"):
         raise ConfigError(
             f"export.torchscript='{spec.export.torchscript}' is not valid; use 'trace', 'script' or 'none'."
@@ -362,27 +348,11 @@ def validate(spec: PipelineSpec) -> None:
         _check_in(f"evaluate.latency.forms[{position}]", form, ("eager", "traced", "frozen"))
     for position, model in enumerate(spec.evaluate.models):
         _check_in(f"evaluate.models[{position}]", model, ("float", "reference", "lowered"))
-    _check_in("search.strategy", spec.search.strategy, ("none", "greedy"))
+    _check_in("search.strategy", spec.search.strategy, ("greedy",))
     _check_in("search.criterion", spec.search.criterion, ("accuracy", "sqnr"))
     _check_in("search.drop_mode", spec.search.drop_mode, ("absolute", "relative"))
-    if spec.search.strategy != "none":
-        blocker = quantization.numeric_suite_blocker(spec.custom_config)
-        if blocker is not None:
-            raise ConfigError(
-                f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
-                f"Use search.strategy=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
-            )
-        if "calibrate" not in spec.stages:
-            raise ConfigError(
-                f"search.strategy='{spec.search.strategy}' needs the calibrate stage; stages={spec.stages}."
-            )
-        if spec.search.max_trials < 1:
-            raise ConfigError(f"search.max_trials={spec.search.max_trials} must be >= 1.")
-        if spec.search.criterion == "accuracy" and not spec.model.trained:
-            raise ConfigError(
-                "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
-                "use search.criterion=sqnr with search.min_sqnr_db."
-            )
+    if spec.search.max_trials < 1:
+        raise ConfigError(f"search.max_trials={spec.search.max_trials} must be >= 1.")
     for key in ("max_batches", "max_skip"):
         if getattr(spec.diagnose, key) < 1:
             raise ConfigError(f"diagnose.{key}={getattr(spec.diagnose, key)} must be >= 1.")

@@ -7,14 +7,22 @@ Config keys read: backend.engine, backend.backend_config, qconfig_mapping.name, 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
-from pipeline import quantization
+from pipeline import metric_keys, quantization
 from pipeline.schema import BackendSpec
-from stages.types import Lowered, ReferenceModel
+from stages.types import Lowered, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
+
+NAME = "lower"
+CONSUMES = ("reference", "loaded")
+USES: tuple[str, ...] = ()
+PRODUCES = ("lowered",)
+READS = ("backend",)
+OPTIONAL = False
 
 
 class NothingQuantizedError(RuntimeError):
@@ -42,3 +50,16 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
             f"qconfig_mapping=backend_default."
         )
     return Lowered(model=model, engine=backend.engine, node_counts=counts)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, ctx.artifacts["loaded"].data.example_inputs)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """lowered_graph.py (the int8 model's FX code) and node_counts.json."""
+    out = ctx.out_dir
+    lowered: Lowered = produced["lowered"]
+    (out / "lowered_graph.py").write_text(lowered.model.code)
+    write_json(out / "node_counts.json", lowered.node_counts)
+    return {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}

@@ -1,18 +1,27 @@
 """Stage `reference_convert`: convert_to_reference_fx with the convert-time mapping (the base mapping
 with the skip-list's entries set to None), keeping what the lowering needs.
 
-Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.convert.
+Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.convert. When the search ran,
+its winning skip-list (the `searched_skip` artifact) replaces skip.*.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from pipeline import quantization
+from pipeline import metric_keys, quantization
 from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec, SkipSpec
-from stages.types import Calibrated, ReferenceModel
+from stages.types import Calibrated, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
+
+NAME = "reference_convert"
+CONSUMES = ("calibrated",)
+USES = ("searched_skip",)
+PRODUCES = ("reference",)
+READS = ("backend", "qconfig_mapping", "skip", "custom_config")
+OPTIONAL = False
 
 
 def reference_convert(
@@ -43,3 +52,23 @@ def reference_convert(
         node_name_to_scope=conversion.node_name_to_scope,
         left_float=conversion.left_float,
     )
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec
+    skip = ctx.artifacts.get("searched_skip") or spec.skip
+    reference = reference_convert(
+        ctx.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
+    )
+    return {"reference": reference}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """reference_graph.py, convert_custom_config.yaml and left_float.json (the nodes the skip-list left float)."""
+    out = ctx.out_dir
+    reference: ReferenceModel = produced["reference"]
+    (out / "reference_graph.py").write_text(reference.model.code)
+    _, convert_custom_config = quantization.build_custom_configs(ctx.spec.custom_config)
+    (out / "convert_custom_config.yaml").write_text(quantization.custom_config_yaml(convert_custom_config))
+    write_json(out / "left_float.json", reference.left_float)
+    return {metric_keys.LEFT_FLOAT_NODES: float(len(reference.left_float))}

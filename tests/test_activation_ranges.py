@@ -13,9 +13,9 @@ from torch import nn
 
 from pipeline import quantization
 from pipeline.cache import CalibrationCache
+from pipeline.measure import sqnr_db
 from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 from stages.calibrate import calibrate, prepare
-from stages.evaluate import sqnr_db
 from stages.lower import lower
 from stages.reference_convert import reference_convert
 from stages.types import Calibrated, DataBundle, Loaded

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import schema
+from pipeline import registry, schema
 from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, to_spec
 
 
@@ -20,7 +20,15 @@ def _options(group: str) -> list[str]:
 def test_default_config_validates_and_runs_all_stages_in_order() -> None:
     spec = to_spec(compose_config([]))
     schema.validate(spec)
-    assert spec.stages == list(schema.STAGES)
+    assert [stage.NAME for stage in registry.check(spec)] == [
+        "load",
+        "calibrate",
+        "reference_convert",
+        "lower",
+        "diagnose",
+        "evaluate",
+        "export",
+    ]
     assert spec.backend.engine == "x86"
     assert spec.skip.name == "none"
     assert spec.tracking.tracking_uri == "sqlite:///outputs/mlflow.db"
@@ -91,11 +99,21 @@ def test_unknown_key_hint_names_the_valid_keys_only_for_keys_the_schema_lacks() 
 
 
 def test_stage_names_and_dependencies_are_checked() -> None:
-    with pytest.raises(schema.ConfigError, match=r"stages\[1\]='calibration'"):
-        schema.validate(to_spec(compose_config(["stages=[load,calibration]"])))
+    with pytest.raises(schema.ConfigError, match=r"stages\[1\]='calibration' is not a stage.*Did you mean 'calibrate'"):
+        registry.check(to_spec(compose_config(["stages=[load,calibration]"])))
     with pytest.raises(schema.ConfigError, match=r"runs 'lower' without \['reference_convert'\]"):
-        schema.validate(to_spec(compose_config(["stages=[load,calibrate,lower]"])))
-    schema.validate(to_spec(compose_config(["stages=[load,calibrate]"])))
+        registry.check(to_spec(compose_config(["stages=[load,calibrate,lower]"])))
+    with pytest.raises(schema.ConfigError, match=r"runs 'export' without \['lower'\], which it reads from \(lowered\)"):
+        registry.check(to_spec(compose_config(["stages=[load,calibrate,export]"])))
+    # diagnose is on by default but needs lower: dropped from a run that stops at calibrate, not an error.
+    assert [s.NAME for s in registry.check(to_spec(compose_config(["stages=[load,calibrate]"])))] == [
+        "load",
+        "calibrate",
+    ]
+    planned = registry.check(to_spec(compose_config(["stages=[load]", "inspect.enabled=true"])))
+    assert [s.NAME for s in planned] == ["load", "inspect"]
+    planned = registry.check(to_spec(compose_config(["search=greedy", "diagnose.enabled=false"])))
+    assert [s.NAME for s in planned][:4] == ["load", "calibrate", "search", "reference_convert"]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -190,11 +208,11 @@ def test_an_engine_this_build_cannot_run_fails_validation(monkeypatch: pytest.Mo
 def test_onednn_without_vnni_warns_of_accuracy(monkeypatch: pytest.MonkeyPatch, caplog, vnni: bool) -> None:
     import torch
 
-    from pipeline import runner
+    from stages import calibrate
 
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
     for backend in ("onednn", "x86"):
-        runner.warn_about_backend(to_spec(compose_config([f"backend={backend}"])))
+        calibrate.check(to_spec(compose_config([f"backend={backend}"])))
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
     if vnni:
         assert warnings == []

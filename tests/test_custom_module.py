@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import quantization, schema
+from pipeline import quantization, registry, schema
 from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec
 from stages.calibrate import prepare
 from stages.export import PRESERVED_ATTRIBUTES_FILE, read_extra_file
@@ -203,9 +203,9 @@ def test_untraceable_top_level_forward_is_named_as_such() -> None:
 @pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
 def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
     spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
-    lowered = state.lowered.model
+    lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
-    assert state.lowered.node_counts["float"] == 0  # the custom block runs on quantized tensors
+    assert state.artifacts["lowered"].node_counts["float"] == 0  # the custom block runs on quantized tensors
     # The preserved attributes, on the lowered model and inside every exported file after reload.
     assert lowered.class_names == CLASS_NAMES and lowered.version == VERSION
     expected = {"class_names": CLASS_NAMES, "version": VERSION}
@@ -242,7 +242,7 @@ def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
 def test_search_refuses_custom_modules_before_any_work() -> None:
     spec = to_spec(compose_config(["experiment=custom_module", "search=greedy"]))
     with pytest.raises(ConfigError, match=r"search.strategy='greedy'.*custom_config.prepare.float_to_observed"):
-        schema.validate(spec)
+        registry.check(spec)
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline import quantization, schema
+from pipeline import quantization, registry, schema
+from pipeline.measure import sqnr_db
 from pipeline.schema import SkipSpec
-from stages.evaluate import sqnr_db
 from stages.lower import lower
 from stages.reference_convert import reference_convert
 from tests.conftest import CONF_DIR, to_spec
@@ -122,13 +122,15 @@ def test_skipping_the_suggested_layers_raises_output_sqnr(run_pipeline) -> None:
     )
     # The outlier sits between hidden.1 and hidden.2 (see stages/sources/outlier_mlp.py).
     assert list(suggested.module_name) == ["hidden.1", "hidden.2"]
-    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
+    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
     with torch.no_grad():
-        float_out = state.loaded.model(inputs)
+        float_out = state.artifacts["loaded"].model(inputs)
 
     def output_sqnr(skip: SkipSpec) -> float:
-        reference = reference_convert(state.calibrated, spec.backend, spec.qconfig_mapping, skip, spec.custom_config)
-        lowered = lower(reference, spec.backend, state.loaded.data.example_inputs)
+        reference = reference_convert(
+            state.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
+        )
+        lowered = lower(reference, spec.backend, state.artifacts["loaded"].data.example_inputs)
         with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
             return sqnr_db(float_out, lowered.model(inputs))
 
@@ -167,7 +169,7 @@ def test_inspect_lists_real_names_and_marks_a_bogus_skip_entry(run_pipeline, cap
     )
     text = (run_dir / "inspect" / "model.txt").read_text()
     assert text in capsys.readouterr().out  # printed as well
-    assert state.calibrated is None  # prepare only, no calibration
+    assert "calibrated" not in state.artifacts  # prepare only, no calibration
     lines = text.splitlines()
     assert any(line.split()[:2] == ["block1.conv1", "torch.ao.nn.intrinsic.modules.fused.ConvReLU2d"] for line in lines)
     assert any(line.split()[:3] == ["fc", "call_module", "fc"] for line in lines)
@@ -188,7 +190,7 @@ def test_inspect_needs_load() -> None:
     from tests.conftest import compose_config
 
     with pytest.raises(schema.ConfigError, match=r"runs 'inspect' without \['load'\]"):
-        schema.validate(to_spec(compose_config(["stages=[inspect]"])))
+        registry.check(to_spec(compose_config(["stages=[inspect]"])))
     assert "inspect" not in to_spec(compose_config([])).stages
 
 
@@ -198,7 +200,7 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
     spec, state, run_dir = run_pipeline(model)
     assert state.metrics["diagnose/layers"] >= 3
     assert {row["module_name"] for row in _rows(run_dir)} >= {"conv1", "conv2", "fc"}
-    prepared = state.calibrated.model
+    prepared = state.artifacts["calibrated"].model
     # The fused conv1 keeps the original ReLU; the top-level `relu` is now its own copy.
     assert prepared.get_submodule("relu") is not prepared.get_submodule("conv1.1")
 
@@ -206,7 +208,9 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
     from stages.calibrate import calibrate
 
     monkeypatch.setattr(quantization, "unshare_stateless_modules", lambda model: [])
-    plain = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate).model
+    plain = calibrate(
+        state.artifacts["loaded"], spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate
+    ).model
     assert plain.get_submodule("relu") is plain.get_submodule("conv1.1")
     assert plain.state_dict().keys() == prepared.state_dict().keys()
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in prepared.state_dict().items())
@@ -217,6 +221,6 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
         quantization.build_custom_configs(spec.custom_config)[1],
         spec.backend.engine,
     )
-    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
+    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
     with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
-        assert torch.equal(state.lowered.model(inputs), expected(inputs))
+        assert torch.equal(state.artifacts["lowered"].model(inputs), expected(inputs))

@@ -19,6 +19,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import stages.calibrate
+import stages.evaluate
 from pipeline import quantization, runner, schema, tracking
 from stages.calibrate import calibrate
 from stages.load import load, load_checkpoint
@@ -222,7 +224,7 @@ def test_a_failing_stage_keeps_earlier_outputs_and_the_rerun_hits_the_cache(
     def broken_evaluate(*args: object) -> dict[str, float]:
         raise RuntimeError("injected evaluate failure")
 
-    monkeypatch.setitem(runner.STAGE_RUNNERS, "evaluate", broken_evaluate)
+    monkeypatch.setattr(stages.evaluate, "evaluate", broken_evaluate)
     with pytest.raises(runner.StageFailed) as error:
         run_pipeline(NO_EXPORT)
     run_dir = tmp_path / "run"
@@ -253,14 +255,14 @@ def test_a_failing_stage_keeps_earlier_outputs_and_the_rerun_hits_the_cache(
 def test_a_signal_swallowed_by_library_code_still_stops_the_run_before_caching(
     run_pipeline, store: MlflowClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    real_calibrate = runner.calibrate
+    real_calibrate = stages.calibrate.calibrate
 
     def calibrate_swallowing_sigterm(*args: object, **kwargs: object):
         with contextlib.suppress(BaseException):  # like the library code that ate a real SIGTERM
-            runner.stop_on_signal(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's handler raises KeyboardInterrupt here
         return real_calibrate(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "calibrate", calibrate_swallowing_sigterm)
+    monkeypatch.setattr(stages.calibrate, "calibrate", calibrate_swallowing_sigterm)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         run_pipeline(["stages=[load,calibrate]", "calibrate.max_batches=2"])
     (run,) = _runs(store)

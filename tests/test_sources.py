@@ -143,7 +143,7 @@ def test_user_file_model_runs_in_process(trained_project: Path, run_pipeline) ->
         ]
     )
     metrics = state.metrics
-    assert type(state.loaded.model).__module__ == USER_MODULE
+    assert type(state.artifacts["loaded"].model).__module__ == USER_MODULE
     assert metrics["eval/float/accuracy"] >= 0.9
     assert metrics["eval/lowered/accuracy"] >= metrics["eval/float/accuracy"] - 0.02
     assert metrics["cache/hit"] == 0.0
@@ -373,8 +373,8 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
             "stages=[load,calibrate]",
         ]
     )
-    assert state.search is not None and state.search.trials
-    for trial in state.search.trials:
+    assert state.artifacts["search"] is not None and state.artifacts["search"].trials
+    for trial in state.artifacts["search"].trials:
         assert "eval/lowered/sqnr_db" in trial.metrics
         assert "eval/lowered/accuracy" not in trial.metrics
 
