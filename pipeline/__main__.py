@@ -18,7 +18,7 @@ log = logging.getLogger("pipeline")
 schema.register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import registry, runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
 
