@@ -44,13 +44,15 @@ def main(cfg: DictConfig) -> float | None:
         spec.data.name,
         run_dir,
     )
-    parent_run_id, job_tags = None, {}
+    # The skip tag names what actually runs: a preset edited on the command line gets a label of its entries.
+    preset = schema.skip_preset(hydra_cfg.runtime.choices.get("skip"), hydra_cfg.runtime.config_sources)
+    parent_run_id, job_tags = None, {"skip": schema.skip_label(spec.skip, preset)}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         from pipeline.tracking import sweep_parent_run_id
 
         parent_run_id = sweep_parent_run_id(run_dir)
         overrides = list(hydra_cfg.overrides.task)
-        job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
+        job_tags |= {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
         job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:

@@ -32,6 +32,7 @@ from pipeline.schema import (
     QConfigMappingSpec,
     SearchSpec,
     SkipSpec,
+    skip_label,
     skip_yaml,
 )
 from stages.lower import NothingQuantizedError, lower
@@ -230,7 +231,9 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     """trials.csv, sensitivity.csv, searched_skip.yaml and trials.png."""
     result: SearchResult = produced["search"]
     write_outputs(result, ctx.spec.search.criterion, ctx.out_dir)
-    ctx.set_tags({"skip": "searched", "search_winner_trial": str(result.winner.number)})
+    ctx.set_tags(
+        {"skip": f"searched:{skip_label(result.skip_spec())}", "search_winner_trial": str(result.winner.number)}
+    )
     return {
         metric_keys.SEARCH_TRIALS: float(len(result.trials)),
         metric_keys.SEARCH_MET: float(result.met),
