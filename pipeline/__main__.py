@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> float | None:
     preset = schema.skip_preset(hydra_cfg.runtime.choices.get("skip"), hydra_cfg.runtime.config_sources)
     parent_run_id, job_tags = None, {"skip": schema.skip_label(spec.skip, preset)}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from pipeline.tracking import sweep_parent_run_id
+        from pipeline.tracking.sweep import sweep_parent_run_id
 
         parent_run_id = sweep_parent_run_id(run_dir)
         overrides = list(hydra_cfg.overrides.task)

@@ -9,7 +9,6 @@ finished before it stays in the run directory and in MLflow.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import metric_keys, registry
 from pipeline.schema import ConfigError, PipelineSpec
-from pipeline.tracking import Tracker, flatten
+from pipeline.tracking import make_tracker, run_tags
 from stages.types import StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -92,18 +91,6 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_tags(spec: PipelineSpec) -> dict[str, str]:
-    return {
-        "backend": spec.backend.engine,
-        "qconfig_mapping": spec.qconfig_mapping.name,
-        "skip": spec.skip.name,
-        "model": spec.model.name,
-        "data": spec.data.name,
-        "custom_config": spec.custom_config.name,
-        "weights": "trained" if spec.model.trained else "random",
-    }
-
-
 def run(
     spec: PipelineSpec,
     resolved: DictConfig,
@@ -115,20 +102,17 @@ def run(
     """Run the planned stages of a validated spec in registry order."""
     stages = registry.plan(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(spec.tracking)
+    tracker = make_tracker(spec.tracking)
     # The store first: an unreachable one is a ConfigError before anything is written.
     tracker.start(
-        flatten(OmegaConf.to_container(resolved, resolve=True)),
-        {**run_tags(spec), **(extra_tags or {})},
-        parent_run_id=parent_run_id,
+        OmegaConf.to_container(resolved, resolve=True), {**run_tags(spec), **(extra_tags or {})}, parent_run_id
     )
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
 
     def log_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
-        child = Tracker(spec.tracking)
-        child.start(params, {**run_tags(spec), **tags}, parent_run_id=tracker.run_id, run_name=name)
+        child = tracker.child(params, {**run_tags(spec), **tags}, run_name=name)
         child.log_metrics(metrics)
         child.end("FINISHED")
 
@@ -174,27 +158,3 @@ def run(
                 tracker.log_artifacts(log_file)
             tracker.end(status)
     return result
-
-
-def sync_offline_run(run_dir: Path, tracking_uri: str) -> str:
-    """Log a run directory written with tracking=offline (or off) to a store: params and tags from its
-    config.yaml, metrics from metrics.json, every file as an artifact, FAILED if it has error.txt."""
-    from dataclasses import replace
-
-    from pipeline.schema import PipelineSpec
-
-    resolved = OmegaConf.load(run_dir / "config.yaml")
-    spec: PipelineSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineSpec), resolved))
-    tracker = Tracker(replace(spec.tracking, enabled=True, tracking_uri=tracking_uri))
-    tracker.start(
-        flatten(OmegaConf.to_container(resolved, resolve=True)), {**run_tags(spec), "synced_from": str(run_dir)}
-    )
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        tracker.log_metrics(json.loads(metrics_file.read_text()))
-    run_id = tracker.run_id
-    for path in sorted(run_dir.iterdir()):
-        tracker.log_artifacts(path, path.name if path.is_dir() else None)
-    tracker.end("FAILED" if (run_dir / "error.txt").exists() else "FINISHED")
-    assert run_id is not None
-    return run_id

@@ -72,10 +72,9 @@ def violations(root: Path) -> list[str]:
         for target in sorted(targets):
             if target in ("pipeline", "stages"):
                 continue  # the bare package namespaces (empty __init__ files)
+            own, other = LAYERS[layer_of(name)][0], LAYERS[layer_of(target)][0]
             if layer_of(target) > layer_of(name):
-                problems.append(
-                    f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]}), a layer above"
-                )
+                problems.append(f"{name} ({own}) imports {target} ({other}), a layer above")
             is_stage = layer_of(name) == layer_of("stages") and not name.startswith(STAGE_HELPERS)
             if is_stage and layer_of(target) == layer_of("stages") and not target.startswith(STAGE_HELPERS):
                 problems.append(f"stage {name} imports stage {target}: pass artifacts, or move the helper down")
