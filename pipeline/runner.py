@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
-from pipeline.schema import STAGES, ConfigError, PipelineSpec, SkipSpec, skip_yaml
+from pipeline.engine import custom_modules, get_engine
+from pipeline.errors import ConfigError
+from pipeline.schema import STAGES, PipelineSpec, SkipSpec, skip_yaml
 from pipeline.tracking import Tracker, flatten
 from stages.calibrate import calibrate, prepare
 from stages.diagnose import diagnose, write_outputs
@@ -141,10 +142,10 @@ def _run_calibrate(spec: PipelineSpec, state: RunState, out: Path, tracker: Trac
     calibrated = state.calibrated
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepared_graph.py").write_text(calibrated.model.code)
-    prepare_custom_config, _ = quantization.build_custom_configs(spec.custom_config)
-    (out / "prepare_custom_config.yaml").write_text(quantization.custom_config_yaml(prepare_custom_config))
+    prepare_custom_config, _ = custom_modules.build_custom_configs(spec.custom_config)
+    (out / "prepare_custom_config.yaml").write_text(custom_modules.custom_config_yaml(prepare_custom_config))
     # The observer state is what can be saved of a prepared model (the module itself cannot be pickled).
-    torch.save(quantization.observer_state_dict(calibrated.model), out / "observer_state.pt")
+    torch.save(get_engine().observer_state(calibrated.model), out / "observer_state.pt")
     tracker.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
     return {
         # Calibration passes this run made: 0 on a cache hit (a sweep or search sums them).
@@ -163,8 +164,8 @@ def _run_reference_convert(spec: PipelineSpec, state: RunState, out: Path, track
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference_graph.py").write_text(state.reference.model.code)
-    _, convert_custom_config = quantization.build_custom_configs(spec.custom_config)
-    (out / "convert_custom_config.yaml").write_text(quantization.custom_config_yaml(convert_custom_config))
+    _, convert_custom_config = custom_modules.build_custom_configs(spec.custom_config)
+    (out / "convert_custom_config.yaml").write_text(custom_modules.custom_config_yaml(convert_custom_config))
     _write_json(out / "left_float.json", state.reference.left_float)
     return {"skip/left_float_nodes": float(len(state.reference.left_float))}
 
@@ -295,7 +296,7 @@ def _run_inspect(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracke
 
 def _run_diagnose(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker) -> dict[str, float]:
     assert state.loaded is not None and state.calibrated is not None and state.lowered is not None
-    blocker = quantization.numeric_suite_blocker(spec.custom_config)
+    blocker = get_engine().numerics_blocker(spec.custom_config)
     if blocker is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnosis.txt").write_text(f"Skipped: {blocker}.\n")

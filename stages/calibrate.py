@@ -10,15 +10,10 @@ import logging
 
 import torch
 
-from pipeline import quantization
-from pipeline.schema import (
-    BackendSpec,
-    CalibrateSpec,
-    ConfigError,
-    CustomConfigSpec,
-    QConfigMappingSpec,
-    error_summary,
-)
+from pipeline.engine import UntraceableModule, get_engine
+from pipeline.engine.qconfigs import import_path, quantized_engine
+from pipeline.errors import ConfigError, error_summary
+from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, QConfigMappingSpec
 from stages.types import Calibrated, Loaded, progress
 
 log = logging.getLogger(__name__)
@@ -26,26 +21,17 @@ log = logging.getLogger(__name__)
 
 def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, custom: CustomConfigSpec):
     """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one)."""
-    prepare_custom_config, _ = quantization.build_custom_configs(custom)
-    with quantization.quantized_engine(backend.engine):
-        try:
-            prepared = quantization.prepare(
-                loaded.model,
-                quantization.build_qconfig_mapping(mapping, backend),
-                loaded.data.example_inputs,
-                quantization.get_backend_config(backend.backend_config),
-                prepare_custom_config,
-            )
-        except Exception as error:
-            untraceable = quantization.untraceable_module(error)
-            if untraceable is None:
-                raise
-            raise not_traceable_error(loaded.model_name, custom.name, untraceable) from error
+    engine = get_engine()
+    try:
+        prepared = engine.prepare(loaded.model, loaded.data.example_inputs, backend, mapping, custom)
+    except Exception as error:
+        untraceable = engine.untraceable_module(error)
+        if untraceable is None:
+            raise
+        raise not_traceable_error(loaded.model_name, custom.name, untraceable) from error
 
     if mapping.clamp_bounded_activations:
-        clamped = quantization.clamp_bounded_activation_observers(
-            prepared, loaded.model, prepare_custom_config, backend.engine
-        )
+        clamped = engine.clamp_bounded_activations(prepared, loaded.model, backend, custom)
         if clamped:
             log.info(
                 "qconfig_mapping=%s: %d conv/linear outputs feed only ReLU6/hardtanh and observe the clipped range: %s",
@@ -63,10 +49,10 @@ def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, c
     return prepared
 
 
-def not_traceable_error(model_name: str, custom_name: str, failed: quantization.UntraceableModule) -> ConfigError:
+def not_traceable_error(model_name: str, custom_name: str, failed: UntraceableModule) -> ConfigError:
     """Which module FX could not trace, and the custom_config setting that lets FX step around it."""
     cause = error_summary(failed.error, limit=None)
-    path = quantization.import_path(failed.cls)
+    path = import_path(failed.cls)
     if not failed.name:
         return ConfigError(
             f"prepare_fx cannot symbolically trace model={model_name}: its own top-level forward ({path}) raised "
@@ -94,7 +80,7 @@ def calibrate(
 ) -> Calibrated:
     prepared = prepare(loaded, backend, mapping, custom)
     batches = loaded.data.calibration[: spec.max_batches]
-    with quantization.quantized_engine(backend.engine), torch.no_grad():
+    with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
             prepared(inputs)
     return Calibrated(

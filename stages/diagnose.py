@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import quantization
+from pipeline.engine import get_engine
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
 from stages.types import Calibrated, Loaded, Lowered
 
@@ -28,14 +29,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Diagnosis:
-    layers: list[quantization.LayerDiagnostics]  # worst own SQNR first
+    layers: list[LayerDiagnostics]  # worst own SQNR first
     first_layer_sqnr_db: float
     engine_problem: bool
     text: str
     suggested: SkipSpec
 
 
-def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.LoggedOutput]:
+def first_layer(logged: list[LoggedOutput]) -> list[LoggedOutput]:
     """The ops up to the second op with weights: the first conv/linear with what follows it. An unfused
     activation such as ReLU6 belongs to its layer, and is where kernel faults show."""
     weighted = [i for i, output in enumerate(logged) if output.has_weight]
@@ -45,7 +46,7 @@ def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.Lo
 
 def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec) -> Diagnosis:
     inputs = torch.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
-    layers, logged = quantization.layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
+    layers, logged = get_engine().layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
     first = first_layer(logged)
     first_sqnr = min(output.sqnr_db for output in first)
     later = logged[len(first) :]
@@ -59,9 +60,9 @@ def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: Dia
 
 
 def _explain(
-    layers: list[quantization.LayerDiagnostics],
-    logged: list[quantization.LoggedOutput],
-    first: list[quantization.LoggedOutput],
+    layers: list[LayerDiagnostics],
+    logged: list[LoggedOutput],
+    first: list[LoggedOutput],
     first_sqnr: float,
     worst_later: float,
     engine_problem: bool,

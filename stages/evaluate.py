@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline import quantization
+from pipeline.engine.qconfigs import quantized_engine
 from pipeline.schema import EvaluateSpec, LatencySpec
 from stages.types import EvaluationReport, Loaded, progress
 
@@ -129,7 +129,7 @@ def evaluate(
             "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
         )
     metrics: dict[str, float] = {}
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}
         labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
         float_predictions = outputs["float"].argmax(1) if "float" in outputs else None

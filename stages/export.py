@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import quantization
+from pipeline.engine.custom_modules import preserved_attributes
+from pipeline.engine.qconfigs import quantized_engine
 from pipeline.schema import ExportSpec
 from stages.evaluate import sqnr_db
 from stages.types import ExportBundle, Loaded, Lowered
@@ -51,7 +52,7 @@ def preserved_attribute_files(model: torch.nn.Module) -> dict[str, str]:
     freezing) drops plain Python attributes, but extra files travel inside the archive; read them back
     with torch.jit.load(path, _extra_files={"preserved_attributes.json": ""}). Values JSON cannot hold
     are written as their str()."""
-    attributes = quantization.preserved_attributes(model)
+    attributes = preserved_attributes(model)
     if not attributes:
         return {}
     return {PRESERVED_ATTRIBUTES_FILE: json.dumps(attributes, sort_keys=True, default=str)}
@@ -87,7 +88,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     example = loaded.data.example_inputs[0]
 
     extra_files = preserved_attribute_files(lowered.model)
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         expected = lowered.model(check_inputs)
 
         code_path = out_dir / "lowered_graph.py"
@@ -163,7 +164,7 @@ def _export_onnx(
 ) -> dict[str, float]:
     import onnxruntime
 
-    with quantization.quantized_engine(lowered.engine), torch.no_grad():
+    with quantized_engine(lowered.engine), torch.no_grad():
         torch.onnx.export(
             lowered.model,
             (example,),

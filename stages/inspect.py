@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import quantization
+from pipeline.engine import get_engine
+from pipeline.engine.qconfigs import import_path
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 from stages.calibrate import prepare
 from stages.types import Loaded
@@ -33,13 +34,13 @@ def inspect(
     """The report as terminal-readable text."""
     prepared = prepare(loaded, backend, mapping, custom)
     modules = [
-        [name, quantization.import_path(type(module))]
+        [name, import_path(type(module))]
         for name, module in prepared.named_modules()
         if name and "activation_post_process" not in name
     ]
     nodes = [
         [node.name, node.op, node.target, node.scope or "(top level)", "int8" if node.quantized else "float"]
-        for node in quantization.model_nodes(prepared)
+        for node in get_engine().model_nodes(prepared)
     ]
     lines = [
         f"Model {loaded.model_name}, prepared for backend={backend.engine} with qconfig_mapping={mapping.name}.",
@@ -52,7 +53,7 @@ def inspect(
         *_table(["node", "op", "target", "scope", "mapping"], nodes),
         "",
     ]
-    matches = quantization.entry_matches(prepared, mapping, skip, backend)
+    matches = get_engine().entry_matches(prepared, mapping, skip, backend)
     lines.append(f"What each entry of skip={skip.name} and qconfig_mapping={mapping.name} matches:")
     if not matches:
         lines.append("  (no entries)")

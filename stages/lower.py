@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from pipeline import quantization
+from pipeline.engine import get_engine
 from pipeline.schema import BackendSpec
 from stages.types import Lowered, ReferenceModel
 
@@ -22,10 +22,9 @@ class NothingQuantizedError(RuntimeError):
 
 
 def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
-    model = quantization.lower(
-        reference.model, reference.node_name_to_qconfig, reference.node_name_to_scope, backend.engine
-    )
-    counts = quantization.count_nodes(model, example_inputs, backend.engine)
+    engine = get_engine()
+    model = engine.lower(reference.model, reference.engine_state, backend.engine)
+    counts = engine.count_nodes(model, example_inputs, backend.engine)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import quantization
-from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.engine import get_engine
+from pipeline.errors import ConfigError
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 from stages.types import Calibrated, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -22,24 +23,17 @@ def reference_convert(
     skip: SkipSpec,
     custom: CustomConfigSpec,
 ) -> ReferenceModel:
-    unmatched = quantization.unmatched_skip_entries(calibrated.model, skip)
+    engine = get_engine()
+    unmatched = engine.unmatched_skip_entries(calibrated.model, skip)
     if unmatched and skip.strict:
         raise ConfigError(f"skip={skip.name} (skip.strict=true): " + " ".join(unmatched))
     for problem in unmatched:
         log.warning("skip=%s: %s", skip.name, problem)
-    _, convert_custom_config = quantization.build_custom_configs(custom)
-    with quantization.quantized_engine(backend.engine):
-        conversion = quantization.convert_reference(
-            calibrated.model,
-            quantization.build_convert_mapping(mapping, skip, backend, calibrated.model),
-            quantization.get_backend_config(backend.backend_config),
-            convert_custom_config,
-        )
+    conversion = engine.convert_reference(calibrated.model, backend, mapping, skip, custom)
     if conversion.left_float:
         log.info("skip=%s left %d nodes float: %s", skip.name, len(conversion.left_float), conversion.left_float)
     return ReferenceModel(
         model=conversion.model,
-        node_name_to_qconfig=conversion.node_name_to_qconfig,
-        node_name_to_scope=conversion.node_name_to_scope,
+        engine_state=conversion.engine_state,
         left_float=conversion.left_float,
     )

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from pipeline import quantization
+from pipeline.engine import get_engine
+from pipeline.engine.numerics import LayerSensitivity
+from pipeline.engine.qconfigs import quantized_engine
 from pipeline.schema import BackendSpec, CustomConfigSpec, EvaluateSpec, QConfigMappingSpec, SearchSpec, SkipSpec
 from stages.evaluate import measure_latency, sqnr_db
 from stages.lower import NothingQuantizedError, lower
@@ -42,7 +44,7 @@ class Trial:
 class SearchResult:
     winner: Trial
     trials: list[Trial]
-    sensitivity: list[quantization.LayerSensitivity]
+    sensitivity: list[LayerSensitivity]
     float_score: float
     bar: float
     met: bool
@@ -97,7 +99,7 @@ def search(
             # Everything float: it meets any bar at float speed; score it as float.
             score, latency, metrics = float_score, float_latency[f"latency/float/b{size}_ms"], {}
         else:
-            with quantization.quantized_engine(backend.engine), torch.no_grad():
+            with quantized_engine(backend.engine), torch.no_grad():
                 outputs = lowered.model(inputs)
             timing, _ = measure_latency({"lowered": lowered.model}, inputs, latency_spec)
             latency = timing[f"latency/lowered/b{size}_ms"]
@@ -129,10 +131,10 @@ def search(
         return trial
 
     first = run_trial([])
-    sensitivity: list[quantization.LayerSensitivity] = []
+    sensitivity: list[LayerSensitivity] = []
     skipped: list[str] = []
     if not first.meets and 0 in lowered_models:
-        sensitivity = quantization.layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
+        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
         log.info(
             "search: sensitivity (own output SQNR, worst first): %s",
             ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),

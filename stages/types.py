@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -64,11 +64,11 @@ class Calibrated:
 
 @dataclass
 class ReferenceModel:
-    """Output of `reference_convert`: the reference model plus what lowering needs from the convert step."""
+    """Output of `reference_convert`: the reference model plus what lowering needs from the convert step
+    (`engine_state`: opaque here, created and read only by the engine that converted)."""
 
     model: GraphModule
-    node_name_to_qconfig: dict[str, Any]
-    node_name_to_scope: dict[str, tuple[str, type]]
+    engine_state: object
     left_float: list[str] = field(default_factory=list)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
+from pipeline.engine import qconfigs
 from stages.calibrate import calibrate, prepare
 from stages.load import load
 from stages.lower import lower
@@ -57,7 +57,7 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
             Calibrated(model, 0, 0), spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config
         )
         converted.append(lower(reference, spec.backend, loaded.data.example_inputs).model)
-    with quantization.quantized_engine("fbgemm"), torch.no_grad():
+    with qconfigs.quantized_engine("fbgemm"), torch.no_grad():
         assert torch.equal(converted[0](x), converted[1](x))
     assert converted[0].code == converted[1].code
     # Weight observers are per-channel here; they run at convert time, from the rebuilt model too.
