@@ -42,6 +42,12 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
     stored = torch.load(entry / "observer_state.pt", weights_only=True)
     assert stored and all("activation_post_process" in k for k in stored)
     assert not any(k.endswith(".weight") and "activation_post_process" not in k for k in stored)
+    # The module versions travel with the state (observers that see no version assume an old layout,
+    # torchao's reset eps): the saved state carries state_dict()'s _metadata, through torch.save too.
+    expected_metadata = calibrated.model.state_dict()._metadata
+    observer = next(k for k in stored).rsplit(".", 1)[0]
+    assert stored._metadata[observer] == expected_metadata[observer]
+    assert "version" in stored._metadata[observer]
     rebuilt = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
     assert rebuilt is not None
     assert rebuilt.code == calibrated.model.code
