@@ -243,9 +243,67 @@ def skip_yaml(skip: SkipSpec, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SKIP_LISTS = ("object_type", "module_name_regex", "module_name", "module_name_object_type_order")
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._,=+:-")
+
+
+def skip_label(skip: SkipSpec, preset: SkipSpec | None = None) -> str:
+    """The skip-list that actually runs, for run-folder names and the `skip` tag: `skip.name` when its entries
+    are those of `preset` (the conf/skip file of that name; None: there is no such file, e.g. a searched list),
+    else a label made from the entries (`module_name=fc`, `object_type=torch.nn.Linear+module_name=fc`),
+    `none` if there are none, or `custom-<hash>` if that label would be long or unsafe in a folder name."""
+
+    def entries(spec: SkipSpec) -> dict[str, list[str]]:
+        orders = [f"{e.module_name}:{e.object_type}:{e.index}" for e in spec.module_name_object_type_order]
+        return {key: list(getattr(spec, key)) for key in _SKIP_LISTS[:3]} | {_SKIP_LISTS[3]: orders}
+
+    own = entries(skip)
+    if preset is not None and entries(preset) == own:
+        return skip.name
+    label = "+".join(f"{key}={','.join(values)}" for key, values in own.items() if values) or "none"
+    if len(label) <= 64 and set(label) <= _LABEL_CHARS:
+        return label
+    import hashlib
+    import json
+
+    return f"custom-{hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def skip_preset(name: str, config_sources: Any) -> SkipSpec | None:
+    """conf/skip/<name>.yaml from the first config source that has it (Hydra's search order), as a SkipSpec."""
+    import importlib.resources
+    from pathlib import Path
+
+    for source in config_sources or []:
+        if source.schema == "file":
+            candidate: Any = Path(source.path) / "skip" / f"{name}.yaml"
+        elif source.schema == "pkg":
+            try:
+                candidate = importlib.resources.files(source.path.replace("/", ".")) / "skip" / f"{name}.yaml"
+            except ModuleNotFoundError:
+                continue
+        else:
+            continue
+        if candidate.is_file():
+            loaded = OmegaConf.create(candidate.read_text())
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SkipSpec), loaded))  # type: ignore[return-value]
+    return None
+
+
+def _skip_label_resolver(skip: DictConfig, *, _root_: DictConfig) -> str:
+    """`${skip_label:${skip}}` in hydra.run.dir / hydra.sweep.subdir: skip_label against the chosen preset file."""
+    spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SkipSpec), skip))
+    runtime = OmegaConf.select(_root_, "hydra.runtime", default=None)
+    choice = OmegaConf.select(runtime, "choices.skip", default=None) if runtime is not None else None
+    preset = skip_preset(choice, runtime.config_sources) if choice else None
+    return skip_label(spec, preset)  # type: ignore[arg-type]
+
+
 def register() -> None:
-    """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`)."""
+    """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`), and the
+    `skip_label` resolver its run-folder names use."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
+    OmegaConf.register_new_resolver("skip_label", _skip_label_resolver, replace=True)
 
 
 def from_config(cfg: DictConfig) -> PipelineSpec:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT
@@ -30,7 +32,8 @@ def test_every_backend_end_to_end(run_pipeline, tmp_path: Path, backend: str) ->
     spec, state, run_dir = run_pipeline([f"backend={backend}"])
     m = state.metrics
     assert m["eval/float/accuracy"] >= 0.97
-    if backend != "onednn":  # onednn's 8-bit activations are inexact without VNNI (see README)
+    # onednn's 8-bit activations overflow on CPUs without VNNI (see README); on any other it is held to the bar.
+    if backend != "onednn" or torch.cpu._is_vnni_supported():
         assert m["eval/lowered/accuracy"] >= m["eval/float/accuracy"] - 0.01
     assert m["nodes/quantized"] > 0
     for stage in spec.stages:
@@ -109,9 +112,11 @@ def test_stages_prefix_runs_only_those_stages(run_pipeline, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
     fast = ["evaluate.latency.enabled=false", "export.onnx=false", f"output_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run(
         [sys.executable, "-m", "pipeline", *fast],
-        cwd=REPO_ROOT,
+        cwd=tmp_path,  # nothing lands in the checkout, whatever a relative path resolves to
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -120,7 +125,8 @@ def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
     assert "[5/7] diagnose done" in run.stdout and "[7/7] export done" in run.stdout  # diagnose is on by default
     sweep = subprocess.run(
         [sys.executable, "-m", "pipeline", "-m", "backend=fbgemm,x86,qnnpack,onednn", *fast],
-        cwd=REPO_ROOT,
+        cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

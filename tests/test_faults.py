@@ -28,6 +28,7 @@ from stages.load import load, load_checkpoint
 from stages.reference_convert import reference_convert
 from stages.sources.digits import digits_cnn
 from tests.conftest import REPO_ROOT, compose_config, to_spec
+from tests.helpers import check_one_failing_job
 
 SLOW_MODEL = "model.factory._target_=tests.slow_model.slow_digits_cnn"
 NO_EXPORT = ["export.onnx=false", "export.torchscript=none"]
@@ -419,8 +420,6 @@ def test_a_stage_failure_survives_pickling_to_the_sweep_launcher() -> None:
 
 @pytest.mark.slow
 def test_a_failing_job_in_a_parallel_sweep_loses_no_other_job(tmp_path: Path) -> None:
-    from tests.test_sweep import check_one_failing_job
-
     check_one_failing_job(tmp_path, "hydra/launcher=parallel")
 
 
@@ -432,13 +431,17 @@ def _readme() -> str:
     return (REPO_ROOT / "README.md").read_text()
 
 
+def _section(readme: str, title: str) -> str:
+    """The text under `## title`, up to the next `## ` heading (wherever the section sits)."""
+    after = readme.split(f"\n## {title}\n", 1)[1]
+    return after.split("\n## ", 1)[0]
+
+
 def test_readme_mlflow_ui_binds_localhost_and_says_configs_run_code() -> None:
     readme = _readme()
     (command,) = [line for line in readme.splitlines() if " mlflow ui " in f" {line} " and "--host" in line]
     assert "--host 127.0.0.1" in command
-    sections = [line for line in readme.splitlines() if line.startswith("## ")]
-    assert sections[sections.index("## When things go wrong") + 1] == "## Layout"
-    section = readme.split("## When things go wrong")[1].split("## Layout")[0]
+    section = _section(readme, "When things go wrong")
     assert "code execution by design" in section
     assert "weights_only=True" in section and "no opt-in" in section
     for command in ("pipeline.tracking sync", "pipeline.tracking close-stale", "rm -rf outputs/cache"):

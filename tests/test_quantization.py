@@ -155,11 +155,35 @@ def test_yaml_mapping_builds_every_kind_of_entry() -> None:
     assert mapping.global_qconfig.activation.p.keywords["quant_max"] == 127
 
 
-def test_named_qconfigs_follow_the_engine() -> None:
-    for name in qconfigs.QCONFIG_LIBRARY:
-        fb = qconfigs.named_qconfig(name, BACKENDS["fbgemm"], "k")
-        qn = qconfigs.named_qconfig(name, BACKENDS["qnnpack"], "k")
-        assert fb is not None and qn is not None
+# name: (activation observer, weight observer, weight qscheme); backend_default is torch's per engine.
+NAMED_QCONFIGS = {
+    "minmax_per_tensor": ("MinMaxObserver", "MinMaxObserver", torch.per_tensor_symmetric),
+    "minmax_per_channel": ("MinMaxObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
+    "histogram_per_tensor": ("HistogramObserver", "MinMaxObserver", torch.per_tensor_symmetric),
+    "histogram_per_channel": ("HistogramObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
+    "backend_default": ("HistogramObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
+}
+
+
+@pytest.mark.parametrize("engine", list(BACKENDS))
+@pytest.mark.parametrize("name", list(NAMED_QCONFIGS))
+def test_named_qconfigs_follow_the_engine(name: str, engine: str) -> None:
+    qconfig = qconfigs.named_qconfig(name, BACKENDS[engine], "k")
+    activation, weight = qconfig.activation(), qconfig.weight()
+    activation_class, weight_class, weight_scheme = NAMED_QCONFIGS[name]
+    if name == "backend_default" and engine == "qnnpack":  # torch's qnnpack default: per-tensor weights
+        weight_class, weight_scheme = "MinMaxObserver", torch.per_tensor_symmetric
+    assert (type(activation).__name__, type(weight).__name__) == (activation_class, weight_class)
+    # fbgemm / x86 activations use 7 bits (reduce_range: no overflow without VNNI); qnnpack / onednn all 8.
+    assert (activation.quant_min, activation.quant_max) == ((0, 127) if engine in ("fbgemm", "x86") else (0, 255))
+    assert activation.dtype == torch.quint8 and activation.qscheme == torch.per_tensor_affine
+    assert (weight.dtype, weight.qscheme, weight.quant_min, weight.quant_max) == (torch.qint8, weight_scheme, -128, 127)
+
+
+def test_default_and_null_qconfig_names() -> None:
+    assert set(qconfigs.QCONFIG_LIBRARY) == set(NAMED_QCONFIGS)
+    default = qconfigs.named_qconfig("default", BACKENDS["qnnpack"], "k")
+    assert type(default.weight()).__name__ == "MinMaxObserver"  # the backend's default_qconfig: backend_default
     assert qconfigs.named_qconfig(None, BACKENDS["x86"], "k") is None
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import schema
 from pipeline.cache import cache_key
 from pipeline.errors import ConfigError
 from pipeline.schema import DataSpec, ModelSpec
@@ -389,7 +388,19 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
         ("data=tensor_file", "data.factory.path"),
     ],
 )
+@pytest.mark.slow
 def test_required_keys_are_reported_by_the_cli(option: str, key: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as error:  # what __main__ prints, exit 2
-        schema.from_config(compose_config([option], output_dir=tmp_path))
-    assert str(error.value).startswith(f"{key} has no value and is required (it is ??? in the config); set it")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", option, "tracking=off", f"output_dir={tmp_path}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert f"Invalid config: {key} has no value and is required (it is ??? in the config); set it" in output
+    assert "Traceback" not in output
+    (run_dir,) = (tmp_path / "runs").iterdir()  # Hydra's folder and the job log, no stage ran
+    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "__main__.log"]

@@ -55,7 +55,12 @@ def test_load_splits_never_overlap() -> None:
 
 def test_calibrate_runs_every_batch_through_observers(chain) -> None:
     _, loaded, calibrated, *_ = chain
-    assert calibrated.num_batches == len(loaded.data.calibration)
+    # Counted by the model's input observer, not by calibrate: its histogram holds one count per value it
+    # saw, so every one of the 256 calibration images (8x8 values each) went through it exactly once.
+    input_observer = calibrated.model.activation_post_process_0
+    assert loaded.data.num_calibration_samples == 256
+    assert float(input_observer.histogram.sum()) == pytest.approx(256 * 64, rel=1e-3)  # a batch more or less: 12%
+    assert calibrated.num_batches == 8 and calibrated.num_samples == 256
     observers = [m for n, m in calibrated.model.named_modules() if "activation_post_process" in n]
     assert observers, "prepare_fx inserted no observers"
     # Histogram observers that saw data have a finite, non-empty range.
@@ -67,6 +72,7 @@ def test_calibrate_max_batches_caps_the_batches() -> None:
     loaded = load(spec.model, spec.data, spec.seed)
     calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
     assert calibrated.num_batches == 2 and calibrated.num_samples == 64
+    assert float(calibrated.model.activation_post_process_0.histogram.sum()) == pytest.approx(64 * 64, rel=1e-3)
 
 
 def test_reference_convert_applies_the_skip_list_at_convert_time(chain) -> None:

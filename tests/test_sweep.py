@@ -4,7 +4,6 @@ under both launchers, the comparison report, and the README's `mlflow ui` servin
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import socket
 import subprocess
@@ -19,47 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import artifact_uri, pareto_front
 from tests.conftest import REPO_ROOT
+from tests.helpers import check_one_failing_job, parent_and_children, report_rows, sweep
 
-FAST = [
-    "evaluate.latency.repeats=3",
-    "evaluate.latency.warmup=1",
-    "evaluate.latency.batch_sizes=[1]",
-    "export.onnx=false",
-    "export.torchscript=none",
-]
 SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
-
-
-def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "-m", *overrides, *FAST, f"output_dir={tmp_path}"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
-def _parent_and_children(tmp_path: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return client, parents[0], children
-
-
-def _report(tmp_path: Path) -> list[dict[str, str]]:
-    (report,) = tmp_path.glob("multirun/*/report/report.csv")
-    with report.open() as file:
-        return list(csv.DictReader(file))
 
 
 @pytest.mark.slow
 def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tmp_path: Path) -> None:
-    result = _sweep(tmp_path, "backend=fbgemm", SIX_SKIPS)
+    result = sweep(tmp_path, "backend=fbgemm", SIX_SKIPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client, parent, children = _parent_and_children(tmp_path)
+    client, parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED"
     assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
     assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 1
@@ -67,7 +35,7 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
     assert len({c.data.tags["cache_key"] for c in children}) == 1
     assert sorted(c.data.tags["override.skip"] for c in children) == sorted(SIX_SKIPS[5:].split(","))
     assert all(c.data.tags["override.backend"] == "fbgemm" for c in children)
-    rows = _report(tmp_path)
+    rows = report_rows(tmp_path)
     assert [row["skip"] for row in rows] == SIX_SKIPS[5:].split(",")
     assert {row["status"] for row in rows} == {"FINISHED"}
     report_dir = next(tmp_path.glob("multirun/*/report"))
@@ -102,34 +70,17 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_path: Path) -> None:
-    result = _sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add")
+    result = sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "database is locked" not in output and "duplicate column" not in output
-    _, parent, children = _parent_and_children(tmp_path)
+    _, parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED"
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     # Jobs ran in worker processes, and the per-key lock made each backend calibrate once.
     assert len({c.data.params["backend.engine"] for c in children}) == 2
     assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 2
-    assert len(_report(tmp_path)) == 4
-
-
-def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
-    """A two-job sweep whose second job fails (the everything-float skip makes `lower` refuse it):
-    the other job finishes and is in the store, the parent fails, the report marks the failed row."""
-    skips = ["skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]"]
-    result = _sweep(tmp_path, *launcher, "backend=x86", *skips)
-    assert result.returncode != 0
-    _, parent, children = _parent_and_children(tmp_path)
-    assert parent.info.status == "FAILED"
-    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
-    (failed,) = [c for c in children if c.info.status == "FAILED"]
-    assert failed.data.tags["failed_stage"] == "lower" and failed.data.tags["override.skip.module_name_regex"] == "[.*]"
-    (finished,) = [c for c in children if c.info.status == "FINISHED"]
-    assert finished.data.metrics["eval/lowered/accuracy"] > 0.9
-    rows = {row["status"]: row for row in _report(tmp_path)}
-    assert sorted(rows) == ["FAILED", "FINISHED"]
+    assert len(report_rows(tmp_path)) == 4
 
 
 @pytest.mark.slow
@@ -189,8 +140,8 @@ def _mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_readme_mlflow_ui_command_serves_the_sweep(tmp_path: Path) -> None:
-    result = _sweep(tmp_path, "backend=x86", "skip=none,add")
+def test_readme_mlflow_ui_command_serves_thesweep(tmp_path: Path) -> None:
+    result = sweep(tmp_path, "backend=x86", "skip=none,add")
     assert result.returncode == 0, result.stdout[-3000:]
     readme = (REPO_ROOT / "README.md").read_text()
     (command,) = [
@@ -232,7 +183,7 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
         "1",
     ]
     with _mlflow_server(server_args, cwd=tmp_path) as base:
-        result = _sweep(
+        result = sweep(
             tmp_path,
             "hydra/launcher=submitit_local",
             f"tracking.tracking_uri={base}",

@@ -1,0 +1,67 @@
+"""Helpers shared by test modules (not a test module itself): a command-line sweep and what it leaves."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO_ROOT
+
+SWEEP_FAST = [
+    "evaluate.latency.repeats=3",
+    "evaluate.latency.warmup=1",
+    "evaluate.latency.batch_sizes=[1]",
+    "export.onnx=false",
+    "export.torchscript=none",
+]
+
+
+def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline -m <overrides>` with output_dir=tmp_path."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", *overrides, *SWEEP_FAST, f"output_dir={tmp_path}"],
+        cwd=tmp_path,  # nothing lands in the checkout
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def parent_and_children(tmp_path: Path):
+    """The sweep's one MLflow parent run and its nested job runs, from the store under tmp_path."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, parents[0], children
+
+
+def report_rows(tmp_path: Path) -> list[dict[str, str]]:
+    """The rows of the sweep's report.csv."""
+    (report,) = tmp_path.glob("multirun/*/report/report.csv")
+    with report.open() as file:
+        return list(csv.DictReader(file))
+
+
+def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
+    """A two-job sweep whose second job fails (the everything-float skip makes `lower` refuse it):
+    the other job finishes and is in the store, the parent fails, the report marks the failed row."""
+    skips = ["skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]"]
+    result = sweep(tmp_path, *launcher, "backend=x86", *skips)
+    assert result.returncode != 0
+    _, parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    (failed,) = [c for c in children if c.info.status == "FAILED"]
+    assert failed.data.tags["failed_stage"] == "lower" and failed.data.tags["override.skip.module_name_regex"] == "[.*]"
+    (finished,) = [c for c in children if c.info.status == "FINISHED"]
+    assert finished.data.metrics["eval/lowered/accuracy"] > 0.9
+    rows = {row["status"]: row for row in report_rows(tmp_path)}
+    assert sorted(rows) == ["FAILED", "FINISHED"]
