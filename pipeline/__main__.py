@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
     )
     parent_run_id, job_tags = None, {}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from pipeline.tracking import sweep_parent_run_id
+        from pipeline.tracking.sweep import sweep_parent_run_id
 
         parent_run_id = sweep_parent_run_id(run_dir)
         overrides = list(hydra_cfg.overrides.task)

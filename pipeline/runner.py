@@ -19,7 +19,7 @@ from pipeline.cache import CalibrationCache, cache_key
 from pipeline.engine import custom_modules, get_engine
 from pipeline.errors import ConfigError
 from pipeline.schema import STAGES, PipelineSpec, SkipSpec, skip_yaml
-from pipeline.tracking import Tracker, flatten
+from pipeline.tracking import Tracker, make_tracker, run_tags
 from stages.calibrate import calibrate, prepare
 from stages.diagnose import diagnose, write_outputs
 from stages.evaluate import evaluate
@@ -174,11 +174,9 @@ def _run_search(spec: PipelineSpec, state: RunState, out: Path, tracker: Tracker
     assert state.loaded is not None and state.calibrated is not None
 
     def report_trial(trial: Trial) -> None:
-        child = Tracker(spec.tracking)
-        child.start(
+        child = tracker.child(
             {"trial": str(trial.number), "skip.module_name": str(trial.skipped)},
             {**run_tags(spec), "skip": f"trial_{trial.number}", "search_trial": str(trial.number)},
-            parent_run_id=tracker.run_id,
             run_name=f"trial-{trial.number}",
         )
         child.log_metrics({**trial.metrics, "search/score": trial.score, "search/meets": float(trial.meets)})
@@ -387,18 +385,6 @@ def planned_stages(spec: PipelineSpec) -> list[str]:
     return stages
 
 
-def run_tags(spec: PipelineSpec) -> dict[str, str]:
-    return {
-        "backend": spec.backend.engine,
-        "qconfig_mapping": spec.qconfig_mapping.name,
-        "skip": spec.skip.name,
-        "model": spec.model.name,
-        "data": spec.data.name,
-        "custom_config": spec.custom_config.name,
-        "weights": "trained" if spec.model.trained else "random",
-    }
-
-
 def run(
     spec: PipelineSpec,
     resolved: DictConfig,
@@ -413,10 +399,10 @@ def run(
     _stop_signal = None
     run_dir.mkdir(parents=True, exist_ok=True)
     warn_about_backend(spec)
-    tracker = Tracker(spec.tracking)
+    tracker = make_tracker(spec.tracking)
     # The store first: an unreachable one is a ConfigError before anything is written.
     tracker.start(
-        flatten(OmegaConf.to_container(resolved, resolve=True)),
+        OmegaConf.to_container(resolved, resolve=True),
         {**run_tags(spec), **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
@@ -459,27 +445,3 @@ def run(
             tracker.log_artifacts(log_file)
         tracker.end(status)
     return state
-
-
-def sync_offline_run(run_dir: Path, tracking_uri: str) -> str:
-    """Log a run directory written with tracking=offline (or off) to a store: params and tags from its
-    config.yaml, metrics from metrics.json, every file as an artifact, FAILED if it has error.txt."""
-    from dataclasses import replace
-
-    from pipeline.schema import PipelineSpec
-
-    resolved = OmegaConf.load(run_dir / "config.yaml")
-    spec: PipelineSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineSpec), resolved))
-    tracker = Tracker(replace(spec.tracking, enabled=True, tracking_uri=tracking_uri))
-    tracker.start(
-        flatten(OmegaConf.to_container(resolved, resolve=True)), {**run_tags(spec), "synced_from": str(run_dir)}
-    )
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        tracker.log_metrics(json.loads(metrics_file.read_text()))
-    run_id = tracker.run_id
-    for path in sorted(run_dir.iterdir()):
-        tracker.log_artifacts(path, path.name if path.is_dir() else None)
-    tracker.end("FAILED" if (run_dir / "error.txt").exists() else "FINISHED")
-    assert run_id is not None
-    return run_id

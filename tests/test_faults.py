@@ -19,9 +19,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import runner, tracking
+from pipeline import runner
 from pipeline.engine import mappings, qconfigs
 from pipeline.errors import ConfigError
+from pipeline.tracking import cli as tracking_cli
+from pipeline.tracking import mlflow as mlflow_tracking
 from pipeline.validation import validate
 from stages.calibrate import calibrate
 from stages.load import load, load_checkpoint
@@ -204,7 +206,7 @@ def test_offline_run_then_sync_logs_everything_to_a_store(run_pipeline, empty_st
     synced = tmp_path / "synced" / "mlflow.db"
     synced.parent.mkdir()
     shutil.copy(empty_store, synced)
-    tracking.main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{synced}"])
+    tracking_cli.main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{synced}"])
     client = MlflowClient(tracking_uri=f"sqlite:///{synced}")
     (run,) = _runs(client)
     assert run.info.status == "FINISHED"
@@ -390,13 +392,13 @@ def test_a_hard_kill_leaves_running_and_close_stale_marks_it_killed(store: Mlflo
     (run,) = _runs(store)
     assert run.info.status == "RUNNING"  # no exit handler ran
     assert _cache_entries(tmp_path) == []
-    tracking.main(["close-stale", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    tracking_cli.main(["close-stale", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     run = store.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["closed_by"] == "stale-run-check"
 
 
 def test_the_next_run_closes_runs_whose_process_is_gone_and_only_those(run_pipeline, store: MlflowClient) -> None:
-    experiment_id = tracking.ensure_experiment(store, to_spec(compose_config([])).tracking)
+    experiment_id = mlflow_tracking.ensure_experiment(store, to_spec(compose_config([])).tracking)
     finished = subprocess.Popen(["true"])
     finished.wait()
     host = socket.gethostname()

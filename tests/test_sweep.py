@@ -16,7 +16,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import artifact_uri, pareto_front
+from pipeline.tracking.mlflow import artifact_uri
+from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
 from tests.helpers import check_one_failing_job, parent_and_children, report_rows, sweep
 

@@ -1,0 +1,10 @@
+"""Experiment tracking behind one Protocol: `make_tracker(spec)` gives the MLflow tracker
+(tracking/mlflow.py) when tracking.enabled, else the no-op one (tracking/off.py). sweep.py holds the
+Hydra sweep callback and the comparison report; cli.py the `python -m pipeline.tracking` commands.
+
+Imports only pipeline.schema / pipeline.errors below it: never the runner, the stages or the engine.
+"""
+
+from pipeline.tracking.base import RunRecord, Tracker, make_tracker, run_tags
+
+__all__ = ["RunRecord", "Tracker", "make_tracker", "run_tags"]

@@ -1,0 +1,89 @@
+"""What the runner, the search and the sweep callback need from experiment tracking, as a Protocol,
+and the one place that picks the implementation: MLflow when tracking.enabled, else a no-op.
+
+Importing this module does not import mlflow; make_tracker does, only when tracking is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pipeline.schema import PipelineSpec, TrackingSpec
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished (or failed) run as read back from the store: what a sweep report shows per job."""
+
+    name: str
+    status: str  # FINISHED, FAILED, KILLED or RUNNING
+    tags: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """One tracked run. Every method is safe to call on a tracker that tracks nothing."""
+
+    @property
+    def run_id(self) -> str | None:
+        """The store's id of the open run; None before start, after end, or when nothing is tracked."""
+        ...
+
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        """Open the run (nested under parent_run_id if given). params may be nested (a resolved config);
+        the implementation flattens it. Fails fast (ConfigError) when the store does not answer."""
+        ...
+
+    def child(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> Tracker:
+        """A new run, started, nested under this one (a search trial)."""
+        ...
+
+    def children(self) -> list[RunRecord]:
+        """The runs nested under this one, as the store has them (a sweep's jobs)."""
+        ...
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None: ...
+
+    def log_artifacts(self, local_path: Path, artifact_path: str | None = None) -> None:
+        """A file or a folder's contents, under artifact_path; a path that does not exist is skipped."""
+        ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED; safe to call twice."""
+        ...
+
+
+def make_tracker(spec: TrackingSpec) -> Tracker:
+    """The MLflow tracker when spec.enabled, else the no-op one (and mlflow is not imported)."""
+    if spec.enabled:
+        from pipeline.tracking.mlflow import MlflowTracker
+
+        return MlflowTracker(spec)
+    from pipeline.tracking.off import NoopTracker
+
+    return NoopTracker()
+
+
+def run_tags(spec: PipelineSpec) -> dict[str, str]:
+    """The tags every pipeline run gets, to filter and compare runs by what they ran."""
+    return {
+        "backend": spec.backend.engine,
+        "qconfig_mapping": spec.qconfig_mapping.name,
+        "skip": spec.skip.name,
+        "model": spec.model.name,
+        "data": spec.data.name,
+        "custom_config": spec.custom_config.name,
+        "weights": "trained" if spec.model.trained else "random",
+    }

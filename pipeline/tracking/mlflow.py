@@ -1,0 +1,220 @@
+"""The MLflow tracker: one run per pipeline run, params from the resolved config, metrics per stage,
+artifacts from the run directory, and an end status that is never left RUNNING.
+
+Uses MlflowClient with explicit run ids rather than mlflow's fluent global run, because a sweep
+runs many jobs in one process (Hydra's basic launcher) and nested runs must not leak between them.
+Only pipeline.tracking.make_tracker (tracking on) and the CLI import this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+# mlflow configures its own logger (which then bypasses Hydra's job log) unless told not to.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
+
+from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.schema import TrackingSpec, is_tracking_server  # noqa: E402
+from pipeline.tracking.base import RunRecord  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists become their text; values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+            continue
+        text = str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            marker = "...[truncated]"
+            text = text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
+        flat[name[:MAX_ENTITY_KEY_LENGTH]] = text
+    return flat
+
+
+def artifact_uri(location: str | None) -> str | None:
+    """A local folder as an absolute file URI (a relative one would follow the process's cwd); a URI
+    (s3://..., mlflow-artifacts:/...) as it is; None leaves the choice to the tracking server."""
+    if location is None or len(urlparse(location).scheme) > 1:  # one letter is a Windows drive
+        return location
+    return Path(location).resolve().as_uri()
+
+
+class MlflowTracker:
+    """Implements pipeline.tracking.base.Tracker with one MLflow run."""
+
+    def __init__(self, spec: TrackingSpec) -> None:
+        self.spec = spec
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+        self.nested = False
+        self.kind = "run"  # how the log lines name it: "sweep parent run" for a sweep's (tag sweep=true)
+
+    @classmethod
+    def attach(cls, spec: TrackingSpec, run_id: str) -> MlflowTracker:
+        """A tracker on a run that already exists (a past sweep's parent, to rebuild its report)."""
+        tracker = cls(spec)
+        tracker.client = MlflowClient(tracking_uri=spec.tracking_uri)
+        tracker.run_id = run_id
+        return tracker
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        self.client = connect(self.spec)
+        experiment_id = ensure_experiment(self.client, self.spec)
+        close_stale_runs(self.client, experiment_id)
+        all_tags = {**tags, **process_tags()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or self.spec.run_name)
+        self.run_id = run.info.run_id
+        self.nested = parent_run_id is not None
+        self.kind = "sweep parent run" if tags.get("sweep") == "true" else "run"
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+        log.info(
+            "MLflow %s %s in experiment '%s' (%s)",
+            self.kind,
+            self.run_id,
+            self.spec.experiment_name,
+            self.spec.tracking_uri,
+        )
+
+    def child(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> MlflowTracker:
+        child = MlflowTracker(self.spec)
+        child.start(params, tags, parent_run_id=self.run_id, run_name=run_name)
+        return child
+
+    def children(self) -> list[RunRecord]:
+        if not self.active:
+            return []
+        assert self.client is not None and self.run_id is not None
+        parent = self.client.get_run(self.run_id)
+        runs = self.client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=5000
+        )
+        return [RunRecord(run.info.run_name, run.info.status, run.data.tags, run.data.metrics) for run in runs]
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        timestamp = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, local_path: Path, artifact_path: str | None = None) -> None:
+        if not self.active or not local_path.exists():
+            return
+        assert self.client is not None and self.run_id is not None
+        if local_path.is_dir():
+            self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED; safe to call twice."""
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        self.client.set_terminated(self.run_id, status=status)
+        log.log(logging.DEBUG if self.nested else logging.INFO, "MLflow %s %s ended %s", self.kind, self.run_id, status)
+        self.run_id = None
+
+
+def connect(spec: TrackingSpec) -> MlflowClient:
+    """A client for the store, failing fast (before any work) when an http store does not answer:
+    mlflow itself would retry for minutes, then lose the run's results at the first log call."""
+    uri = spec.tracking_uri
+    if is_tracking_server(uri):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as error:
+            raise ConfigError(
+                f"tracking.tracking_uri='{uri}' does not answer ({type(error).__name__}). Start the MLflow "
+                f"server, use the local SQLite store (tracking=sqlite), or run offline with tracking=offline "
+                f"and log the run later with `python -m pipeline.tracking sync <run dir> --tracking-uri {uri}`."
+            ) from None
+    _make_sqlite_folder(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this run: lets a later run tell a crashed (hard-killed) run from a live one."""
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process, on this host, is gone (SIGKILL, power loss):
+    no exit handler ran for them, so nothing else ever would."""
+    stale = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("pipeline.host") != socket.gethostname() or not tags.get("pipeline.pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags["pipeline.pid"]), 0)
+        except ProcessLookupError:
+            client.set_tag(run.info.run_id, "closed_by", "stale-run-check")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            stale.append(run.info.run_id)
+        except PermissionError:
+            pass  # alive, someone else's
+    if stale:
+        log.warning("closed %d stale RUNNING run(s) whose process is gone, as KILLED: %s", len(stale), stale)
+    return stale
+
+
+def ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> str:
+    """The experiment's id, creating it with artifacts under outputs/ (with a SQLite store, mlflow
+    otherwise puts them in ./mlruns of whatever folder the process runs in)."""
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(spec.experiment_name, artifact_location=artifact_uri(spec.artifact_location))
+    except Exception:
+        # Another process created it between our lookup and create.
+        experiment = client.get_experiment_by_name(spec.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _make_sqlite_folder(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,43 @@
+"""The tracker for tracking=off and tracking=offline: records nothing, touches no store; the run
+directory still has everything (and `python -m pipeline.tracking sync` can log it later)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking.base import RunRecord
+
+
+class NoopTracker:
+    """Implements pipeline.tracking.base.Tracker by doing nothing."""
+
+    run_id: str | None = None
+
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        pass
+
+    def child(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> NoopTracker:
+        return NoopTracker()
+
+    def children(self) -> list[RunRecord]:
+        return []
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_artifacts(self, local_path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def end(self, status: str) -> None:
+        pass
