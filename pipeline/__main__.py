@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline import metric_keys, schema
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline")
 
@@ -20,7 +21,8 @@ schema.register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline import registry, runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
+    from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
+    from pipeline.validation import validate
 
     # torch's own warnings go through logging, to the job log only (conf/hydra/job_logging/pipeline.yaml).
     logging.captureWarnings(True)
@@ -29,9 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     try:
         spec = schema.from_config(cfg)
-        schema.validate(spec)
-        registry.check(spec)
-    except schema.ConfigError as error:
+        validate(spec)
+    except ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
         sys.exit(2)
@@ -64,12 +65,12 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             raise  # stops the sweep
         sys.exit(143 if "SIGTERM" in reason else 130)  # the shell's 128 + signal number
-    except (schema.ConfigError, runner.StageFailed) as error:
-        log.error("%s %s", "Invalid input:" if isinstance(error, schema.ConfigError) else "Failed:", error)
+    except (ConfigError, runner.StageFailed) as error:
+        log.error("%s %s", "Invalid input:" if isinstance(error, ConfigError) else "Failed:", error)
         log.debug("traceback", exc_info=True)
         if multirun:
             raise  # Hydra records this job as failed and runs the others
-        sys.exit(2 if isinstance(error, schema.ConfigError) else 1)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     return result.metrics.get(metric_keys.LOWERED_ACCURACY)
 
 

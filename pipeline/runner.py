@@ -22,7 +22,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import metric_keys, registry
-from pipeline.schema import ConfigError, PipelineSpec
+from pipeline.errors import ConfigError
+from pipeline.schema import PipelineSpec
 from pipeline.tracking import make_tracker, run_tags
 from stages.types import StageContext, write_json
 

@@ -1,14 +1,14 @@
 """The one typed schema of a run's config, registered with Hydra's ConfigStore and validated once.
 
 Each dataclass is a `*Spec` (never `*Config`, which would clash with torch's QConfig, BackendConfig,
-PrepareCustomConfig...). OmegaConf rejects unknown keys and wrong types while composing; `validate`
-then checks what types cannot say (names in closed sets, import paths, stage order) before any work.
+PrepareCustomConfig...). OmegaConf rejects unknown keys and wrong types while composing; `check`
+then checks what types cannot say (names in closed sets, ranges, stage order) before any work.
+Imports no engine and no stage: pipeline.validation adds the checks that need them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,23 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from pipeline.errors import ConfigError, closest
+
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and what is valid."""
-
-
-def error_summary(error: BaseException, limit: int | None = 300) -> str:
-    """`Type: first line of the message` for one-paragraph errors (an exception's message may be empty)."""
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:limit]}"
-
-
-def closest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
-    """'did you mean' text for error messages."""
-    matches = difflib.get_close_matches(value, list(choices), n=n, cutoff=0.5)
-    return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 
 @dataclass
@@ -384,19 +371,11 @@ def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:
                     _reject_unknown_keys(item, item_type, f"{full_key}[{position}].")
 
 
-def validate(spec: PipelineSpec) -> None:
-    """Checks that need more than a type: raise ConfigError before any work starts."""
-    from pipeline import quantization  # torch import kept out of schema import time
-
+def check(spec: PipelineSpec) -> None:
+    """The checks that need more than a type but nothing beyond the spec (closed sets, ranges, stage
+    order, paths): raise ConfigError. pipeline.validation.validate runs these first, then the checks
+    that need the engine or a stage."""
     _check_in("backend.engine", spec.backend.engine, ENGINES)
-    import torch
-
-    supported = [engine for engine in torch.backends.quantized.supported_engines if engine != "none"]
-    if spec.backend.engine not in supported:
-        raise ConfigError(
-            f"backend.engine='{spec.backend.engine}' is not supported by this torch build on this CPU; "
-            f"supported engines here are {supported}."
-        )
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
     if spec.export.torchscript not in ("trace", "script", "none"):
         raise ConfigError(
@@ -428,13 +407,6 @@ def validate(spec: PipelineSpec) -> None:
         )
     for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
         check_python_path(key, folders)
-    # Names and import paths in the mappings and factories resolve now, not halfway through a run.
-    quantization.check_specs(spec.backend, spec.qconfig_mapping, spec.skip)
-    quantization.check_custom_config(spec.custom_config)
-    from stages.load import resolve_factory  # imports the user's factory module: after the cheap checks
-
-    resolve_factory(spec.model.factory, "model.factory", spec.model.python_path)
-    resolve_factory(spec.data.factory, "data.factory", spec.data.python_path)
 
 
 def check_python_path(key: str, folders: list[str]) -> None:

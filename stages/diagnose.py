@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys, quantization
+from pipeline import metric_keys
+from pipeline.engine import get_engine
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
 from stages.types import Calibrated, Loaded, Lowered, StageContext
 
@@ -36,14 +38,14 @@ OPTIONAL = True
 
 @dataclass
 class Diagnosis:
-    layers: list[quantization.LayerDiagnostics]  # worst own SQNR first
+    layers: list[LayerDiagnostics]  # worst own SQNR first
     first_layer_sqnr_db: float
     engine_problem: bool
     text: str
     suggested: SkipSpec
 
 
-def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.LoggedOutput]:
+def first_layer(logged: list[LoggedOutput]) -> list[LoggedOutput]:
     """The ops up to the second op with weights: the first conv/linear with what follows it. An unfused
     activation such as ReLU6 belongs to its layer, and is where kernel faults show."""
     weighted = [i for i, output in enumerate(logged) if output.has_weight]
@@ -53,7 +55,7 @@ def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.Lo
 
 def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec) -> Diagnosis:
     inputs = torch.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
-    layers, logged = quantization.layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
+    layers, logged = get_engine().layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
     first = first_layer(logged)
     first_sqnr = min(output.sqnr_db for output in first)
     later = logged[len(first) :]
@@ -67,9 +69,9 @@ def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: Dia
 
 
 def _explain(
-    layers: list[quantization.LayerDiagnostics],
-    logged: list[quantization.LoggedOutput],
-    first: list[quantization.LoggedOutput],
+    layers: list[LayerDiagnostics],
+    logged: list[LoggedOutput],
+    first: list[LoggedOutput],
     first_sqnr: float,
     worst_later: float,
     engine_problem: bool,
@@ -185,7 +187,7 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
 
 def compute(ctx: StageContext) -> dict[str, Any]:
     """The diagnosis, or the reason the numeric suite cannot run on this model (a str)."""
-    blocker = quantization.numeric_suite_blocker(ctx.spec.custom_config)
+    blocker = get_engine().numerics_blocker(ctx.spec.custom_config)
     if blocker is not None:
         log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
         return {"diagnosis": f"Skipped: {blocker}."}

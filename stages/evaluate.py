@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import metric_keys, quantization
+from pipeline import metric_keys
+from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import measure_latency, quality_metrics, serialized_bytes
 from pipeline.schema import EvaluateSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
@@ -42,7 +43,7 @@ def evaluate(
             "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
         )
     metrics: dict[str, float] = {}
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}
         labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
         for name, logits in outputs.items():

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys, quantization
+from pipeline import metric_keys
+from pipeline.engine.custom_modules import preserved_attributes
+from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
 from pipeline.schema import ExportSpec
 from stages.types import ExportBundle, Loaded, Lowered, StageContext, write_json
@@ -58,7 +60,7 @@ def preserved_attribute_files(model: torch.nn.Module) -> dict[str, str]:
     freezing) drops plain Python attributes, but extra files travel inside the archive; read them back
     with torch.jit.load(path, _extra_files={"preserved_attributes.json": ""}). Values JSON cannot hold
     are written as their str()."""
-    attributes = quantization.preserved_attributes(model)
+    attributes = preserved_attributes(model)
     if not attributes:
         return {}
     return {PRESERVED_ATTRIBUTES_FILE: json.dumps(attributes, sort_keys=True, default=str)}
@@ -94,7 +96,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     example = loaded.data.example_inputs[0]
 
     extra_files = preserved_attribute_files(lowered.model)
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         expected = lowered.model(check_inputs)
 
         scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
@@ -166,7 +168,7 @@ def _export_onnx(
 ) -> dict[str, float]:
     import onnxruntime
 
-    with quantization.quantized_engine(lowered.engine), torch.no_grad():
+    with quantized_engine(lowered.engine), torch.no_grad():
         torch.onnx.export(
             lowered.model,
             (example,),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import quantization
+from pipeline.engine import get_engine, steps
+from pipeline.engine.qconfigs import import_path
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
-from stages.calibrate import prepare
 from stages.types import Loaded, StageContext
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,15 @@ def inspect(
     loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
 ) -> str:
     """The report as terminal-readable text."""
-    prepared = prepare(loaded, backend, mapping, custom)
+    prepared = steps.prepare(loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom)
     modules = [
-        [name, quantization.import_path(type(module))]
+        [name, import_path(type(module))]
         for name, module in prepared.named_modules()
         if name and "activation_post_process" not in name
     ]
     nodes = [
         [node.name, node.op, node.target, node.scope or "(top level)", "int8" if node.quantized else "float"]
-        for node in quantization.model_nodes(prepared)
+        for node in get_engine().model_nodes(prepared)
     ]
     lines = [
         f"Model {loaded.model_name}, prepared for backend={backend.engine} with qconfig_mapping={mapping.name}.",
@@ -60,7 +60,7 @@ def inspect(
         *_table(["node", "op", "target", "scope", "mapping"], nodes),
         "",
     ]
-    matches = quantization.entry_matches(prepared, mapping, skip, backend)
+    matches = get_engine().entry_matches(prepared, mapping, skip, backend)
     lines.append(f"What each entry of skip={skip.name} and qconfig_mapping={mapping.name} matches:")
     if not matches:
         lines.append("  (no entries)")

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline import metric_keys
-from pipeline.schema import ConfigError, DataSpec, ModelSpec, PipelineSpec, closest, error_summary
+from pipeline.errors import ConfigError, closest, error_summary
+from pipeline.schema import DataSpec, ModelSpec, PipelineSpec
 from stages.types import DataBundle, Loaded, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _import_target(target: str, key: str, searched: list[str]) -> object:
 
 def resolve_factory(factory: dict[str, Any], key: str, python_path: list[str] | None = None) -> Any:
     """The factory's callable, imported with python_path first, its kwargs checked against its signature:
-    run by schema.validate before any work, and again by load."""
+    run by pipeline.validation.validate before any work, and again by load."""
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
     target = str(factory["_target_"])

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys, quantization
+from pipeline import metric_keys
+from pipeline.engine import steps
 from pipeline.schema import BackendSpec
 from stages.types import Lowered, ReferenceModel, StageContext, write_json
 
@@ -25,15 +26,8 @@ READS = ("backend",)
 OPTIONAL = False
 
 
-class NothingQuantizedError(RuntimeError):
-    """The lowered model runs no int8 op: the mapping, skip-list and backend config left all float."""
-
-
 def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
-    model = quantization.lower(
-        reference.model, reference.node_name_to_qconfig, reference.node_name_to_scope, backend.engine
-    )
-    counts = quantization.count_nodes(model, example_inputs, backend.engine)
+    model, counts = steps.lower(reference, backend, example_inputs)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,
@@ -41,14 +35,6 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
         counts["float"],
         counts["quantize_dequantize"],
     )
-    if counts["quantized"] == 0:
-        # BackendConfig silently ignores qconfigs it does not support, so this is the only signal.
-        raise NothingQuantizedError(
-            f"Nothing was quantized with backend.backend_config='{backend.backend_config}': every op stayed "
-            f"float. Either the skip-list covers everything, or the mapping's qconfigs use dtypes or ranges "
-            f"this BackendConfig does not support (e.g. qnnpack needs quint8 activations); try "
-            f"qconfig_mapping=backend_default."
-        )
     return Lowered(model=model, engine=backend.engine, node_counts=counts)
 
 

@@ -21,11 +21,14 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys, quantization
+from pipeline import metric_keys
+from pipeline.engine import get_engine, steps
+from pipeline.engine.numerics import LayerSensitivity
+from pipeline.engine.qconfigs import quantized_engine
+from pipeline.errors import ConfigError
 from pipeline.measure import measure_latency, quality_metrics
 from pipeline.schema import (
     BackendSpec,
-    ConfigError,
     CustomConfigSpec,
     EvaluateSpec,
     PipelineSpec,
@@ -35,8 +38,6 @@ from pipeline.schema import (
     skip_label,
     skip_yaml,
 )
-from stages.lower import NothingQuantizedError, lower
-from stages.reference_convert import reference_convert
 from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Trial:
 class SearchResult:
     winner: Trial
     trials: list[Trial]
-    sensitivity: list[quantization.LayerSensitivity]
+    sensitivity: list[LayerSensitivity]
     float_score: float
     bar: float
     met: bool
@@ -73,7 +74,7 @@ class SearchResult:
 
 
 def check(spec: PipelineSpec) -> None:
-    blocker = quantization.numeric_suite_blocker(spec.custom_config)
+    blocker = get_engine().numerics_blocker(spec.custom_config)
     if blocker is not None:
         raise ConfigError(
             f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
@@ -124,29 +125,29 @@ def search(
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        reference = reference_convert(calibrated, backend, mapping, skip, custom)
+        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
         try:
-            lowered = lower(reference, backend, loaded.data.example_inputs)
-        except NothingQuantizedError:
+            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
+        except steps.NothingQuantizedError:
             lowered = None
         if lowered is None:
             # Everything float: it meets any bar at float speed; score it as float.
             score, latency, metrics = float_score, float_ms, {}
         else:
-            with quantization.quantized_engine(backend.engine), torch.no_grad():
-                outputs = lowered.model(inputs)
-            timing, _ = measure_latency({"lowered": lowered.model}, inputs, latency_spec)
+            with quantized_engine(backend.engine), torch.no_grad():
+                outputs = lowered(inputs)
+            timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
             latency = timing[metric_keys.latency_ms("lowered", size)]
             metrics = {
                 **quality_metrics("lowered", outputs, float_outputs, labels),
                 metric_keys.latency_ms("lowered", size): latency,
                 metric_keys.speedup(size): float_ms / latency,
-                metric_keys.QUANTIZED_NODES: float(lowered.node_counts["quantized"]),
+                metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
             }
             score = metrics[
                 metric_keys.LOWERED_ACCURACY if spec.criterion == "accuracy" else metric_keys.LOWERED_SQNR_DB
             ]
-            lowered_models[len(trials)] = lowered.model
+            lowered_models[len(trials)] = lowered
         metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
         trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics)
         trials.append(trial)
@@ -164,10 +165,10 @@ def search(
         return trial
 
     first = run_trial([])
-    sensitivity: list[quantization.LayerSensitivity] = []
+    sensitivity: list[LayerSensitivity] = []
     skipped: list[str] = []
     if not first.meets and 0 in lowered_models:
-        sensitivity = quantization.layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
+        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
         log.info(
             "search: sensitivity (own output SQNR, worst first): %s",
             ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from pipeline.engine.base import ReferenceConversion
+
 if TYPE_CHECKING:
     from pipeline.schema import PipelineSpec
 
@@ -75,14 +77,9 @@ class Calibrated:
     cache_key: str | None = None
 
 
-@dataclass
-class ReferenceModel:
-    """Output of `reference_convert`: the reference model plus what lowering needs from the convert step."""
-
-    model: GraphModule
-    node_name_to_qconfig: dict[str, Any]
-    node_name_to_scope: dict[str, tuple[str, type]]
-    left_float: list[str] = field(default_factory=list)
+# Output of `reference_convert`: the reference model, the nodes left float, and what lowering needs from
+# the convert step (`engine_state`: opaque here, created and read only by the engine that converted).
+ReferenceModel = ReferenceConversion
 
 
 @dataclass

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
+from pipeline.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REPO_ROOT = CONF_DIR.parent
@@ -48,13 +49,12 @@ def restore_torch_state() -> Iterator[None]:
 @pytest.fixture
 def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, object, Path]]:
     """Run the pipeline in-process like the CLI does (validate, then runner.run) under tmp_path."""
-    from pipeline import registry, runner
+    from pipeline import runner
 
     def _run(overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
         cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
         spec = to_spec(cfg)
-        schema.validate(spec)
-        registry.check(spec)
+        validate(spec)
         run_dir = tmp_path / "run"
         state = runner.run(spec, cfg, run_dir)
         return spec, state, run_dir

@@ -13,9 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline import quantization, registry, schema
+from pipeline.engine import custom_modules, fx, mappings, qconfigs
+from pipeline.errors import ConfigError
 from pipeline.measure import sqnr_db
 from pipeline.schema import SkipSpec
+from pipeline.validation import validate
 from stages.lower import lower
 from stages.reference_convert import reference_convert
 from tests.conftest import CONF_DIR, to_spec
@@ -110,7 +112,7 @@ def test_default_model_table_chart_and_suggested_skip_are_consistent(run_pipelin
     shutil.copy(suggested_file, conf / "skip" / "suggested.yaml")
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         spec = to_spec(compose(config_name="config", overrides=["skip=suggested"]))
-    schema.validate(spec)
+    validate(spec)
     assert spec.skip.name == "suggested" and spec.skip.module_name == expected
 
 
@@ -131,7 +133,7 @@ def test_skipping_the_suggested_layers_raises_output_sqnr(run_pipeline) -> None:
             state.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
         )
         lowered = lower(reference, spec.backend, state.artifacts["loaded"].data.example_inputs)
-        with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
+        with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
             return sqnr_db(float_out, lowered.model(inputs))
 
     before = output_sqnr(SkipSpec(name="none"))
@@ -189,8 +191,8 @@ def test_inspect_lists_real_names_and_marks_a_bogus_skip_entry(run_pipeline, cap
 def test_inspect_needs_load() -> None:
     from tests.conftest import compose_config
 
-    with pytest.raises(schema.ConfigError, match=r"runs 'inspect' without \['load'\]"):
-        registry.check(to_spec(compose_config(["stages=[inspect]"])))
+    with pytest.raises(ConfigError, match=r"runs 'inspect' without \['load'\]"):
+        validate(to_spec(compose_config(["stages=[inspect]"])))
     assert "inspect" not in to_spec(compose_config([])).stages
 
 
@@ -207,20 +209,20 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
     # The same calibration on the unmodified prepared model, converted by torch's own convert_fx.
     from stages.calibrate import calibrate
 
-    monkeypatch.setattr(quantization, "unshare_stateless_modules", lambda model: [])
+    monkeypatch.setattr(fx, "unshare_stateless_modules", lambda model: [])
     plain = calibrate(
         state.artifacts["loaded"], spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate
     ).model
     assert plain.get_submodule("relu") is plain.get_submodule("conv1.1")
     assert plain.state_dict().keys() == prepared.state_dict().keys()
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in prepared.state_dict().items())
-    expected = quantization.convert_in_one_step(
+    expected = fx.convert_in_one_step(
         plain,
-        quantization.build_convert_mapping(spec.qconfig_mapping, spec.skip, spec.backend, plain),
-        quantization.get_backend_config(spec.backend.backend_config),
-        quantization.build_custom_configs(spec.custom_config)[1],
+        mappings.build_convert_mapping(spec.qconfig_mapping, spec.skip, spec.backend, plain),
+        qconfigs.get_backend_config(spec.backend.backend_config),
+        custom_modules.build_custom_configs(spec.custom_config)[1],
         spec.backend.engine,
     )
     inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
-    with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
+    with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
         assert torch.equal(state.artifacts["lowered"].model(inputs), expected(inputs))

@@ -46,7 +46,9 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
-            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            submodules = [f"{base}.{alias.name}" for alias in node.names]
+            # `from pkg import module` imports pkg.module; `from pkg import name` imports pkg itself.
+            targets = submodules if all(sub in known for sub in submodules) else [base, *submodules]
         else:
             continue
         for target in targets:

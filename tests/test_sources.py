@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import schema
 from pipeline.cache import cache_key
-from pipeline.schema import ConfigError, DataSpec, ModelSpec
+from pipeline.errors import ConfigError
+from pipeline.schema import DataSpec, ModelSpec
+from pipeline.validation import validate
 from stages.load import load
 from stages.sources.digits import _digits_tensors, _split_indices
 from stages.sources.image_folder import image_folder_data
@@ -168,7 +169,7 @@ def test_cache_key_follows_the_user_files_source(user_project: Path, tmp_path: P
 def test_python_path_folder_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
     spec = to_spec(compose_config(["model.python_path=[no_such_folder]"], output_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"model.python_path\[0\]='no_such_folder' is not a folder"):
-        schema.validate(spec)
+        validate(spec)
 
 
 def test_unresolved_target_names_the_folders_searched_and_what_to_set(tmp_path: Path) -> None:

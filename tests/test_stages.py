@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.engine.steps import NothingQuantizedError
 from pipeline.measure import sqnr_db
 from pipeline.schema import ExportSpec
 from stages.calibrate import calibrate
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.load import load
-from stages.lower import NothingQuantizedError, lower
+from stages.lower import lower
 from stages.reference_convert import reference_convert
 from tests.conftest import FAST, compose_config, to_spec
 

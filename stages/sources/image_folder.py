@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, closest
+from pipeline.errors import ConfigError, closest
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle

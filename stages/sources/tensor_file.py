@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, error_summary
+from pipeline.errors import ConfigError, error_summary
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle
