@@ -152,7 +152,7 @@ def test_cache_round_trip_rebuilds_the_identical_clamped_model(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_relu6_aware_on_a_model_without_relu6_runs_and_says_nothing_was_clamped(run_pipeline, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="stages.calibrate"):
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.steps"):
         spec, state, _ = run_pipeline(
             ["qconfig_mapping=relu6_aware", "tracking=off", "stages=[load,calibrate,reference_convert,lower,evaluate]"]
         )
