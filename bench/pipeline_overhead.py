@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline import runner, schema
+from pipeline.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Every run calibrates, as the plain script does: the runs share one output folder, so the calibration
@@ -48,7 +49,7 @@ def pipeline_run(overrides: list[str]) -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         spec = OmegaConf.to_object(cfg)
-        schema.validate(spec)
+        validate(spec)
         state = runner.run(spec, cfg, Path(run_dir))
         return time.perf_counter() - start, state.metrics
 

@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline import schema
+from pipeline.validation import validate
 from stages.calibrate import calibrate
 from stages.evaluate import evaluate
 from stages.load import load
@@ -47,7 +48,7 @@ def main() -> None:
             ],
         )
     spec: schema.PipelineSpec = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    schema.validate(spec)
+    validate(spec)
     loaded = load(spec.model, spec.data, spec.seed)
     start = time.perf_counter()
     calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -12,22 +11,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import schema
+from pipeline import metric_keys, schema
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline")
 
 schema.register()
-# Set once Hydra has composed the config and called main(): an exit before that is Hydra refusing the
-# command line or a config file (unknown option, key or value type).
-_job_started = False
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
+    from pipeline.validation import validate
 
-    global _job_started
-    _job_started = True
     # torch's own warnings go through logging, to the job log only (conf/hydra/job_logging/pipeline.yaml).
     logging.captureWarnings(True)
     hydra_cfg = HydraConfig.get()
@@ -35,8 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     try:
         spec = schema.from_config(cfg)
-        schema.validate(spec)
-    except schema.ConfigError as error:
+        validate(spec)
+    except ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
         sys.exit(2)
@@ -49,33 +45,33 @@ def main(cfg: DictConfig) -> float | None:
         spec.data.name,
         run_dir,
     )
-    parent_run_id, job_tags = None, {}
+    # The skip tag names what actually runs: a preset edited on the command line gets a label of its entries.
+    preset = schema.skip_preset(hydra_cfg.runtime.choices.get("skip"), hydra_cfg.runtime.config_sources)
+    parent_run_id, job_tags = None, {"skip": schema.skip_label(spec.skip, preset)}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         from pipeline.tracking.sweep import sweep_parent_run_id
 
         parent_run_id = sweep_parent_run_id(run_dir)
         overrides = list(hydra_cfg.overrides.task)
-        job_tags = {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
+        job_tags |= {"job_num": str(hydra_cfg.job.num), "overrides": " ".join(overrides)}
         job_tags.update({f"override.{o.split('=', 1)[0]}": o.split("=", 1)[1] for o in overrides if "=" in o})
-    # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, runner.stop_on_signal)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        state = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
+        # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
+        result = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
     except KeyboardInterrupt as interrupt:
         reason = str(interrupt) or "SIGINT"
         log.error("Interrupted (%s): the MLflow run is marked KILLED; what finished is in %s.", reason, run_dir)
         if multirun:
             raise  # stops the sweep
         sys.exit(143 if "SIGTERM" in reason else 130)  # the shell's 128 + signal number
-    except (schema.ConfigError, runner.StageFailed) as error:
-        log.error("%s %s", "Invalid input:" if isinstance(error, schema.ConfigError) else "Failed:", error)
+    except (ConfigError, runner.StageFailed) as error:
+        log.error("%s %s", "Invalid input:" if isinstance(error, ConfigError) else "Failed:", error)
         log.debug("traceback", exc_info=True)
         if multirun:
             raise  # Hydra records this job as failed and runs the others
-        sys.exit(2 if isinstance(error, schema.ConfigError) else 1)
-    return state.metrics.get("eval/lowered/accuracy")
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+    return result.metrics.get(metric_keys.LOWERED_ACCURACY)
 
 
 def cli() -> None:
@@ -84,7 +80,9 @@ def cli() -> None:
     try:
         main()
     except SystemExit as done:
-        if done.code == 1 and not _job_started:
+        # Hydra sets its config just before calling main(): unset, the exit is Hydra refusing the command
+        # line or a config file (unknown option, key or value type).
+        if done.code == 1 and not HydraConfig.initialized():
             for hint in filter(None, map(schema.unknown_key_hint, sys.argv[1:])):
                 print(hint, file=sys.stderr)
             if not {"-m", "--multirun"} & set(sys.argv[1:]):

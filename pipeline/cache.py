@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.fx import GraphModule
 
-from pipeline import quantization
+from pipeline.engine import get_engine
 from pipeline.schema import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class CalibrationCache:
                 raise ValueError("mismatched " + ", ".join(problems))
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
-            quantization.load_observer_state(prepared, state)
+            get_engine().load_observer_state(prepared, state)
         except Exception as error:  # any failure means: do not trust it, rebuild it
             log.warning(
                 "cache: entry %s is corrupt or incompatible (%s: %s); removing it and calibrating again",
@@ -153,7 +153,7 @@ class CalibrationCache:
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory))
         try:
             state_path = temporary / STATE_FILE
-            torch.save(quantization.observer_state_dict(prepared), state_path)
+            torch.save(get_engine().observer_state(prepared), state_path)
             manifest = {
                 "key": key,
                 "format": FORMAT_VERSION,

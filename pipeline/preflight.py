@@ -10,7 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.schema import ConfigError, check_writable_folder
+from pipeline.checks import check_writable_folder
+from pipeline.errors import ConfigError
 
 
 def check_folders(config: DictConfig, folder_key: str) -> None:

@@ -1,88 +1,41 @@
 """Stage `calibrate`: prepare_fx with the base mapping, backend config and custom prepare config,
 then run the calibration batches through the observers.
 
-Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches.
+Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches, cache.*.
+With cache.enabled, a calibration whose key (weights, code, calibration data and settings) was seen
+before is rebuilt from the cached observer state instead of run again.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from pipeline import quantization
-from pipeline.schema import (
-    BackendSpec,
-    CalibrateSpec,
-    ConfigError,
-    CustomConfigSpec,
-    QConfigMappingSpec,
-    error_summary,
-)
-from stages.types import Calibrated, Loaded, progress
+from pipeline import metric_keys
+from pipeline.cache import CalibrationCache, cache_key
+from pipeline.engine import custom_modules, get_engine, steps
+from pipeline.engine.qconfigs import quantized_engine
+from pipeline.progress import progress
+from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, PipelineSpec, QConfigMappingSpec
+from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
 
-
-def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, custom: CustomConfigSpec):
-    """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one)."""
-    prepare_custom_config, _ = quantization.build_custom_configs(custom)
-    with quantization.quantized_engine(backend.engine):
-        try:
-            prepared = quantization.prepare(
-                loaded.model,
-                quantization.build_qconfig_mapping(mapping, backend),
-                loaded.data.example_inputs,
-                quantization.get_backend_config(backend.backend_config),
-                prepare_custom_config,
-            )
-        except Exception as error:
-            untraceable = quantization.untraceable_module(error)
-            if untraceable is None:
-                raise
-            raise not_traceable_error(loaded.model_name, custom.name, untraceable) from error
-
-    if mapping.clamp_bounded_activations:
-        clamped = quantization.clamp_bounded_activation_observers(
-            prepared, loaded.model, prepare_custom_config, backend.engine
-        )
-        if clamped:
-            log.info(
-                "qconfig_mapping=%s: %d conv/linear outputs feed only ReLU6/hardtanh and observe the clipped range: %s",
-                mapping.name,
-                len(clamped),
-                ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in clamped.items()),
-            )
-        else:
-            log.info(
-                "qconfig_mapping=%s: clamp_bounded_activations is on, but no conv or linear of model=%s feeds only "
-                "ReLU6/hardtanh; nothing clamped",
-                mapping.name,
-                loaded.model_name,
-            )
-    return prepared
+NAME = "calibrate"
+CONSUMES = ("loaded",)
+USES: tuple[str, ...] = ()
+PRODUCES = ("calibrated",)
+READS = ("backend", "qconfig_mapping", "custom_config", "calibrate", "cache")
+OPTIONAL = False
 
 
-def not_traceable_error(model_name: str, custom_name: str, failed: quantization.UntraceableModule) -> ConfigError:
-    """Which module FX could not trace, and the custom_config setting that lets FX step around it."""
-    cause = error_summary(failed.error, limit=None)
-    path = quantization.import_path(failed.cls)
-    if not failed.name:
-        return ConfigError(
-            f"prepare_fx cannot symbolically trace model={model_name}: its own top-level forward ({path}) raised "
-            f"{cause}. FX records only code whose control flow does not depend on tensor values; move the "
-            f"data-dependent part into a submodule and list that submodule in "
-            f"custom_config.prepare.non_traceable_module_name (it then stays float), or quantize it as a custom "
-            f"module (see README 'Custom modules')."
-        )
-    return ConfigError(
-        f"prepare_fx cannot symbolically trace model={model_name} (custom_config={custom_name}): submodule "
-        f"'{failed.name}' ({path}) raised {cause}. FX records only code whose control flow does not depend on "
-        f"tensor values; let FX call that module as a leaf (it then stays float) with "
-        f"`custom_config.prepare.non_traceable_module_name: [{failed.name}]` or "
-        f"`custom_config.prepare.non_traceable_module_class: [{path}]`, or quantize it as a custom module with "
-        f"custom_config.prepare.float_to_observed_custom_module_class (see README 'Custom modules')."
-    )
+def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, custom: CustomConfigSpec) -> nn.Module:
+    """The prepared, not yet calibrated model of `loaded` (also how the cache rebuilds a calibrated one)."""
+    return steps.prepare(loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom)
 
 
 def calibrate(
@@ -94,7 +47,7 @@ def calibrate(
 ) -> Calibrated:
     prepared = prepare(loaded, backend, mapping, custom)
     batches = loaded.data.calibration[: spec.max_batches]
-    with quantization.quantized_engine(backend.engine), torch.no_grad():
+    with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
             prepared(inputs)
     return Calibrated(
@@ -102,3 +55,55 @@ def calibrate(
         num_batches=len(batches),
         num_samples=sum(int(inputs.shape[0]) for inputs, _ in batches),
     )
+
+
+def check(spec: PipelineSpec) -> None:
+    """Warn (not fail) where the backend is known to lose accuracy on this CPU."""
+    if spec.backend.engine == "onednn" and not torch.cpu._is_vnni_supported():
+        log.warning(
+            "backend=onednn on a CPU without VNNI: onednn's default qconfig uses full 8-bit activations, which "
+            "these CPUs compute with possible overflow, so accuracy may drop (pytorch#103646); backend=x86 or "
+            "fbgemm use 7-bit activations and are exact here."
+        )
+
+
+def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | None = None) -> Calibrated:
+    """Calibrate, or rebuild the calibrated model from the cache when its key has an entry."""
+    if not spec.cache.enabled:
+        return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+    cache = CalibrationCache(Path(spec.cache.dir))
+    batches = loaded.data.calibration[: spec.calibrate.max_batches]
+    key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
+    with cache.lock(key):
+        cached = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
+        if cached is not None:
+            log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
+            return Calibrated(cached, len(batches), sum(int(x.shape[0]) for x, _ in batches), True, key)
+        calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+        if ctx is not None:
+            ctx.check_stop()  # a swallowed signal must not leave an entry that a later run trusts
+        entry = cache.store(key, calibrated.model, {"batches": calibrated.num_batches, "backend": spec.backend.engine})
+        log.info("calibrate: cached as %s", entry)
+        return Calibrated(calibrated.model, calibrated.num_batches, calibrated.num_samples, False, key)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    return {"calibrated": calibrate_or_load(ctx.spec, ctx.artifacts["loaded"], ctx)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """prepared_graph.py, prepare_custom_config.yaml and observer_state.pt (what can be saved of a
+    prepared model: the module itself cannot be pickled)."""
+    out = ctx.out_dir
+    calibrated: Calibrated = produced["calibrated"]
+    (out / "prepared_graph.py").write_text(calibrated.model.code)
+    prepare_custom_config, _ = custom_modules.build_custom_configs(ctx.spec.custom_config)
+    (out / "prepare_custom_config.yaml").write_text(custom_modules.custom_config_yaml(prepare_custom_config))
+    torch.save(get_engine().observer_state(calibrated.model), out / "observer_state.pt")
+    ctx.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
+    return {
+        metric_keys.CALIBRATIONS: 0.0 if calibrated.cache_hit else 1.0,  # a sweep or search sums them
+        metric_keys.CACHE_HIT: float(calibrated.cache_hit),
+        metric_keys.CALIBRATE_BATCHES: float(calibrated.num_batches),
+        metric_keys.CALIBRATE_SAMPLES: float(calibrated.num_samples),
+    }

@@ -16,26 +16,36 @@ import math
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline import quantization
+from pipeline import metric_keys
+from pipeline.engine import get_engine
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
-from stages.types import Calibrated, Loaded, Lowered
+from stages.types import Calibrated, Loaded, Lowered, StageContext
 
 log = logging.getLogger(__name__)
+
+NAME = "diagnose"
+CONSUMES = ("loaded", "calibrated", "lowered")
+USES: tuple[str, ...] = ()
+PRODUCES = ("diagnosis",)
+READS = ("diagnose", "custom_config")
+OPTIONAL = True
 
 
 @dataclass
 class Diagnosis:
-    layers: list[quantization.LayerDiagnostics]  # worst own SQNR first
+    layers: list[LayerDiagnostics]  # worst own SQNR first
     first_layer_sqnr_db: float
     engine_problem: bool
     text: str
     suggested: SkipSpec
 
 
-def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.LoggedOutput]:
+def first_layer(logged: list[LoggedOutput]) -> list[LoggedOutput]:
     """The ops up to the second op with weights: the first conv/linear with what follows it. An unfused
     activation such as ReLU6 belongs to its layer, and is where kernel faults show."""
     weighted = [i for i, output in enumerate(logged) if output.has_weight]
@@ -45,7 +55,7 @@ def first_layer(logged: list[quantization.LoggedOutput]) -> list[quantization.Lo
 
 def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec) -> Diagnosis:
     inputs = torch.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
-    layers, logged = quantization.layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
+    layers, logged = get_engine().layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
     first = first_layer(logged)
     first_sqnr = min(output.sqnr_db for output in first)
     later = logged[len(first) :]
@@ -59,9 +69,9 @@ def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: Dia
 
 
 def _explain(
-    layers: list[quantization.LayerDiagnostics],
-    logged: list[quantization.LoggedOutput],
-    first: list[quantization.LoggedOutput],
+    layers: list[LayerDiagnostics],
+    logged: list[LoggedOutput],
+    first: list[LoggedOutput],
     first_sqnr: float,
     worst_later: float,
     engine_problem: bool,
@@ -173,3 +183,31 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    """The diagnosis, or the reason the numeric suite cannot run on this model (a str)."""
+    blocker = get_engine().numerics_blocker(ctx.spec.custom_config)
+    if blocker is not None:
+        log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
+        return {"diagnosis": f"Skipped: {blocker}."}
+    artifacts = ctx.artifacts
+    diagnosis = diagnose(artifacts["loaded"], artifacts["calibrated"], artifacts["lowered"], ctx.spec.diagnose)
+    log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
+    return {"diagnosis": diagnosis}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """layers.csv, layers.png, diagnosis.txt and suggested_skip.yaml (only diagnosis.txt when skipped)."""
+    diagnosis: Diagnosis | str = produced["diagnosis"]
+    if isinstance(diagnosis, str):
+        (ctx.out_dir / "diagnosis.txt").write_text(diagnosis + "\n")
+        return {metric_keys.DIAGNOSE_SKIPPED: 1.0}
+    write_outputs(diagnosis, ctx.spec.diagnose, ctx.out_dir)
+    return {
+        metric_keys.DIAGNOSE_LAYERS: float(len(diagnosis.layers)),
+        metric_keys.DIAGNOSE_WORST_LAYER_SQNR_DB: diagnosis.layers[0].own_sqnr_db if diagnosis.layers else float("nan"),
+        metric_keys.DIAGNOSE_FIRST_LAYER_SQNR_DB: diagnosis.first_layer_sqnr_db,
+        metric_keys.DIAGNOSE_ENGINE_PROBLEM: float(diagnosis.engine_problem),
+        metric_keys.DIAGNOSE_SUGGESTED_SKIP: float(len(diagnosis.suggested.module_name)),
+    }

@@ -1,117 +1,31 @@
 """Stage `evaluate`: task metric, SQNR and agreement against float, serialized size, and latency of
-each deployable form (eager GraphModule, TorchScript traced, traced and frozen).
-
-Which form is fastest depends on threads and batch size (one int8 model ran 12x faster frozen at one
-thread yet slower frozen at sixteen), so every form is measured and the fastest is recorded.
+each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see pipeline/measure.py.
 
 Config keys read: evaluate.models, evaluate.max_batches, evaluate.latency.*, backend.engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import statistics
-import time
-from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline import quantization
-from pipeline.schema import EvaluateSpec, LatencySpec
-from stages.types import EvaluationReport, Loaded, progress
+from pipeline import metric_keys
+from pipeline.engine.qconfigs import quantized_engine
+from pipeline.measure import measure_latency, quality_metrics, serialized_bytes
+from pipeline.schema import EvaluateSpec
+from stages.types import EvaluationReport, Loaded, StageContext, write_json
 
 log = logging.getLogger(__name__)
 
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
-    noise = (reference - approximation).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
-
-
-def serialized_bytes(model: nn.Module) -> int:
-    """Bytes of the saved state_dict (packed int8 weights included); a lowered GraphModule itself
-    cannot be pickled in torch 2.13."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _deployable_forms(model: nn.Module, example: torch.Tensor, forms: list[str]) -> dict[str, Callable]:
-    built: dict[str, Callable] = {}
-    if "eager" in forms:
-        built["eager"] = model
-    if "traced" in forms or "frozen" in forms:
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
-        if "traced" in forms:
-            built["traced"] = traced
-        if "frozen" in forms:
-            built["frozen"] = torch.jit.freeze(traced.eval())
-    return built
-
-
-def _time_ms(run: Callable, inputs: torch.Tensor, spec: LatencySpec) -> tuple[float, float]:
-    with torch.no_grad():
-        for _ in range(spec.warmup):
-            run(inputs)
-        samples = []
-        for _ in range(spec.repeats):
-            start = time.perf_counter()
-            run(inputs)
-            samples.append((time.perf_counter() - start) * 1000.0)
-    samples.sort()
-    p90 = samples[min(len(samples) - 1, round(0.9 * (len(samples) - 1)))]
-    return statistics.median(samples), p90
-
-
-def _batch_of(pool: torch.Tensor, size: int) -> torch.Tensor:
-    repeats = -(-size // pool.shape[0])
-    return pool.repeat(repeats, *([1] * (pool.dim() - 1)))[:size].contiguous()
-
-
-def measure_latency(
-    models: dict[str, nn.Module], pool: torch.Tensor, spec: LatencySpec
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Median and p90 ms per model, form and batch size; the fastest form per model and batch size."""
-    metrics: dict[str, float] = {}
-    fastest: dict[str, str] = {}
-    jobs = [(name, size) for name in models for size in spec.batch_sizes]
-    with _threads(spec.threads):
-        for name, size in progress(jobs, len(jobs), "latency", log):
-            inputs = _batch_of(pool, size)
-            best = None
-            for form, run in _deployable_forms(models[name], inputs, spec.forms).items():
-                median, p90 = _time_ms(run, inputs, spec)
-                metrics[f"latency/{name}/{form}/b{size}_median_ms"] = median
-                metrics[f"latency/{name}/{form}/b{size}_p90_ms"] = p90
-                if best is None or median < best[1]:
-                    best = (form, median)
-            assert best is not None
-            metrics[f"latency/{name}/b{size}_ms"] = best[1]
-            fastest[f"{name}/b{size}"] = best[0]
-    for size in spec.batch_sizes:
-        if f"latency/float/b{size}_ms" in metrics and f"latency/lowered/b{size}_ms" in metrics:
-            metrics[f"latency/speedup_b{size}"] = (
-                metrics[f"latency/float/b{size}_ms"] / metrics[f"latency/lowered/b{size}_ms"]
-            )
-    return metrics, fastest
+NAME = "evaluate"
+CONSUMES = ("loaded",)
+USES = ("reference", "lowered")
+PRODUCES = ("evaluation",)
+READS = ("evaluate", "backend")
+OPTIONAL = False
 
 
 def evaluate(
@@ -129,24 +43,21 @@ def evaluate(
             "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
         )
     metrics: dict[str, float] = {}
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}
         labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
-        float_predictions = outputs["float"].argmax(1) if "float" in outputs else None
         for name, logits in outputs.items():
-            if labels is not None:
-                metrics[f"eval/{name}/accuracy"] = (logits.argmax(1) == labels).float().mean().item()
-            if name != "float" and "float" in outputs:
-                metrics[f"eval/{name}/sqnr_db"] = sqnr_db(outputs["float"], logits)
-                metrics[f"eval/{name}/agreement"] = (logits.argmax(1) == float_predictions).float().mean().item()
-        if "eval/lowered/accuracy" in metrics and "eval/float/accuracy" in metrics:
-            metrics["eval/accuracy_delta"] = metrics["eval/lowered/accuracy"] - metrics["eval/float/accuracy"]
-        metrics["eval/samples"] = float(sum(int(inputs.shape[0]) for inputs, _ in batches))
+            metrics.update(quality_metrics(name, logits, outputs.get("float"), labels))
+        if metric_keys.LOWERED_ACCURACY in metrics and metric_keys.FLOAT_ACCURACY in metrics:
+            metrics[metric_keys.ACCURACY_DELTA] = (
+                metrics[metric_keys.LOWERED_ACCURACY] - metrics[metric_keys.FLOAT_ACCURACY]
+            )
+        metrics[metric_keys.EVAL_SAMPLES] = float(sum(int(inputs.shape[0]) for inputs, _ in batches))
 
         if "lowered" in models:
-            metrics["size/float_bytes"] = float(serialized_bytes(loaded.model))
-            metrics["size/lowered_bytes"] = float(serialized_bytes(models["lowered"]))
-            metrics["size/ratio"] = metrics["size/lowered_bytes"] / metrics["size/float_bytes"]
+            metrics[metric_keys.FLOAT_BYTES] = float(serialized_bytes(loaded.model))
+            metrics[metric_keys.LOWERED_BYTES] = float(serialized_bytes(models["lowered"]))
+            metrics[metric_keys.SIZE_RATIO] = metrics[metric_keys.LOWERED_BYTES] / metrics[metric_keys.FLOAT_BYTES]
 
         fastest: dict[str, str] = {}
         if spec.latency.enabled:
@@ -155,3 +66,34 @@ def evaluate(
             latency, fastest = measure_latency(deployable, pool, spec.latency)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
+    return {"evaluation": evaluate(ctx.artifacts["loaded"], candidates, ctx.spec.backend.engine, ctx.spec.evaluate)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """metrics.json and fastest_form.json; the headline figures on the console."""
+    out = ctx.out_dir
+    report: EvaluationReport = produced["evaluation"]
+    write_json(out / "metrics.json", report.metrics)
+    write_json(out / "fastest_form.json", report.fastest_form)
+    for key in metric_keys.QUALITY_METRICS:
+        figures = {name: report.metrics.get(metric_keys.eval_metric(name, key)) for name in metric_keys.MODELS}
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items() if value is not None)
+        if shown:
+            log.info("evaluate %s: %s", key, shown)
+    for size in ctx.spec.evaluate.latency.batch_sizes:
+        speedup = report.metrics.get(metric_keys.speedup(size))
+        if speedup is not None:
+            log.info(
+                "latency batch %d: float %.3f ms (%s), lowered %.3f ms (%s), speedup %.2fx",
+                size,
+                report.metrics[metric_keys.latency_ms("float", size)],
+                report.fastest_form[f"float/b{size}"],
+                report.metrics[metric_keys.latency_ms("lowered", size)],
+                report.fastest_form[f"lowered/b{size}"],
+                speedup,
+            )
+    return report.metrics

@@ -6,7 +6,6 @@
 - qnnpack only: a lite-interpreter (.ptl) file for PyTorch Mobile.
 - ONNX: a QDQ graph through torch's TorchScript-based exporter, checked against onnxruntime (the
   [onnx] extra; skipped with the reason when it is not installed).
-- the readable FX code of the lowered model.
 
 custom_config's preserved attributes (e.g. class names) ride along in the TorchScript and .ptl files
 as the extra file `preserved_attributes.json` (tracing drops plain Python attributes), and in the
@@ -23,15 +22,25 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline import quantization
+from pipeline import metric_keys
+from pipeline.engine.custom_modules import preserved_attributes
+from pipeline.engine.qconfigs import quantized_engine
+from pipeline.measure import sqnr_db
 from pipeline.schema import ExportSpec
-from stages.evaluate import sqnr_db
-from stages.types import ExportBundle, Loaded, Lowered
+from stages.types import ExportBundle, Loaded, Lowered, StageContext, write_json
 
 log = logging.getLogger(__name__)
+
+NAME = "export"
+CONSUMES = ("lowered", "loaded")
+USES: tuple[str, ...] = ()
+PRODUCES = ("export_bundle",)
+READS = ("export", "backend")
+OPTIONAL = False
 
 
 def _torchscript(lowered: Lowered, example: torch.Tensor, spec: ExportSpec) -> torch.jit.ScriptModule:
@@ -51,7 +60,7 @@ def preserved_attribute_files(model: torch.nn.Module) -> dict[str, str]:
     freezing) drops plain Python attributes, but extra files travel inside the archive; read them back
     with torch.jit.load(path, _extra_files={"preserved_attributes.json": ""}). Values JSON cannot hold
     are written as their str()."""
-    attributes = quantization.preserved_attributes(model)
+    attributes = preserved_attributes(model)
     if not attributes:
         return {}
     return {PRESERVED_ATTRIBUTES_FILE: json.dumps(attributes, sort_keys=True, default=str)}
@@ -87,12 +96,8 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     example = loaded.data.example_inputs[0]
 
     extra_files = preserved_attribute_files(lowered.model)
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad():
         expected = lowered.model(check_inputs)
-
-        code_path = out_dir / "lowered_graph.py"
-        code_path.write_text(lowered.model.code)
-        files["fx_code"] = code_path
 
         scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
         if scripted is not None:
@@ -102,8 +107,8 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             reloaded = torch.jit.load(str(path), _extra_files=reloaded_extra)
             _check_extra_files(extra_files, reloaded_extra, path)
             diff = _max_abs_diff(expected, reloaded(check_inputs))
-            metrics["export/torchscript/max_abs_diff"] = diff
-            metrics["export/torchscript/bytes"] = float(path.stat().st_size)
+            metrics[metric_keys.export_metric("torchscript/max_abs_diff")] = diff
+            metrics[metric_keys.export_metric("torchscript/bytes")] = float(path.stat().st_size)
             if diff != 0.0:
                 raise RuntimeError(
                     f"export: reloaded TorchScript file {path} differs from the lowered model by {diff}."
@@ -119,7 +124,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             # The mobile loader reads no extra files; they sit in the zip archive's extra/ folder.
             _check_extra_files(extra_files, {name: read_extra_file(path, name) for name in extra_files}, path)
             diff = _max_abs_diff(expected, _load_for_lite_interpreter(str(path))(check_inputs))
-            metrics["export/lite_interpreter/max_abs_diff"] = diff
+            metrics[metric_keys.export_metric("lite_interpreter/max_abs_diff")] = diff
             if diff != 0.0:
                 raise RuntimeError(f"export: the reloaded lite-interpreter file {path} differs by {diff}.")
             files["lite_interpreter"] = path
@@ -163,7 +168,7 @@ def _export_onnx(
 ) -> dict[str, float]:
     import onnxruntime
 
-    with quantization.quantized_engine(lowered.engine), torch.no_grad():
+    with quantized_engine(lowered.engine), torch.no_grad():
         torch.onnx.export(
             lowered.model,
             (example,),
@@ -178,7 +183,21 @@ def _export_onnx(
     actual = torch.from_numpy(session.run(None, {"input": check_inputs.numpy()})[0])
     agreement = (actual.argmax(1) == expected.argmax(1)).float().mean().item()
     return {
-        "export/onnx/sqnr_db": sqnr_db(expected, actual),
-        "export/onnx/agreement": agreement,
-        "export/onnx/bytes": float(path.stat().st_size),
+        metric_keys.export_metric("onnx/sqnr_db"): sqnr_db(expected, actual),
+        metric_keys.export_metric("onnx/agreement"): agreement,
+        metric_keys.export_metric("onnx/bytes"): float(path.stat().st_size),
     }
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    # Export writes its files as it makes them (each is reloaded and checked against the lowered model).
+    return {"export_bundle": export(ctx.artifacts["lowered"], ctx.artifacts["loaded"], ctx.spec.export, ctx.out_dir)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """skipped.json: formats not written, with the reason (the files themselves are written by compute)."""
+    out = ctx.out_dir
+    bundle: ExportBundle = produced["export_bundle"]
+    write_json(out / "skipped.json", bundle.skipped)
+    log.info("export: wrote %s", ", ".join(sorted(bundle.files)))
+    return bundle.metrics

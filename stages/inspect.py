@@ -1,7 +1,7 @@
-"""Stage `inspect` (optional: `stages=[load,inspect]`): the names a skip-list or mapping can use, so
-nobody has to guess them. It runs prepare_fx (no calibration) and lists every module (name, type as
-an import path), every FX op node (op, target, the module it runs in, whether the mapping quantizes
-it), and for each entry of the configured skip-list and qconfig_mapping the nodes it matches, or
+"""Stage `inspect` (optional: `stages=[load,inspect]` or `inspect.enabled=true`): the names a skip-list
+or mapping can use, so nobody has to guess them. It runs prepare_fx (no calibration) and lists every
+module (name, type as an import path), every FX op node (op, target, the module it runs in, whether the
+mapping quantizes it), and for each entry of the configured skip-list and qconfig_mapping the nodes it matches, or
 "matches nothing" with the closest names.
 
 Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.prepare.
@@ -10,13 +10,21 @@ Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.prepare.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from pipeline import quantization
+from pipeline.engine import get_engine, steps
+from pipeline.engine.qconfigs import import_path
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
-from stages.calibrate import prepare
-from stages.types import Loaded
+from stages.types import Loaded, StageContext
 
 log = logging.getLogger(__name__)
+
+NAME = "inspect"
+CONSUMES = ("loaded",)
+USES: tuple[str, ...] = ()
+PRODUCES = ("inspect_report",)
+READS = ("backend", "qconfig_mapping", "skip", "custom_config")
+OPTIONAL = True
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -31,15 +39,15 @@ def inspect(
     loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
 ) -> str:
     """The report as terminal-readable text."""
-    prepared = prepare(loaded, backend, mapping, custom)
+    prepared = steps.prepare(loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom)
     modules = [
-        [name, quantization.import_path(type(module))]
+        [name, import_path(type(module))]
         for name, module in prepared.named_modules()
         if name and "activation_post_process" not in name
     ]
     nodes = [
         [node.name, node.op, node.target, node.scope or "(top level)", "int8" if node.quantized else "float"]
-        for node in quantization.model_nodes(prepared)
+        for node in get_engine().model_nodes(prepared)
     ]
     lines = [
         f"Model {loaded.model_name}, prepared for backend={backend.engine} with qconfig_mapping={mapping.name}.",
@@ -52,7 +60,7 @@ def inspect(
         *_table(["node", "op", "target", "scope", "mapping"], nodes),
         "",
     ]
-    matches = quantization.entry_matches(prepared, mapping, skip, backend)
+    matches = get_engine().entry_matches(prepared, mapping, skip, backend)
     lines.append(f"What each entry of skip={skip.name} and qconfig_mapping={mapping.name} matches:")
     if not matches:
         lines.append("  (no entries)")
@@ -62,3 +70,17 @@ def inspect(
         else:
             lines.append(f"  {match.key}='{match.value}' -> matches nothing: {match.note}")
     return "\n".join(lines) + "\n"
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec
+    report = inspect(ctx.artifacts["loaded"], spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
+    return {"inspect_report": report}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """model.txt, also printed: the point of the stage is to be read in the terminal, not only in the log."""
+    out = ctx.out_dir
+    (out / "model.txt").write_text(produced["inspect_report"])
+    print(produced["inspect_report"], flush=True)
+    return {}

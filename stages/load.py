@@ -19,19 +19,20 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.schema import (
-    ConfigError,
-    DataSpec,
-    ModelSpec,
-    closest,
-    describe_path,
-    error_summary,
-    is_torch_file,
-    path_status,
-)
-from stages.types import DataBundle, Loaded
+from pipeline import metric_keys
+from pipeline.errors import ConfigError, closest, error_summary
+from pipeline.paths import describe_path, is_torch_file, path_status
+from pipeline.schema import DataSpec, ModelSpec, PipelineSpec
+from stages.types import DataBundle, Loaded, StageContext, write_json
 
 log = logging.getLogger(__name__)
+
+NAME = "load"
+CONSUMES: tuple[str, ...] = ()
+USES: tuple[str, ...] = ()
+PRODUCES = ("loaded",)
+READS = ("model", "data", "seed")
+OPTIONAL = False
 
 
 def _use_python_path(folders: list[str], target: str) -> list[str]:
@@ -102,7 +103,7 @@ def _import_target(target: str, key: str, searched: list[str]) -> object:
 
 def resolve_factory(factory: dict[str, Any], key: str, python_path: list[str] | None = None) -> Any:
     """The factory's callable, imported with python_path first, its kwargs checked against its signature:
-    run by schema.validate before any work, and again by load."""
+    run by pipeline.validation.validate before any work, and again by load."""
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
     target = str(factory["_target_"])
@@ -243,3 +244,36 @@ def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
         data.num_evaluation_samples,
     )
     return Loaded(model=model, data=data, model_name=model_spec.name, trained_weights=model_spec.trained)
+
+
+def check(spec: PipelineSpec) -> None:
+    """The factories resolve and their kwargs fit (this imports a user's factory module)."""
+    resolve_factory(spec.model.factory, "model.factory", spec.model.python_path)
+    resolve_factory(spec.data.factory, "data.factory", spec.data.python_path)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    return {"loaded": load(ctx.spec.model, ctx.spec.data, ctx.spec.seed)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """float_model.txt (the module tree) and data.json (sizes and shapes)."""
+    out = ctx.out_dir
+    loaded: Loaded = produced["loaded"]
+    data = loaded.data
+    (out / "float_model.txt").write_text(str(loaded.model))
+    write_json(
+        out / "data.json",
+        {
+            "name": data.name,
+            "calibration_batches": len(data.calibration),
+            "evaluation_batches": len(data.evaluation),
+            "example_input_shapes": [list(t.shape) for t in data.example_inputs],
+            "has_labels": data.has_labels,
+        },
+    )
+    return {
+        metric_keys.DATA_CALIBRATION_SAMPLES: float(data.num_calibration_samples),
+        metric_keys.DATA_EVALUATION_SAMPLES: float(data.num_evaluation_samples),
+        metric_keys.MODEL_PARAMETERS: float(sum(p.numel() for p in loaded.model.parameters())),
+    }

@@ -7,25 +7,27 @@ Config keys read: backend.engine, backend.backend_config, qconfig_mapping.name, 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
-from pipeline import quantization
+from pipeline import metric_keys
+from pipeline.engine import steps
 from pipeline.schema import BackendSpec
-from stages.types import Lowered, ReferenceModel
+from stages.types import Lowered, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
 
-
-class NothingQuantizedError(RuntimeError):
-    """The lowered model runs no int8 op: the mapping, skip-list and backend config left all float."""
+NAME = "lower"
+CONSUMES = ("reference", "loaded")
+USES: tuple[str, ...] = ()
+PRODUCES = ("lowered",)
+READS = ("backend",)
+OPTIONAL = False
 
 
 def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
-    model = quantization.lower(
-        reference.model, reference.node_name_to_qconfig, reference.node_name_to_scope, backend.engine
-    )
-    counts = quantization.count_nodes(model, example_inputs, backend.engine)
+    model, counts = steps.lower(reference, backend, example_inputs)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,
@@ -33,12 +35,17 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
         counts["float"],
         counts["quantize_dequantize"],
     )
-    if counts["quantized"] == 0:
-        # BackendConfig silently ignores qconfigs it does not support, so this is the only signal.
-        raise NothingQuantizedError(
-            f"Nothing was quantized with backend.backend_config='{backend.backend_config}': every op stayed "
-            f"float. Either the skip-list covers everything, or the mapping's qconfigs use dtypes or ranges "
-            f"this BackendConfig does not support (e.g. qnnpack needs quint8 activations); try "
-            f"qconfig_mapping=backend_default."
-        )
     return Lowered(model=model, engine=backend.engine, node_counts=counts)
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, ctx.artifacts["loaded"].data.example_inputs)}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """lowered_graph.py (the int8 model's FX code) and node_counts.json."""
+    out = ctx.out_dir
+    lowered: Lowered = produced["lowered"]
+    (out / "lowered_graph.py").write_text(lowered.model.code)
+    write_json(out / "node_counts.json", lowered.node_counts)
+    return {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}

@@ -1,18 +1,29 @@
 """Stage `reference_convert`: convert_to_reference_fx with the convert-time mapping (the base mapping
 with the skip-list's entries set to None), keeping what the lowering needs.
 
-Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.convert.
+Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.convert. When the search ran,
+its winning skip-list (the `searched_skip` artifact) replaces skip.*.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from pipeline import quantization
-from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec, SkipSpec
-from stages.types import Calibrated, ReferenceModel
+from pipeline import metric_keys
+from pipeline.engine import custom_modules, get_engine, steps
+from pipeline.errors import ConfigError
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from stages.types import Calibrated, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
+
+NAME = "reference_convert"
+CONSUMES = ("calibrated",)
+USES = ("searched_skip",)
+PRODUCES = ("reference",)
+READS = ("backend", "qconfig_mapping", "skip", "custom_config")
+OPTIONAL = False
 
 
 def reference_convert(
@@ -22,24 +33,33 @@ def reference_convert(
     skip: SkipSpec,
     custom: CustomConfigSpec,
 ) -> ReferenceModel:
-    unmatched = quantization.unmatched_skip_entries(calibrated.model, skip)
+    engine = get_engine()
+    unmatched = engine.unmatched_skip_entries(calibrated.model, skip)
     if unmatched and skip.strict:
         raise ConfigError(f"skip={skip.name} (skip.strict=true): " + " ".join(unmatched))
     for problem in unmatched:
         log.warning("skip=%s: %s", skip.name, problem)
-    _, convert_custom_config = quantization.build_custom_configs(custom)
-    with quantization.quantized_engine(backend.engine):
-        conversion = quantization.convert_reference(
-            calibrated.model,
-            quantization.build_convert_mapping(mapping, skip, backend, calibrated.model),
-            quantization.get_backend_config(backend.backend_config),
-            convert_custom_config,
-        )
+    conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
     if conversion.left_float:
         log.info("skip=%s left %d nodes float: %s", skip.name, len(conversion.left_float), conversion.left_float)
-    return ReferenceModel(
-        model=conversion.model,
-        node_name_to_qconfig=conversion.node_name_to_qconfig,
-        node_name_to_scope=conversion.node_name_to_scope,
-        left_float=conversion.left_float,
+    return conversion
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec
+    skip = ctx.artifacts.get("searched_skip") or spec.skip
+    reference = reference_convert(
+        ctx.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
     )
+    return {"reference": reference}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """reference_graph.py, convert_custom_config.yaml and left_float.json (the nodes the skip-list left float)."""
+    out = ctx.out_dir
+    reference: ReferenceModel = produced["reference"]
+    (out / "reference_graph.py").write_text(reference.model.code)
+    _, convert_custom_config = custom_modules.build_custom_configs(ctx.spec.custom_config)
+    (out / "convert_custom_config.yaml").write_text(custom_modules.custom_config_yaml(convert_custom_config))
+    write_json(out / "left_float.json", reference.left_float)
+    return {metric_keys.LEFT_FLOAT_NODES: float(len(reference.left_float))}

@@ -1,4 +1,4 @@
-"""Stage `search` (runs only with search.strategy=greedy): the fastest skip-list that meets an
+"""Stage `search` (optional: search=greedy sets search.enabled=true): the fastest skip-list that meets an
 accuracy (or SQNR) bar, re-converting one calibrated model for every trial.
 
 Trial 0 is the fully quantized model. If it misses the bar, layers return to float one at a time in
@@ -12,20 +12,42 @@ custom_config.convert.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline import quantization
-from pipeline.schema import BackendSpec, CustomConfigSpec, EvaluateSpec, QConfigMappingSpec, SearchSpec, SkipSpec
-from stages.evaluate import measure_latency, sqnr_db
-from stages.lower import NothingQuantizedError, lower
-from stages.reference_convert import reference_convert
-from stages.types import Calibrated, Loaded
+from pipeline import metric_keys
+from pipeline.engine import get_engine, steps
+from pipeline.engine.numerics import LayerSensitivity
+from pipeline.engine.qconfigs import quantized_engine
+from pipeline.errors import ConfigError
+from pipeline.measure import measure_latency, quality_metrics
+from pipeline.schema import (
+    BackendSpec,
+    CustomConfigSpec,
+    EvaluateSpec,
+    PipelineSpec,
+    QConfigMappingSpec,
+    SearchSpec,
+    SkipSpec,
+    skip_label,
+    skip_yaml,
+)
+from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
+
+NAME = "search"
+CONSUMES = ("loaded", "calibrated")
+USES: tuple[str, ...] = ()
+PRODUCES = ("search", "searched_skip")
+READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config")
+OPTIONAL = True
 
 
 @dataclass
@@ -42,13 +64,27 @@ class Trial:
 class SearchResult:
     winner: Trial
     trials: list[Trial]
-    sensitivity: list[quantization.LayerSensitivity]
+    sensitivity: list[LayerSensitivity]
     float_score: float
     bar: float
     met: bool
 
     def skip_spec(self, name: str = "searched") -> SkipSpec:
         return SkipSpec(name=name, module_name=list(self.winner.skipped))
+
+
+def check(spec: PipelineSpec) -> None:
+    blocker = get_engine().numerics_blocker(spec.custom_config)
+    if blocker is not None:
+        raise ConfigError(
+            f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
+            f"Use search=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
+        )
+    if spec.search.criterion == "accuracy" and not spec.model.trained:
+        raise ConfigError(
+            "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
+            "use search.criterion=sqnr with search.min_sqnr_db."
+        )
 
 
 def _bar(spec: SearchSpec, float_score: float) -> float:
@@ -82,37 +118,37 @@ def search(
         (float_outputs.argmax(1) == labels).float().mean().item() if spec.criterion == "accuracy" else float("inf")
     )
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
+    float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
     trials: list[Trial] = []
     lowered_models: dict[int, torch.nn.Module] = {}
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        reference = reference_convert(calibrated, backend, mapping, skip, custom)
+        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
         try:
-            lowered = lower(reference, backend, loaded.data.example_inputs)
-        except NothingQuantizedError:
+            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
+        except steps.NothingQuantizedError:
             lowered = None
         if lowered is None:
             # Everything float: it meets any bar at float speed; score it as float.
-            score, latency, metrics = float_score, float_latency[f"latency/float/b{size}_ms"], {}
+            score, latency, metrics = float_score, float_ms, {}
         else:
-            with quantization.quantized_engine(backend.engine), torch.no_grad():
-                outputs = lowered.model(inputs)
-            timing, _ = measure_latency({"lowered": lowered.model}, inputs, latency_spec)
-            latency = timing[f"latency/lowered/b{size}_ms"]
+            with quantized_engine(backend.engine), torch.no_grad():
+                outputs = lowered(inputs)
+            timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
+            latency = timing[metric_keys.latency_ms("lowered", size)]
             metrics = {
-                "eval/lowered/sqnr_db": sqnr_db(float_outputs, outputs),
-                "eval/lowered/agreement": (outputs.argmax(1) == float_outputs.argmax(1)).float().mean().item(),
-                f"latency/lowered/b{size}_ms": latency,
-                f"latency/speedup_b{size}": float_latency[f"latency/float/b{size}_ms"] / latency,
-                "nodes/quantized": float(lowered.node_counts["quantized"]),
+                **quality_metrics("lowered", outputs, float_outputs, labels),
+                metric_keys.latency_ms("lowered", size): latency,
+                metric_keys.speedup(size): float_ms / latency,
+                metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
             }
-            if labels is not None:
-                metrics["eval/lowered/accuracy"] = (outputs.argmax(1) == labels).float().mean().item()
-            score = metrics["eval/lowered/accuracy" if spec.criterion == "accuracy" else "eval/lowered/sqnr_db"]
-            lowered_models[len(trials)] = lowered.model
-        metrics["search/float_layers"] = float(len(skipped))
+            score = metrics[
+                metric_keys.LOWERED_ACCURACY if spec.criterion == "accuracy" else metric_keys.LOWERED_SQNR_DB
+            ]
+            lowered_models[len(trials)] = lowered
+        metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
         trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics)
         trials.append(trial)
         log.info(
@@ -129,10 +165,10 @@ def search(
         return trial
 
     first = run_trial([])
-    sensitivity: list[quantization.LayerSensitivity] = []
+    sensitivity: list[LayerSensitivity] = []
     skipped: list[str] = []
     if not first.meets and 0 in lowered_models:
-        sensitivity = quantization.layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
+        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
         log.info(
             "search: sensitivity (own output SQNR, worst first): %s",
             ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),
@@ -166,3 +202,109 @@ def search(
         winner.skipped,
     )
     return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing))
+
+
+def compute(ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec
+
+    def report_trial(trial: Trial) -> None:
+        ctx.log_child_run(
+            f"trial-{trial.number}",
+            {"trial": str(trial.number), "skip.module_name": str(trial.skipped)},
+            {"skip": f"trial_{trial.number}", "search_trial": str(trial.number)},
+            {**trial.metrics, metric_keys.SEARCH_SCORE: trial.score, metric_keys.SEARCH_MEETS: float(trial.meets)},
+        )
+
+    result = search(
+        ctx.artifacts["loaded"],
+        ctx.artifacts["calibrated"],
+        spec.backend,
+        spec.qconfig_mapping,
+        spec.custom_config,
+        spec.evaluate,
+        spec.search,
+        report_trial,
+    )
+    return {"search": result, "searched_skip": result.skip_spec()}
+
+
+def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
+    """trials.csv, sensitivity.csv, searched_skip.yaml and trials.png."""
+    result: SearchResult = produced["search"]
+    write_outputs(result, ctx.spec.search.criterion, ctx.out_dir)
+    ctx.set_tags(
+        {"skip": f"searched:{skip_label(result.skip_spec())}", "search_winner_trial": str(result.winner.number)}
+    )
+    return {
+        metric_keys.SEARCH_TRIALS: float(len(result.trials)),
+        metric_keys.SEARCH_MET: float(result.met),
+        metric_keys.SEARCH_BAR: result.bar,
+        metric_keys.SEARCH_WINNER_TRIAL: float(result.winner.number),
+        metric_keys.SEARCH_WINNER_SCORE: result.winner.score,
+        metric_keys.SEARCH_WINNER_FLOAT_LAYERS: float(len(result.winner.skipped)),
+        metric_keys.SEARCH_WINNER_LATENCY_MS: result.winner.latency_ms,
+    }
+
+
+def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
+    """Trial table, sensitivity table, the winning skip-list as conf/skip YAML, and a history plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out / "trials.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial", "float_layers", criterion, "meets_bar", "latency_ms", "skipped"])
+        for trial in result.trials:
+            writer.writerow(
+                [
+                    trial.number,
+                    len(trial.skipped),
+                    f"{trial.score:.6g}",
+                    trial.meets,
+                    f"{trial.latency_ms:.4f}",
+                    " ".join(trial.skipped),
+                ]
+            )
+    with (out / "sensitivity.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["module_name", "quantized_type", "own_output_sqnr_db"])
+        for layer in result.sensitivity:
+            writer.writerow([layer.module_name, layer.quantized_type, f"{layer.sqnr_db:.3f}"])
+    header = (
+        f"Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
+        f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}.\n"
+        f"Copy to conf/skip/searched.yaml and run with skip=searched.\n"
+    )
+    (out / "searched_skip.yaml").write_text(skip_yaml(result.skip_spec(), header))
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    numbers = [trial.number for trial in result.trials]
+    axis.plot(numbers, [trial.score for trial in result.trials], color="0.6", zorder=1)
+    for trial in result.trials:
+        axis.scatter(trial.number, trial.score, color="tab:green" if trial.meets else "tab:red", zorder=2)
+        axis.annotate(
+            f"{len(trial.skipped)} fp32",
+            (trial.number, trial.score),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    axis.axhline(result.bar, linestyle="--", color="tab:blue", label=f"bar {result.bar:.4g}")
+    axis.scatter(
+        [result.winner.number],
+        [result.winner.score],
+        s=200,
+        facecolors="none",
+        edgecolors="black",
+        label=f"winner (trial {result.winner.number})",
+    )
+    axis.set_xlabel("trial")
+    axis.set_ylabel(criterion)
+    axis.set_title("skip search: green meets the bar, red misses; labels = layers left float")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out / "trials.png", dpi=100)
+    plt.close(figure)

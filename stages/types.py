@@ -1,17 +1,32 @@
-"""The typed values that flow between stages, and the one progress helper they share."""
+"""The typed values that flow between stages and the context the runner hands each stage.
+
+Every stage module declares the same few names, read by the registry (pipeline/registry.py) and the
+runner:
+- `NAME`: the stage's name (its `stages:` entry and its folder in the run directory);
+- `CONSUMES`: artifacts it needs (produced by an earlier stage); `USES`: artifacts it reads when present;
+- `PRODUCES`: artifacts it returns from `compute`;
+- `READS`: the config groups (PipelineSpec fields) it reads;
+- `OPTIONAL`: an optional stage runs when listed in `stages` or when `<NAME>.enabled` is true;
+- `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;
+- `compute(ctx) -> dict[artifact name, value]` and `write(produced, ctx) -> metrics`, which writes
+  the stage's files under `ctx.out_dir` (<run dir>/<NAME>/) and returns its metrics.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
+
+from pipeline.engine.base import ReferenceConversion
+
+if TYPE_CHECKING:
+    from pipeline.schema import PipelineSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 """Inputs and, when the data set has them, integer class labels."""
@@ -51,7 +66,7 @@ class Loaded:
         return self.data.has_labels and self.trained_weights
 
 
-@dataclass
+@dataclass(frozen=True)
 class Calibrated:
     """Output of `calibrate`: the prepared (observed) model after calibration batches."""
 
@@ -62,14 +77,9 @@ class Calibrated:
     cache_key: str | None = None
 
 
-@dataclass
-class ReferenceModel:
-    """Output of `reference_convert`: the reference model plus what lowering needs from the convert step."""
-
-    model: GraphModule
-    node_name_to_qconfig: dict[str, Any]
-    node_name_to_scope: dict[str, tuple[str, type]]
-    left_float: list[str] = field(default_factory=list)
+# Output of `reference_convert`: the reference model, the nodes left float, and what lowering needs from
+# the convert step (`engine_state`: opaque here, created and read only by the engine that converted).
+ReferenceModel = ReferenceConversion
 
 
 @dataclass
@@ -98,15 +108,28 @@ class ExportBundle:
     metrics: dict[str, float]
 
 
-T = TypeVar("T")
+def _no_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
+    return None
 
 
-def progress(items: Iterable[T], total: int, label: str, log: logging.Logger) -> Iterator[T]:
-    """Yield items, logging '<label>: i/total' at most four times, so long loops show life without
-    redrawing lines (a redrawn bar garbles Hydra's log file)."""
-    step = max(1, -(-total // 4))
-    start = time.perf_counter()
-    for index, item in enumerate(items, start=1):
-        yield item
-        if index % step == 0 or index == total:
-            log.info("%s: %d/%d (%.1fs)", label, index, total, time.perf_counter() - start)
+@dataclass
+class StageContext:
+    """What the runner hands every stage: the validated config, the artifacts earlier stages produced
+    (by name), and the runner's services: a stop check (a SIGTERM or Ctrl-C that library code swallowed)
+    and tracking calls, so that stages never import the tracking layer above them."""
+
+    spec: PipelineSpec
+    out_dir: Path  # this stage's folder in the run directory (<run dir>/<NAME>/), made before write()
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
+    check_stop: Callable[[], None] = lambda: None
+    set_tags: Callable[[dict[str, str]], None] = lambda tags: None
+    # A nested tracking run under this one: name, params, tags, metrics (e.g. one per search trial).
+    log_child_run: Callable[[str, dict[str, str], dict[str, str], dict[str, float]], None] = _no_child_run
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Indented, key-sorted JSON; values JSON cannot hold are written as their str()."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
+from pipeline.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REPO_ROOT = CONF_DIR.parent
@@ -53,7 +54,7 @@ def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, obj
     def _run(overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
         cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
         spec = to_spec(cfg)
-        schema.validate(spec)
+        validate(spec)
         run_dir = tmp_path / "run"
         state = runner.run(spec, cfg, run_dir)
         return spec, state, run_dir

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import quantization
 from pipeline.cache import CalibrationCache
+from pipeline.engine import custom_modules, observers, qconfigs
+from pipeline.measure import sqnr_db
 from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 from stages.calibrate import calibrate, prepare
-from stages.evaluate import sqnr_db
 from stages.lower import lower
 from stages.reference_convert import reference_convert
 from stages.types import Calibrated, DataBundle, Loaded
@@ -80,14 +80,14 @@ def _lowered_sqnr(loaded: Loaded, engine: str, clamp: bool, skip: SkipSpec | Non
     reference = reference_convert(calibrated, backend, mapping, skip or SkipSpec(name="none"), CustomConfigSpec())
     lowered = lower(reference, backend, loaded.data.example_inputs).model
     x = torch.cat([inputs for inputs, _ in loaded.data.evaluation])
-    with quantization.quantized_engine(engine), torch.no_grad():
+    with qconfigs.quantized_engine(engine), torch.no_grad():
         return sqnr_db(loaded.model(x), lowered(x)), reference
 
 
 def test_picks_exactly_the_modules_feeding_only_bounded_activations() -> None:
     loaded = _loaded()
-    found = quantization.bounded_activation_producers(
-        loaded.model, quantization.build_custom_configs(CustomConfigSpec())[0]
+    found = observers.bounded_activation_producers(
+        loaded.model, custom_modules.build_custom_configs(CustomConfigSpec())[0]
     )
     assert found == {"conv1": (0.0, 6.0), "conv2": (0.0, 6.0), "fc": (-2.0, 2.0)}
     prepared = prepare(
@@ -98,7 +98,7 @@ def test_picks_exactly_the_modules_feeding_only_bounded_activations() -> None:
     clamped_after = set()
     for node in prepared.graph.nodes:
         if node.op == "call_module" and isinstance(
-            prepared.get_submodule(str(node.target)), quantization.ClampedHistogramObserver
+            prepared.get_submodule(str(node.target)), observers.ClampedHistogramObserver
         ):
             clamped_after.add(node.args[0].name)
     # ReLU6 / hardtanh share the observer of their input, so it follows them too.
@@ -138,21 +138,21 @@ def test_cache_round_trip_rebuilds_the_identical_clamped_model(tmp_path: Path) -
     cache.store("k", calibrated.model, {})
     rebuilt = cache.load("k", lambda: prepare(loaded, backend, mapping, CustomConfigSpec()))
     assert rebuilt is not None
-    assert isinstance(rebuilt.get_submodule("activation_post_process_1"), quantization.ClampedHistogramObserver)
+    assert isinstance(rebuilt.get_submodule("activation_post_process_1"), observers.ClampedHistogramObserver)
     outputs = []
     for model in (calibrated.model, rebuilt):
         reference = reference_convert(
             Calibrated(model, 0, 0), backend, mapping, SkipSpec(name="none"), CustomConfigSpec()
         )
         lowered = lower(reference, backend, loaded.data.example_inputs).model
-        with quantization.quantized_engine("x86"), torch.no_grad():
+        with qconfigs.quantized_engine("x86"), torch.no_grad():
             outputs.append(lowered(loaded.data.evaluation[0][0]))
     assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.slow
 def test_relu6_aware_on_a_model_without_relu6_runs_and_says_nothing_was_clamped(run_pipeline, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="stages.calibrate"):
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.steps"):
         spec, state, _ = run_pipeline(
             ["qconfig_mapping=relu6_aware", "tracking=off", "stages=[load,calibrate,reference_convert,lower,evaluate]"]
         )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import quantization
 from pipeline.cache import CalibrationCache, cache_key
+from pipeline.engine import qconfigs
 from stages.calibrate import calibrate, prepare
 from stages.load import load
 from stages.lower import lower
@@ -42,6 +42,12 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
     stored = torch.load(entry / "observer_state.pt", weights_only=True)
     assert stored and all("activation_post_process" in k for k in stored)
     assert not any(k.endswith(".weight") and "activation_post_process" not in k for k in stored)
+    # The module versions travel with the state (observers that see no version assume an old layout,
+    # torchao's reset eps): the saved state carries state_dict()'s _metadata, through torch.save too.
+    expected_metadata = calibrated.model.state_dict()._metadata
+    observer = next(k for k in stored).rsplit(".", 1)[0]
+    assert stored._metadata[observer] == expected_metadata[observer]
+    assert "version" in stored._metadata[observer]
     rebuilt = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
     assert rebuilt is not None
     assert rebuilt.code == calibrated.model.code
@@ -57,7 +63,7 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
             Calibrated(model, 0, 0), spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config
         )
         converted.append(lower(reference, spec.backend, loaded.data.example_inputs).model)
-    with quantization.quantized_engine("fbgemm"), torch.no_grad():
+    with qconfigs.quantized_engine("fbgemm"), torch.no_grad():
         assert torch.equal(converted[0](x), converted[1](x))
     assert converted[0].code == converted[1].code
     # Weight observers are per-channel here; they run at convert time, from the rebuilt model too.

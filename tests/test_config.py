@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import schema
+from pipeline.errors import ConfigError
+from pipeline.validation import validate
 from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, to_spec
 
 
@@ -19,8 +21,15 @@ def _options(group: str) -> list[str]:
 
 def test_default_config_validates_and_runs_all_stages_in_order() -> None:
     spec = to_spec(compose_config([]))
-    schema.validate(spec)
-    assert spec.stages == list(schema.STAGES)
+    assert [stage.NAME for stage in validate(spec)] == [
+        "load",
+        "calibrate",
+        "reference_convert",
+        "lower",
+        "diagnose",
+        "evaluate",
+        "export",
+    ]
     assert spec.backend.engine == "x86"
     assert spec.skip.name == "none"
     assert spec.tracking.tracking_uri == "sqlite:///outputs/mlflow.db"
@@ -43,7 +52,7 @@ def test_every_shipped_option_of_a_group_composes_and_validates(group: str) -> N
     assert options, f"conf/{group}/ is empty"
     for option in options:
         spec = to_spec(compose_config([f"{group}={option}", *REQUIRED_KEYS.get(f"{group}={option}", [])]))
-        schema.validate(spec)
+        validate(spec)
 
 
 def test_every_backend_names_its_engine_and_backend_config() -> None:
@@ -55,8 +64,8 @@ def test_every_backend_names_its_engine_and_backend_config() -> None:
 
 def test_unknown_qconfig_name_is_a_config_error_naming_key_value_and_choices() -> None:
     spec = to_spec(compose_config(["qconfig_mapping.global_qconfig=histogrm_per_channel"]))
-    with pytest.raises(schema.ConfigError) as error:
-        schema.validate(spec)
+    with pytest.raises(ConfigError) as error:
+        validate(spec)
     message = str(error.value)
     assert "qconfig_mapping.global_qconfig='histogrm_per_channel'" in message
     assert "minmax_per_tensor" in message  # lists what is valid
@@ -65,21 +74,21 @@ def test_unknown_qconfig_name_is_a_config_error_naming_key_value_and_choices() -
 
 def test_unknown_object_type_import_path_is_a_config_error() -> None:
     spec = to_spec(compose_config(["skip.object_type=[torch.nn.Conv9d]"]))
-    with pytest.raises(schema.ConfigError, match=r"skip.object_type\[0\]='torch.nn.Conv9d' is not an importable"):
-        schema.validate(spec)
+    with pytest.raises(ConfigError, match=r"skip.object_type\[0\]='torch.nn.Conv9d' is not an importable"):
+        validate(spec)
 
 
 def test_unknown_engine_is_a_config_error() -> None:
     spec = to_spec(compose_config(["backend.engine=fbgem"]))
-    with pytest.raises(schema.ConfigError, match=r"backend.engine='fbgem'.*Did you mean 'fbgemm'"):
-        schema.validate(spec)
+    with pytest.raises(ConfigError, match=r"backend.engine='fbgem'.*Did you mean 'fbgemm'"):
+        validate(spec)
 
 
 def test_a_null_artifact_location_needs_a_tracking_server() -> None:
-    with pytest.raises(schema.ConfigError, match=r"tracking.artifact_location=null .* tracking.tracking_uri='sqlite:"):
-        schema.validate(to_spec(compose_config(["tracking.artifact_location=null"])))
+    with pytest.raises(ConfigError, match=r"tracking.artifact_location=null .* tracking.tracking_uri='sqlite:"):
+        validate(to_spec(compose_config(["tracking.artifact_location=null"])))
     served = ["tracking.artifact_location=null", "tracking.tracking_uri=http://mlflow-host:5000"]
-    schema.validate(to_spec(compose_config(served)))  # the server chooses; checked for reachability at run start
+    validate(to_spec(compose_config(served)))  # the server chooses; checked for reachability at run start
 
 
 def test_unknown_key_hint_names_the_valid_keys_only_for_keys_the_schema_lacks() -> None:
@@ -91,11 +100,21 @@ def test_unknown_key_hint_names_the_valid_keys_only_for_keys_the_schema_lacks() 
 
 
 def test_stage_names_and_dependencies_are_checked() -> None:
-    with pytest.raises(schema.ConfigError, match=r"stages\[1\]='calibration'"):
-        schema.validate(to_spec(compose_config(["stages=[load,calibration]"])))
-    with pytest.raises(schema.ConfigError, match=r"runs 'lower' without \['reference_convert'\]"):
-        schema.validate(to_spec(compose_config(["stages=[load,calibrate,lower]"])))
-    schema.validate(to_spec(compose_config(["stages=[load,calibrate]"])))
+    with pytest.raises(ConfigError, match=r"stages\[1\]='calibration' is not a stage.*Did you mean 'calibrate'"):
+        validate(to_spec(compose_config(["stages=[load,calibration]"])))
+    with pytest.raises(ConfigError, match=r"runs 'lower' without \['reference_convert'\]"):
+        validate(to_spec(compose_config(["stages=[load,calibrate,lower]"])))
+    with pytest.raises(ConfigError, match=r"runs 'export' without \['lower'\], which it reads from \(lowered\)"):
+        validate(to_spec(compose_config(["stages=[load,calibrate,export]"])))
+    # diagnose is on by default but needs lower: dropped from a run that stops at calibrate, not an error.
+    assert [s.NAME for s in validate(to_spec(compose_config(["stages=[load,calibrate]"])))] == [
+        "load",
+        "calibrate",
+    ]
+    planned = validate(to_spec(compose_config(["stages=[load]", "inspect.enabled=true"])))
+    assert [s.NAME for s in planned] == ["load", "inspect"]
+    planned = validate(to_spec(compose_config(["search=greedy", "diagnose.enabled=false"])))
+    assert [s.NAME for s in planned][:4] == ["load", "calibrate", "search", "reference_convert"]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -145,7 +164,7 @@ def test_cli_bad_qconfig_name_is_one_clear_line_and_exit_2(tmp_path: Path) -> No
     ],
 )
 def test_added_keys_and_missing_required_values_are_config_errors(override: str, expected: str) -> None:
-    with pytest.raises(schema.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         schema.from_config(compose_config([override]))
     assert expected in str(error.value)
 
@@ -163,8 +182,8 @@ def test_added_keys_and_missing_required_values_are_config_errors(override: str,
 )
 def test_factories_that_do_not_resolve_or_fit_fail_validation(override: str, expected: str) -> None:
     spec = schema.from_config(compose_config([override]))
-    with pytest.raises(schema.ConfigError) as error:
-        schema.validate(spec)
+    with pytest.raises(ConfigError) as error:
+        validate(spec)
     assert expected in str(error.value)
     if "widht" in override:
         assert "got an unexpected keyword argument 'widht'" in str(error.value)
@@ -178,23 +197,23 @@ def test_an_engine_this_build_cannot_run_fails_validation(monkeypatch: pytest.Mo
     import torch
 
     monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack", "none"])
-    with pytest.raises(schema.ConfigError) as error:
-        schema.validate(to_spec(compose_config(["backend=x86"])))
+    with pytest.raises(ConfigError) as error:
+        validate(to_spec(compose_config(["backend=x86"])))
     assert str(error.value) == (
         "backend.engine='x86' is not supported by this torch build on this CPU; supported engines here are ['qnnpack']."
     )
-    schema.validate(to_spec(compose_config(["backend=qnnpack"])))
+    validate(to_spec(compose_config(["backend=qnnpack"])))
 
 
 @pytest.mark.parametrize("vnni", [False, True])
 def test_onednn_without_vnni_warns_of_accuracy(monkeypatch: pytest.MonkeyPatch, caplog, vnni: bool) -> None:
     import torch
 
-    from pipeline import runner
+    from stages import calibrate
 
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
     for backend in ("onednn", "x86"):
-        runner.warn_about_backend(to_spec(compose_config([f"backend={backend}"])))
+        calibrate.check(to_spec(compose_config([f"backend={backend}"])))
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
     if vnni:
         assert warnings == []

@@ -15,8 +15,10 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import quantization, schema
-from pipeline.schema import BackendSpec, ConfigError, CustomConfigSpec, QConfigMappingSpec
+from pipeline.engine import custom_modules
+from pipeline.errors import ConfigError
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec
+from pipeline.validation import validate
 from stages.calibrate import prepare
 from stages.export import PRESERVED_ATTRIBUTES_FILE, read_extra_file
 from stages.sources.custom_block import (
@@ -61,7 +63,7 @@ CONVERT_KEY = "observed_to_quantized_custom_module_class"
 
 def test_experiment_preset_picks_model_data_and_custom_config_and_validates() -> None:
     spec = to_spec(compose_config(["experiment=custom_module"]))
-    schema.validate(spec)
+    validate(spec)
     assert (spec.model.name, spec.data.name, spec.custom_config.name) == ("custom_block", "digits", "custom_block")
     default = to_spec(compose_config([]))
     assert (default.model.name, default.custom_config.name) == ("digits_cnn", "none")
@@ -70,7 +72,7 @@ def test_experiment_preset_picks_model_data_and_custom_config_and_validates() ->
 
 def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> None:
     spec = _example_spec()
-    prepare_config, convert_config = quantization.build_custom_configs(spec)
+    prepare_config, convert_config = custom_modules.build_custom_configs(spec)
     prepare_dict, convert_dict = prepare_config.to_dict(), convert_config.to_dict()
     assert prepare_dict[PREPARE_KEY] == {"static": {PeakLimiter: ObservedPeakLimiter}}
     assert convert_dict[CONVERT_KEY] == {"static": {ObservedPeakLimiter: QuantizedPeakLimiter}}
@@ -79,11 +81,11 @@ def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> No
     assert type(prepare_config).from_dict(prepare_dict).to_dict() == prepare_dict
     assert type(convert_config).from_dict(convert_dict).to_dict() == convert_dict
     # The YAML written into the run folders holds import paths and builds the same configs again.
-    logged_prepare = yaml.safe_load(quantization.custom_config_yaml(prepare_config))
-    logged_convert = yaml.safe_load(quantization.custom_config_yaml(convert_config))
+    logged_prepare = yaml.safe_load(custom_modules.custom_config_yaml(prepare_config))
+    logged_convert = yaml.safe_load(custom_modules.custom_config_yaml(convert_config))
     assert logged_prepare[PREPARE_KEY] == {"static": {FLOAT: OBSERVED}}
     assert logged_convert[CONVERT_KEY] == {"static": {OBSERVED: QUANTIZED}}
-    rebuilt_prepare, rebuilt_convert = quantization.build_custom_configs(_spec(logged_prepare, logged_convert))
+    rebuilt_prepare, rebuilt_convert = custom_modules.build_custom_configs(_spec(logged_prepare, logged_convert))
     assert rebuilt_prepare.to_dict() == prepare_dict
     assert rebuilt_convert.to_dict() == convert_dict
 
@@ -92,16 +94,16 @@ def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> No
 # Validation before calibration
 
 
-def test_validation_runs_from_schema_validate() -> None:
+def test_validation_runs_from_pipeline_validation() -> None:
     spec = to_spec(compose_config(["experiment=custom_module"]))
     spec = replace(spec, custom_config=_spec(_static(PREPARE_KEY, {f"{MODULE}.Nope": OBSERVED})))
     with pytest.raises(ConfigError, match=r"Nope"):
-        schema.validate(spec)
+        validate(spec)
 
 
 def test_import_path_that_does_not_resolve() -> None:
     with pytest.raises(ConfigError) as error:
-        quantization.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: f"{MODULE}.ObservedPeakLimitr"})))
+        custom_modules.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: f"{MODULE}.ObservedPeakLimitr"})))
     assert (
         f"custom_config.prepare.float_to_observed_custom_module_class.static['{FLOAT}']="
         f"'{MODULE}.ObservedPeakLimitr' is not an importable path"
@@ -112,7 +114,7 @@ def test_import_path_that_does_not_resolve() -> None:
 def test_quantized_class_without_from_observed() -> None:
     spec = _spec(_static(PREPARE_KEY, {FLOAT: OBSERVED}), _static(CONVERT_KEY, {OBSERVED: FLOAT}))
     with pytest.raises(ConfigError) as error:
-        quantization.check_custom_config(spec)
+        custom_modules.check_custom_config(spec)
     assert (
         f"custom_config.convert.observed_to_quantized_custom_module_class.static['{OBSERVED}']='{FLOAT}' "
         f"has no classmethod from_observed()"
@@ -121,7 +123,7 @@ def test_quantized_class_without_from_observed() -> None:
 
 def test_observed_class_in_convert_mapping_that_prepare_never_produces() -> None:
     with pytest.raises(ConfigError) as error:
-        quantization.check_custom_config(_spec(convert=_static(CONVERT_KEY, {OBSERVED: QUANTIZED})))
+        custom_modules.check_custom_config(_spec(convert=_static(CONVERT_KEY, {OBSERVED: QUANTIZED})))
     message = str(error.value)
     assert f"custom_config.convert.observed_to_quantized_custom_module_class.static['{OBSERVED}']" in message
     assert "no custom_config.prepare.float_to_observed_custom_module_class.static entry" in message
@@ -130,7 +132,7 @@ def test_observed_class_in_convert_mapping_that_prepare_never_produces() -> None
 
 def test_observed_class_without_from_float() -> None:
     with pytest.raises(ConfigError) as error:
-        quantization.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: QUANTIZED})))
+        custom_modules.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: QUANTIZED})))
     assert (
         f"custom_config.prepare.float_to_observed_custom_module_class.static['{FLOAT}']='{QUANTIZED}' "
         f"has no classmethod from_float()"
@@ -139,7 +141,7 @@ def test_observed_class_without_from_float() -> None:
 
 def test_unknown_quant_mode() -> None:
     with pytest.raises(ConfigError) as error:
-        quantization.check_custom_config(_spec({PREPARE_KEY: {"statik": {FLOAT: OBSERVED}}}))
+        custom_modules.check_custom_config(_spec({PREPARE_KEY: {"statik": {FLOAT: OBSERVED}}}))
     message = str(error.value)
     assert "custom_config.prepare.float_to_observed_custom_module_class has quant mode 'statik'" in message
     assert "['static', 'dynamic', 'weight_only']" in message
@@ -150,7 +152,7 @@ def test_unknown_key_is_named_with_the_valid_ones() -> None:
     with pytest.raises(
         ConfigError, match=r"custom_config.prepare.preserved_attribute is not a key.*'preserved_attributes'"
     ):
-        quantization.check_custom_config(_spec({"preserved_attribute": ["version"]}))
+        custom_modules.check_custom_config(_spec({"preserved_attribute": ["version"]}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,9 +205,9 @@ def test_untraceable_top_level_forward_is_named_as_such() -> None:
 @pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
 def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
     spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
-    lowered = state.lowered.model
+    lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
-    assert state.lowered.node_counts["float"] == 0  # the custom block runs on quantized tensors
+    assert state.artifacts["lowered"].node_counts["float"] == 0  # the custom block runs on quantized tensors
     # The preserved attributes, on the lowered model and inside every exported file after reload.
     assert lowered.class_names == CLASS_NAMES and lowered.version == VERSION
     expected = {"class_names": CLASS_NAMES, "version": VERSION}
@@ -242,7 +244,7 @@ def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
 def test_search_refuses_custom_modules_before_any_work() -> None:
     spec = to_spec(compose_config(["experiment=custom_module", "search=greedy"]))
     with pytest.raises(ConfigError, match=r"search.strategy='greedy'.*custom_config.prepare.float_to_observed"):
-        schema.validate(spec)
+        validate(spec)
 
 
 @pytest.mark.slow

@@ -13,9 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline import quantization, schema
+from pipeline.engine import custom_modules, fx, mappings, qconfigs
+from pipeline.errors import ConfigError
+from pipeline.measure import sqnr_db
 from pipeline.schema import SkipSpec
-from stages.evaluate import sqnr_db
+from pipeline.validation import validate
 from stages.lower import lower
 from stages.reference_convert import reference_convert
 from tests.conftest import CONF_DIR, to_spec
@@ -110,7 +112,7 @@ def test_default_model_table_chart_and_suggested_skip_are_consistent(run_pipelin
     shutil.copy(suggested_file, conf / "skip" / "suggested.yaml")
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         spec = to_spec(compose(config_name="config", overrides=["skip=suggested"]))
-    schema.validate(spec)
+    validate(spec)
     assert spec.skip.name == "suggested" and spec.skip.module_name == expected
 
 
@@ -122,14 +124,16 @@ def test_skipping_the_suggested_layers_raises_output_sqnr(run_pipeline) -> None:
     )
     # The outlier sits between hidden.1 and hidden.2 (see stages/sources/outlier_mlp.py).
     assert list(suggested.module_name) == ["hidden.1", "hidden.2"]
-    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
+    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
     with torch.no_grad():
-        float_out = state.loaded.model(inputs)
+        float_out = state.artifacts["loaded"].model(inputs)
 
     def output_sqnr(skip: SkipSpec) -> float:
-        reference = reference_convert(state.calibrated, spec.backend, spec.qconfig_mapping, skip, spec.custom_config)
-        lowered = lower(reference, spec.backend, state.loaded.data.example_inputs)
-        with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
+        reference = reference_convert(
+            state.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
+        )
+        lowered = lower(reference, spec.backend, state.artifacts["loaded"].data.example_inputs)
+        with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
             return sqnr_db(float_out, lowered.model(inputs))
 
     before = output_sqnr(SkipSpec(name="none"))
@@ -167,7 +171,7 @@ def test_inspect_lists_real_names_and_marks_a_bogus_skip_entry(run_pipeline, cap
     )
     text = (run_dir / "inspect" / "model.txt").read_text()
     assert text in capsys.readouterr().out  # printed as well
-    assert state.calibrated is None  # prepare only, no calibration
+    assert "calibrated" not in state.artifacts  # prepare only, no calibration
     lines = text.splitlines()
     assert any(line.split()[:2] == ["block1.conv1", "torch.ao.nn.intrinsic.modules.fused.ConvReLU2d"] for line in lines)
     assert any(line.split()[:3] == ["fc", "call_module", "fc"] for line in lines)
@@ -187,8 +191,8 @@ def test_inspect_lists_real_names_and_marks_a_bogus_skip_entry(run_pipeline, cap
 def test_inspect_needs_load() -> None:
     from tests.conftest import compose_config
 
-    with pytest.raises(schema.ConfigError, match=r"runs 'inspect' without \['load'\]"):
-        schema.validate(to_spec(compose_config(["stages=[inspect]"])))
+    with pytest.raises(ConfigError, match=r"runs 'inspect' without \['load'\]"):
+        validate(to_spec(compose_config(["stages=[inspect]"])))
     assert "inspect" not in to_spec(compose_config([])).stages
 
 
@@ -198,25 +202,27 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
     spec, state, run_dir = run_pipeline(model)
     assert state.metrics["diagnose/layers"] >= 3
     assert {row["module_name"] for row in _rows(run_dir)} >= {"conv1", "conv2", "fc"}
-    prepared = state.calibrated.model
+    prepared = state.artifacts["calibrated"].model
     # The fused conv1 keeps the original ReLU; the top-level `relu` is now its own copy.
     assert prepared.get_submodule("relu") is not prepared.get_submodule("conv1.1")
 
     # The same calibration on the unmodified prepared model, converted by torch's own convert_fx.
     from stages.calibrate import calibrate
 
-    monkeypatch.setattr(quantization, "unshare_stateless_modules", lambda model: [])
-    plain = calibrate(state.loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate).model
+    monkeypatch.setattr(fx, "unshare_stateless_modules", lambda model: [])
+    plain = calibrate(
+        state.artifacts["loaded"], spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate
+    ).model
     assert plain.get_submodule("relu") is plain.get_submodule("conv1.1")
     assert plain.state_dict().keys() == prepared.state_dict().keys()
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in prepared.state_dict().items())
-    expected = quantization.convert_in_one_step(
+    expected = fx.convert_in_one_step(
         plain,
-        quantization.build_convert_mapping(spec.qconfig_mapping, spec.skip, spec.backend, plain),
-        quantization.get_backend_config(spec.backend.backend_config),
-        quantization.build_custom_configs(spec.custom_config)[1],
+        mappings.build_convert_mapping(spec.qconfig_mapping, spec.skip, spec.backend, plain),
+        qconfigs.get_backend_config(spec.backend.backend_config),
+        custom_modules.build_custom_configs(spec.custom_config)[1],
         spec.backend.engine,
     )
-    inputs = torch.cat([x for x, _ in state.loaded.data.evaluation])
-    with quantization.quantized_engine(spec.backend.engine), torch.no_grad():
-        assert torch.equal(state.lowered.model(inputs), expected(inputs))
+    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
+    with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
+        assert torch.equal(state.artifacts["lowered"].model(inputs), expected(inputs))

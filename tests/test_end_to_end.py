@@ -83,7 +83,7 @@ def test_a_run_in_mlflow_has_params_metrics_artifacts_and_tags(run_pipeline, tmp
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.json", "calibrate", "export", "lower"} <= top
     exported = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "export")}
-    assert {"lowered_qnnpack.ptl", "lowered_qnnpack.torchscript.pt", "lowered_graph.py"} <= exported
+    assert {"lowered_qnnpack.ptl", "lowered_qnnpack.torchscript.pt"} <= exported
 
 
 @pytest.mark.slow

@@ -19,9 +19,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import quantization, runner, schema
+import stages.calibrate
+import stages.evaluate
+from pipeline import runner
+from pipeline.engine import mappings, qconfigs
+from pipeline.errors import ConfigError
 from pipeline.tracking import cli as tracking_cli
 from pipeline.tracking import mlflow as mlflow_tracking
+from pipeline.validation import validate
 from stages.calibrate import calibrate
 from stages.load import load, load_checkpoint
 from stages.reference_convert import reference_convert
@@ -87,7 +92,7 @@ def test_a_bad_checkpoint_is_a_config_error_naming_the_file_and_the_problem(tmp_
         torch.save(state, path)
     elif case == "wrong_shapes":
         torch.save({**state, "fc.bias": torch.zeros(3)}, path)
-    with pytest.raises(schema.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         load_checkpoint(model, str(path))
     assert f"model.checkpoint='{path}'" in str(error.value)
     assert expected in str(error.value)
@@ -104,14 +109,14 @@ def _patch_digits_data(monkeypatch: pytest.MonkeyPatch, change) -> None:
 def test_empty_data_fails_in_load_naming_the_part(monkeypatch: pytest.MonkeyPatch, part: str) -> None:
     _patch_digits_data(monkeypatch, lambda data: replace(data, **{part: []}))
     spec = to_spec(compose_config([]))
-    with pytest.raises(schema.ConfigError, match=f"load: data=digits gave no {part} samples"):
+    with pytest.raises(ConfigError, match=f"load: data=digits gave no {part} samples"):
         load(spec.model, spec.data, spec.seed)
 
 
 def test_inputs_the_model_rejects_fail_in_load_naming_stage_and_shape() -> None:
     spec = to_spec(compose_config(["data=synthetic", "data.factory.shape=[3,16,16]"]))
-    schema.validate(spec)
-    with pytest.raises(schema.ConfigError) as error:
+    validate(spec)
+    with pytest.raises(ConfigError) as error:
         load(spec.model, spec.data, spec.seed)
     assert "load: model=digits_cnn rejects the inputs of data=synthetic (example input shapes [(1, 3, 16, 16)])" in str(
         error.value
@@ -125,7 +130,7 @@ def test_a_batch_shaped_unlike_the_example_inputs_fails_in_load(monkeypatch: pyt
 
     _patch_digits_data(monkeypatch, odd_batch)
     spec = to_spec(compose_config([]))
-    with pytest.raises(schema.ConfigError, match=r"load: data=digits evaluation batch 3 has shape \(32, 1, 4, 8\)"):
+    with pytest.raises(ConfigError, match=r"load: data=digits evaluation batch 3 has shape \(32, 1, 4, 8\)"):
         load(spec.model, spec.data, spec.seed)
 
 
@@ -156,7 +161,7 @@ def test_a_convert_mapping_breaking_convert_fx_rule_is_named_before_converting(
 ) -> None:
     spec, calibrated = calibrated_minmax
     other = to_spec(compose_config(["qconfig_mapping=minmax_per_channel", *overrides]))
-    with pytest.raises(schema.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         reference_convert(calibrated, other.backend, other.qconfig_mapping, spec.skip, spec.custom_config)
     assert expected in str(error.value)
     assert "same qconfig or None" in str(error.value)  # the rule
@@ -166,13 +171,13 @@ def test_a_changed_prepare_entry_names_the_entry_and_both_qconfigs(calibrated_mi
     spec, calibrated = calibrated_minmax
     backend = spec.backend
     prepare_mapping = calibrated.model.meta["_observed_graph_module_attrs"].qconfig_mapping
-    convert_mapping = quantization.build_qconfig_mapping(spec.qconfig_mapping, backend)
+    convert_mapping = mappings.build_qconfig_mapping(spec.qconfig_mapping, backend)
     changed = [t for t in prepare_mapping.object_type_qconfigs if prepare_mapping.object_type_qconfigs[t]][0]
-    convert_mapping.set_object_type(changed, quantization.named_qconfig("histogram_per_tensor", backend, "test"))
-    with pytest.raises(schema.ConfigError) as error:
-        quantization.check_convert_mapping(prepare_mapping, convert_mapping)
+    convert_mapping.set_object_type(changed, qconfigs.named_qconfig("histogram_per_tensor", backend, "test"))
+    with pytest.raises(ConfigError) as error:
+        mappings.check_convert_mapping(prepare_mapping, convert_mapping)
     message = str(error.value)
-    assert f"object_type entry {quantization.import_path(changed)} has QConfig(" in message
+    assert f"object_type entry {qconfigs.import_path(changed)} has QConfig(" in message
     assert "at prepare but QConfig(activation=HistogramObserver(torch.quint8, torch.per_tensor_affine)" in message
     # A skip-list (None values only) passes, and converts.
     skip = to_spec(compose_config(["skip=conv"])).skip
@@ -185,7 +190,7 @@ def test_a_changed_prepare_entry_names_the_entry_and_both_qconfigs(calibrated_mi
 
 def test_an_unreachable_store_fails_before_anything_is_written(run_pipeline, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{_free_port()}"
-    with pytest.raises(schema.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         run_pipeline([f"tracking.tracking_uri={uri}"])
     message = str(error.value)
     assert f"tracking.tracking_uri='{uri}' does not answer (ConnectionError)" in message
@@ -225,7 +230,7 @@ def test_a_failing_stage_keeps_earlier_outputs_and_the_rerun_hits_the_cache(
     def broken_evaluate(*args: object) -> dict[str, float]:
         raise RuntimeError("injected evaluate failure")
 
-    monkeypatch.setitem(runner.STAGE_RUNNERS, "evaluate", broken_evaluate)
+    monkeypatch.setattr(stages.evaluate, "evaluate", broken_evaluate)
     with pytest.raises(runner.StageFailed) as error:
         run_pipeline(NO_EXPORT)
     run_dir = tmp_path / "run"
@@ -256,14 +261,14 @@ def test_a_failing_stage_keeps_earlier_outputs_and_the_rerun_hits_the_cache(
 def test_a_signal_swallowed_by_library_code_still_stops_the_run_before_caching(
     run_pipeline, store: MlflowClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    real_calibrate = runner.calibrate
+    real_calibrate = stages.calibrate.calibrate
 
     def calibrate_swallowing_sigterm(*args: object, **kwargs: object):
         with contextlib.suppress(BaseException):  # like the library code that ate a real SIGTERM
-            runner.stop_on_signal(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's handler raises KeyboardInterrupt here
         return real_calibrate(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "calibrate", calibrate_swallowing_sigterm)
+    monkeypatch.setattr(stages.calibrate, "calibrate", calibrate_swallowing_sigterm)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         run_pipeline(["stages=[load,calibrate]", "calibrate.max_batches=2"])
     (run,) = _runs(store)

@@ -35,7 +35,9 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from pipeline import schema
+from pipeline import checks, paths, registry, schema
+from pipeline.errors import ConfigError
+from pipeline.validation import validate
 from tests.conftest import CONF_DIR, FAST, REPO_ROOT, compose_config, to_spec
 
 SEED = int(os.environ.get("FUZZ_SEED", "17"))
@@ -57,7 +59,7 @@ CHEAP = {
 # Fields whose value changes the calibrated or lowered numbers: the end-to-end runs prefer these.
 NUMERIC_PREFIXES = ("calibrate.", "seed", "search.", "backend.", "qconfig_mapping.", "stages", "evaluate.max_batches")
 # A fuzzed key of these sections is checked and run with the section switched on.
-SECTION_ON = {"search": ["search.strategy=greedy", "search.max_trials=3"]}
+SECTION_ON = {"search": ["search.enabled=true", "search.max_trials=3"]}
 PATH_FIELDS = {"output_dir", "cache.dir", "model.checkpoint", "tracking.artifact_location"}
 
 
@@ -216,8 +218,8 @@ def check_case(compose_case: Composer, case: Case, settings: list[str]) -> Outco
         return Outcome(case, False, error)
     try:
         spec = schema.from_config(cfg)
-        schema.validate(spec)
-    except schema.ConfigError as error:
+        validate(spec)
+    except ConfigError as error:
         message = str(error)
         assert "\n" not in message.strip(), f"{case}: not one paragraph: {message}"
         assert any(key in message for key in case.keys), f"{case}: the error names none of {case.keys}: {message}"
@@ -279,7 +281,7 @@ def test_fuzz_every_config_field_is_refused_cleanly_or_runs_to_a_sound_result(
             state = runner.run(spec, cfg, run_dir)
         except Exception as error:
             pytest.fail(f"{case}: validated, then the run failed: {type(error).__name__}: {error}")
-        planned = runner.planned_stages(spec)
+        planned = [stage.NAME for stage in registry.plan(spec)]
         undone = [stage for stage in planned if f"stage/{stage}/seconds" not in state.metrics]
         assert not undone, f"{case}: FINISHED without running {undone}"
         sqnr = state.metrics.get("eval/lowered/sqnr_db")
@@ -343,15 +345,15 @@ def test_the_fast_composer_matches_hydra_compose(fuzz_dir: Path, composer: Compo
 
 def _refused(overrides: list[str], tmp_path: Path) -> str:
     spec = to_spec(compose_config(overrides, output_dir=tmp_path))
-    with pytest.raises(schema.ConfigError) as error:
-        schema.validate(spec)
+    with pytest.raises(ConfigError) as error:
+        validate(spec)
     message = str(error.value)
     assert "\n" not in message
     return message
 
 
 def _accepted(overrides: list[str], tmp_path: Path) -> None:
-    schema.validate(to_spec(compose_config(overrides, output_dir=tmp_path)))
+    validate(to_spec(compose_config(overrides, output_dir=tmp_path)))
 
 
 @pytest.mark.slow
@@ -392,7 +394,7 @@ def test_regression_negative_max_drop_is_refused(tmp_path: Path) -> None:
 
 
 def test_regression_an_opset_the_exporter_cannot_write_is_refused_at_start(tmp_path: Path) -> None:
-    opsets = schema.onnx_opsets()
+    opsets = checks.onnx_opsets()
     message = _refused(["export.onnx_opset=3"], tmp_path)
     assert f"use {opsets.start} to {opsets.stop - 1}" in message
     _refused([f"export.onnx_opset={opsets.stop}"], tmp_path)
@@ -403,7 +405,7 @@ def test_regression_an_opset_the_exporter_cannot_write_is_refused_at_start(tmp_p
 @pytest.mark.slow
 def test_regression_opsets_at_both_ends_of_the_range_export(run_pipeline) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("onnxruntime")
-    opsets = schema.onnx_opsets()
+    opsets = checks.onnx_opsets()
     cheap = ["diagnose.enabled=false", "evaluate.latency.enabled=false", "export.torchscript=none", "tracking=off"]
     for opset in (opsets.start, opsets.stop - 1):
         _, state, _ = run_pipeline([*cheap, f"export.onnx_opset={opset}", "cache.enabled=false"])
@@ -434,13 +436,13 @@ def test_describe_path_names_what_a_file_is(tmp_path: Path) -> None:
     (tmp_path / "legacy.pkl").write_bytes(pickle.dumps({"w": 1}, protocol=2))
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
     (tmp_path / "empty").write_bytes(b"")
-    assert schema.describe_path(tmp_path / "zip.pt").startswith("a zip archive")
-    assert schema.describe_path(tmp_path / "legacy.pkl").startswith("a legacy pickle")
-    assert schema.describe_path(tmp_path / "binary.bin").startswith("a binary file of 256 bytes")
-    assert schema.describe_path(tmp_path / "empty") == "an empty file (0 bytes)"
-    assert schema.describe_path(tmp_path) == "a folder"
-    assert schema.path_status(tmp_path / "nope") == "does not exist"
-    assert schema.is_torch_file(tmp_path / "zip.pt") and not schema.is_torch_file(REPO_ROOT / "README.md")
+    assert paths.describe_path(tmp_path / "zip.pt").startswith("a zip archive")
+    assert paths.describe_path(tmp_path / "legacy.pkl").startswith("a legacy pickle")
+    assert paths.describe_path(tmp_path / "binary.bin").startswith("a binary file of 256 bytes")
+    assert paths.describe_path(tmp_path / "empty") == "an empty file (0 bytes)"
+    assert paths.describe_path(tmp_path) == "a folder"
+    assert paths.path_status(tmp_path / "nope") == "does not exist"
+    assert paths.is_torch_file(tmp_path / "zip.pt") and not paths.is_torch_file(REPO_ROOT / "README.md")
 
 
 # Found by the fuzz (seed 17) on main 6e530c3, beyond the list.

@@ -1,4 +1,4 @@
-"""pipeline/quantization.py: mappings from YAML, skip-lists at convert time, and the two-stage
+"""pipeline/engine (FX): mappings from YAML, skip-lists at convert time, and the two-stage
 reference-convert + lower being the very model convert_fx builds."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import quantization
+from pipeline.engine import custom_modules, fx, mappings, qconfigs
+from pipeline.errors import ConfigError
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -43,13 +44,13 @@ def digits():
 
 
 def _calibrated(model, data, backend: BackendSpec):
-    prepare_config, _ = quantization.build_custom_configs(CustomConfigSpec())
-    with quantization.quantized_engine(backend.engine), torch.no_grad():
-        prepared = quantization.prepare(
+    prepare_config, _ = custom_modules.build_custom_configs(CustomConfigSpec())
+    with qconfigs.quantized_engine(backend.engine), torch.no_grad():
+        prepared = fx.prepare(
             model,
-            quantization.build_qconfig_mapping(MAPPING, backend),
+            mappings.build_qconfig_mapping(MAPPING, backend),
             data.example_inputs,
-            quantization.get_backend_config(backend.backend_config),
+            qconfigs.get_backend_config(backend.backend_config),
             prepare_config,
         )
         for inputs, _ in data.calibration:
@@ -68,22 +69,20 @@ def test_reference_then_lower_equals_convert_fx(digits, engine: str) -> None:
     model, data = digits
     backend = BACKENDS[engine]
     prepared = _calibrated(model, data, backend)
-    _, convert_config = quantization.build_custom_configs(CustomConfigSpec())
-    backend_config = quantization.get_backend_config(backend.backend_config)
+    _, convert_config = custom_modules.build_custom_configs(CustomConfigSpec())
+    backend_config = qconfigs.get_backend_config(backend.backend_config)
     inputs = torch.cat([x for x, _ in data.evaluation])
     for skip in SKIPS.values():
-        conversion = quantization.convert_reference(
+        conversion = fx.convert_reference(
             prepared,
-            quantization.build_convert_mapping(MAPPING, skip, backend, prepared),
+            mappings.build_convert_mapping(MAPPING, skip, backend, prepared),
             backend_config,
             convert_config,
         )
-        two_stage = quantization.lower(
-            conversion.model, conversion.node_name_to_qconfig, conversion.node_name_to_scope, engine
-        )
-        one_step = quantization.convert_in_one_step(
+        two_stage = fx.lower(conversion.model, conversion.engine_state, engine)
+        one_step = fx.convert_in_one_step(
             prepared,
-            quantization.build_convert_mapping(MAPPING, skip, backend, prepared),
+            mappings.build_convert_mapping(MAPPING, skip, backend, prepared),
             backend_config,
             convert_config,
             engine,
@@ -91,7 +90,7 @@ def test_reference_then_lower_equals_convert_fx(digits, engine: str) -> None:
         assert two_stage.code == one_step.code, f"{engine}/{skip.name}: generated code differs"
         # Same submodules at the same paths (their registration order may differ).
         assert _module_types(two_stage) == _module_types(one_step)
-        with quantization.quantized_engine(engine), torch.no_grad():
+        with qconfigs.quantized_engine(engine), torch.no_grad():
             assert torch.equal(two_stage(inputs), one_step(inputs)), f"{engine}/{skip.name}: outputs differ"
 
 
@@ -100,12 +99,12 @@ def test_prepared_model_serves_many_skip_lists_without_being_consumed(digits) ->
     backend = BACKENDS["x86"]
     prepared = _calibrated(model, data, backend)
     before = {k: v.clone() for k, v in prepared.state_dict().items()}
-    backend_config = quantization.get_backend_config("x86")
-    _, convert_config = quantization.build_custom_configs(CustomConfigSpec())
+    backend_config = qconfigs.get_backend_config("x86")
+    _, convert_config = custom_modules.build_custom_configs(CustomConfigSpec())
     left = {}
     for name, skip in SKIPS.items():
-        mapping = quantization.build_convert_mapping(MAPPING, skip, backend, prepared)
-        left[name] = quantization.convert_reference(prepared, mapping, backend_config, convert_config).left_float
+        mapping = mappings.build_convert_mapping(MAPPING, skip, backend, prepared)
+        left[name] = fx.convert_reference(prepared, mapping, backend_config, convert_config).left_float
     assert left["none"] == []
     assert set(left["add"]) == {"add", "add_1"}
     assert set(left["first_last"]) == {"stem_0", "fc"}
@@ -120,8 +119,8 @@ def test_object_type_skip_covers_the_fused_types_built_from_it(digits) -> None:
     prepared = _calibrated(model, data, backend)
     from torch.ao.nn.intrinsic import ConvReLU2d
 
-    assert quantization.fused_types_of(prepared, [nn.Conv2d]) == [ConvReLU2d]
-    mapping = quantization.build_convert_mapping(MAPPING, SKIPS["conv"], backend, prepared)
+    assert mappings.fused_types_of(prepared, [nn.Conv2d]) == [ConvReLU2d]
+    mapping = mappings.build_convert_mapping(MAPPING, SKIPS["conv"], backend, prepared)
     assert mapping.object_type_qconfigs[nn.Conv2d] is None
     assert mapping.object_type_qconfigs[ConvReLU2d] is None
 
@@ -130,7 +129,7 @@ def test_skip_regex_goes_before_the_base_mappings_regexes() -> None:
     backend = BACKENDS["x86"]
     base = QConfigMappingSpec(name="r", module_name_regex=[ModuleNameRegexEntry(regex="block.*", qconfig="default")])
     skip = SkipSpec(name="s", module_name_regex=["block2\\..*"])
-    mapping = quantization.build_convert_mapping(base, skip, backend, nn.Sequential())
+    mapping = mappings.build_convert_mapping(base, skip, backend, nn.Sequential())
     assert list(mapping.module_name_regex_qconfigs) == ["block2\\..*", "block.*"]
     assert mapping.module_name_regex_qconfigs["block2\\..*"] is None
 
@@ -146,7 +145,7 @@ def test_yaml_mapping_builds_every_kind_of_entry() -> None:
         module_name=[ModuleNameEntry("fc", "default")],
         module_name_object_type_order=[ModuleNameObjectTypeOrderEntry("block1", "operator.add", 0, None)],
     )
-    mapping = quantization.build_qconfig_mapping(spec, backend)
+    mapping = mappings.build_qconfig_mapping(spec, backend)
     assert mapping.object_type_qconfigs[nn.Linear] is None
     assert mapping.object_type_qconfigs[operator.add] is None
     assert mapping.module_name_regex_qconfigs["stem.*"].activation.p.func.__name__ == "HistogramObserver"
@@ -169,7 +168,7 @@ NAMED_QCONFIGS = {
 @pytest.mark.parametrize("engine", list(BACKENDS))
 @pytest.mark.parametrize("name", list(NAMED_QCONFIGS))
 def test_named_qconfigs_follow_the_engine(name: str, engine: str) -> None:
-    qconfig = quantization.named_qconfig(name, BACKENDS[engine], "k")
+    qconfig = qconfigs.named_qconfig(name, BACKENDS[engine], "k")
     activation, weight = qconfig.activation(), qconfig.weight()
     activation_class, weight_class, weight_scheme = NAMED_QCONFIGS[name]
     if name == "backend_default" and engine == "qnnpack":  # torch's qnnpack default: per-tensor weights
@@ -182,35 +181,33 @@ def test_named_qconfigs_follow_the_engine(name: str, engine: str) -> None:
 
 
 def test_default_and_null_qconfig_names() -> None:
-    assert set(quantization.QCONFIG_LIBRARY) == set(NAMED_QCONFIGS)
-    default = quantization.named_qconfig("default", BACKENDS["qnnpack"], "k")
+    assert set(qconfigs.QCONFIG_LIBRARY) == set(NAMED_QCONFIGS)
+    default = qconfigs.named_qconfig("default", BACKENDS["qnnpack"], "k")
     assert type(default.weight()).__name__ == "MinMaxObserver"  # the backend's default_qconfig: backend_default
-    assert quantization.named_qconfig(None, BACKENDS["x86"], "k") is None
+    assert qconfigs.named_qconfig(None, BACKENDS["x86"], "k") is None
 
 
 def test_count_nodes_sees_what_stayed_float(digits) -> None:
     model, data = digits
     backend = BACKENDS["x86"]
     prepared = _calibrated(model, data, backend)
-    backend_config = quantization.get_backend_config("x86")
-    _, convert_config = quantization.build_custom_configs(CustomConfigSpec())
+    backend_config = qconfigs.get_backend_config("x86")
+    _, convert_config = custom_modules.build_custom_configs(CustomConfigSpec())
     counts = {}
     for name in ("none", "first_last"):
-        conversion = quantization.convert_reference(
+        conversion = fx.convert_reference(
             prepared,
-            quantization.build_convert_mapping(MAPPING, SKIPS[name], backend, prepared),
+            mappings.build_convert_mapping(MAPPING, SKIPS[name], backend, prepared),
             backend_config,
             convert_config,
         )
-        lowered = quantization.lower(
-            conversion.model, conversion.node_name_to_qconfig, conversion.node_name_to_scope, "x86"
-        )
-        counts[name] = quantization.count_nodes(lowered, data.example_inputs, "x86")
+        lowered = fx.lower(conversion.model, conversion.engine_state, "x86")
+        counts[name] = fx.count_nodes(lowered, data.example_inputs, "x86")
     assert counts["none"]["float"] == 0 and counts["none"]["quantized"] > 0
     assert counts["first_last"]["float"] >= 2
     assert counts["first_last"]["quantized"] < counts["none"]["quantized"]
 
 
 def test_unsupported_engine_is_refused_with_the_supported_list() -> None:
-    with pytest.raises(quantization.ConfigError, match="supported engines are"), quantization.quantized_engine("tpu"):
+    with pytest.raises(ConfigError, match="supported engines are"), qconfigs.quantized_engine("tpu"):
         pass

@@ -18,7 +18,7 @@ def test_greedy_search_meets_the_bar_in_fewer_trials_than_layers_from_one_calibr
     run_pipeline, tmp_path: Path
 ) -> None:
     _, state, run_dir = run_pipeline(SEARCH)
-    result = state.search
+    result = state.artifacts["search"]
     layers = len(result.sensitivity)
     assert layers == 5  # four hidden Linear layers and the head
     assert not result.trials[0].meets, "the outlier model must miss the bar fully quantized"
@@ -58,9 +58,9 @@ def test_greedy_search_meets_the_bar_in_fewer_trials_than_layers_from_one_calibr
 @pytest.mark.slow
 def test_search_stops_at_trial_zero_when_full_quantization_meets_the_bar(run_pipeline) -> None:
     _, state, _ = run_pipeline(["search=greedy", "search.max_drop=0.01", "export.onnx=false"])
-    assert len(state.search.trials) == 1
-    assert state.search.winner.skipped == []
-    assert state.search.sensitivity == []  # never needed
+    assert len(state.artifacts["search"].trials) == 1
+    assert state.artifacts["search"].winner.skipped == []
+    assert state.artifacts["search"].sensitivity == []  # never needed
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_sqnr_criterion_and_max_trials(run_pipeline) -> None:
             "stages=[load,calibrate]",
         ]
     )
-    result = state.search
+    result = state.artifacts["search"]
     assert len(result.trials) == 3
     assert not result.met
     assert result.winner.score == max(trial.score for trial in result.trials)

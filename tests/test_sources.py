@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import schema
 from pipeline.cache import cache_key
-from pipeline.schema import ConfigError, DataSpec, ModelSpec
+from pipeline.errors import ConfigError
+from pipeline.schema import DataSpec, ModelSpec
+from pipeline.validation import validate
 from stages.load import load
 from stages.sources.digits import _digits_tensors, _split_indices
 from stages.sources.image_folder import image_folder_data
@@ -143,7 +144,7 @@ def test_user_file_model_runs_in_process(trained_project: Path, run_pipeline) ->
         ]
     )
     metrics = state.metrics
-    assert type(state.loaded.model).__module__ == USER_MODULE
+    assert type(state.artifacts["loaded"].model).__module__ == USER_MODULE
     assert metrics["eval/float/accuracy"] >= 0.9
     assert metrics["eval/lowered/accuracy"] >= metrics["eval/float/accuracy"] - 0.02
     assert metrics["cache/hit"] == 0.0
@@ -168,7 +169,7 @@ def test_cache_key_follows_the_user_files_source(user_project: Path, tmp_path: P
 def test_python_path_folder_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
     spec = to_spec(compose_config(["model.python_path=[no_such_folder]"], output_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"model.python_path\[0\]='no_such_folder' is not a folder"):
-        schema.validate(spec)
+        validate(spec)
 
 
 def test_unresolved_target_names_the_folders_searched_and_what_to_set(tmp_path: Path) -> None:
@@ -373,8 +374,8 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
             "stages=[load,calibrate]",
         ]
     )
-    assert state.search is not None and state.search.trials
-    for trial in state.search.trials:
+    assert state.artifacts["search"] is not None and state.artifacts["search"].trials
+    for trial in state.artifacts["search"].trials:
         assert "eval/lowered/sqnr_db" in trial.metrics
         assert "eval/lowered/accuracy" not in trial.metrics
 

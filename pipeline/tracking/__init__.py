@@ -5,6 +5,18 @@ Hydra sweep callback and the comparison report; cli.py the `python -m pipeline.t
 Imports only pipeline.schema / pipeline.errors below it: never the runner, the stages or the engine.
 """
 
-from pipeline.tracking.base import RunRecord, Tracker, make_tracker, run_tags
+from pipeline.schema import TrackingSpec
+from pipeline.tracking.base import RunRecord, Tracker, run_tags
+from pipeline.tracking.off import NoopTracker
+
+
+def make_tracker(spec: TrackingSpec) -> Tracker:
+    """The MLflow tracker when spec.enabled, else the no-op one (and mlflow is not imported)."""
+    if spec.enabled:
+        from pipeline.tracking.mlflow import MlflowTracker
+
+        return MlflowTracker(spec)
+    return NoopTracker()
+
 
 __all__ = ["RunRecord", "Tracker", "make_tracker", "run_tags"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pipeline.schema import PipelineSpec, TrackingSpec
+from pipeline.schema import PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,6 @@ class Tracker(Protocol):
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; safe to call twice."""
         ...
-
-
-def make_tracker(spec: TrackingSpec) -> Tracker:
-    """The MLflow tracker when spec.enabled, else the no-op one (and mlflow is not imported)."""
-    if spec.enabled:
-        from pipeline.tracking.mlflow import MlflowTracker
-
-        return MlflowTracker(spec)
-    from pipeline.tracking.off import NoopTracker
-
-    return NoopTracker()
 
 
 def run_tags(spec: PipelineSpec) -> dict[str, str]:

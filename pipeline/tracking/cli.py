@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline.schema import PipelineSpec, TrackingSpec
-from pipeline.tracking.base import make_tracker, run_tags
+from pipeline.tracking import make_tracker, run_tags
 from pipeline.tracking.sweep import PARENT_RUN_FILE, write_report
 
 DEFAULT_STORE = "sqlite:///outputs/mlflow.db"

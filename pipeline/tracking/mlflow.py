@@ -24,7 +24,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 
-from pipeline.schema import ConfigError, TrackingSpec, is_tracking_server  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.schema import TrackingSpec, is_tracking_server  # noqa: E402
 from pipeline.tracking.base import RunRecord  # noqa: E402
 
 log = logging.getLogger(__name__)

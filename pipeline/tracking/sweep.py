@@ -15,7 +15,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.schema import TrackingSpec
-from pipeline.tracking.base import RunRecord, Tracker, make_tracker
+from pipeline.tracking import make_tracker
+from pipeline.tracking.base import RunRecord, Tracker
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, closest, path_status
+from pipeline.errors import ConfigError, closest
+from pipeline.paths import path_status
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.schema import ConfigError
+from pipeline.errors import ConfigError
 
 
 def split_indices(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.schema import ConfigError, error_summary, is_torch_file, path_status
+from pipeline.errors import ConfigError, error_summary
+from pipeline.paths import is_torch_file, path_status
 from stages.sources.digits import _batches
 from stages.sources.split import split_indices
 from stages.types import DataBundle

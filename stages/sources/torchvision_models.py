@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.schema import ConfigError, closest, error_summary
+from pipeline.errors import ConfigError, closest, error_summary
 
 
 def import_torchvision() -> Any:
@@ -42,5 +42,5 @@ def build(arch: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
             f"torchvision.models.list_models() (e.g. resnet18, mobilenet_v2).{closest(arch, names)}"
         )
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    # torchvision's blocks call one ReLU twice: quantization.prepare gives each call its own copy.
+    # torchvision's blocks call one ReLU twice: the FX engine's prepare gives each call its own copy.
     return model.eval()

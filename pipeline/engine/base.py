@@ -1,0 +1,132 @@
+"""The surface a quantization engine offers the stages, as a Protocol, and the engine-neutral values it
+returns. The FX engine (engine/fx.py) implements it; a second engine (torchao's pt2e) implements the
+same methods, and the stages do not change.
+
+Configs come in as the schema's specs (BackendSpec, QConfigMappingSpec, SkipSpec, CustomConfigSpec):
+each engine builds its own torch objects from them. What only one engine needs between two steps
+(FX: the per-node qconfigs and scopes lowering reads) travels as `ReferenceConversion.engine_state`,
+which only the engine that made it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+
+if TYPE_CHECKING:
+    from pipeline.engine.introspect import EntryMatch, NodeInfo
+    from pipeline.engine.numerics import LayerDiagnostics, LayerSensitivity, LoggedOutput
+
+
+@dataclass
+class ReferenceConversion:
+    """A reference (quantize-dequantize) model and what the same engine's `lower` needs with it."""
+
+    model: nn.Module
+    engine_state: object  # opaque: created and read only by the engine that converted
+    left_float: list[str] = field(default_factory=list)  # nodes the skip-list returned to float
+
+
+@dataclass
+class UntraceableModule:
+    """The module whose forward the engine could not capture while preparing."""
+
+    name: str  # qualified name in the model ("" = the top-level model's own forward)
+    cls: type
+    error: BaseException
+
+
+class Engine(Protocol):
+    """One post-training quantization flow: prepare, calibrate-state save/load, reference convert,
+    lower, count, per-layer numerics, and the introspection the inspect stage and skip warnings use."""
+
+    name: str
+
+    def check(
+        self, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
+    ) -> None:
+        """Resolve every name and import path of the configs now (raises ConfigError), before any work."""
+        ...
+
+    def prepare(
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        backend: BackendSpec,
+        mapping: QConfigMappingSpec,
+        custom: CustomConfigSpec,
+    ) -> nn.Module:
+        """An observed copy of `model`, not yet calibrated (the float model stays untouched)."""
+        ...
+
+    def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
+        """For an error `prepare` raised: the module that could not be captured, or None."""
+        ...
+
+    def clamp_bounded_activations(
+        self, prepared: nn.Module, model: nn.Module, backend: BackendSpec, custom: CustomConfigSpec
+    ) -> dict[str, tuple[float, float]]:
+        """Make outputs that feed only ReLU6 / hardtanh observe the clipped range; returns what changed."""
+        ...
+
+    def observer_state(self, prepared: nn.Module) -> dict[str, torch.Tensor]:
+        """The calibration result alone (observer buffers, with the state_dict's version metadata)."""
+        ...
+
+    def load_observer_state(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load `observer_state`'s output into a freshly prepared model; the keys must match exactly."""
+        ...
+
+    def convert_reference(
+        self,
+        prepared: nn.Module,
+        backend: BackendSpec,
+        mapping: QConfigMappingSpec,
+        skip: SkipSpec,
+        custom: CustomConfigSpec,
+    ) -> ReferenceConversion:
+        """The reference model of a copy of `prepared`, with the skip-list's entries left float."""
+        ...
+
+    def lower(self, reference: nn.Module, engine_state: object, engine: str) -> nn.Module:
+        """The reference model lowered to `engine`'s int8 kernels (on a copy)."""
+        ...
+
+    def count_nodes(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+        """Compute nodes by what they produce: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
+        ...
+
+    def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
+        """Why per-layer numerics cannot run on models with this custom config, or None."""
+        ...
+
+    def layer_sensitivity(
+        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+    ) -> list[LayerSensitivity]:
+        """Each quantized layer's own output SQNR on float inputs, worst first."""
+        ...
+
+    def layer_diagnostics(
+        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+    ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
+        """Own, cumulative and weight SQNR per layer, and every logged op's cumulative SQNR in order."""
+        ...
+
+    def unmatched_skip_entries(self, prepared: nn.Module, skip: SkipSpec, prefix: str = "skip") -> list[str]:
+        """One line per skip entry that matches nothing in the prepared model, with the closest names."""
+        ...
+
+    def model_nodes(self, prepared: nn.Module) -> list[NodeInfo]:
+        """Every op node of a prepared model, in graph order."""
+        ...
+
+    def entry_matches(
+        self, prepared: nn.Module, mapping: QConfigMappingSpec, skip: SkipSpec, backend: BackendSpec
+    ) -> list[EntryMatch]:
+        """For each skip and mapping entry: the nodes it configures, or why it matches nothing."""
+        ...

@@ -1,0 +1,133 @@
+"""The named-qconfig library, import paths as config writes them, backend configs, and the
+quantized-engine context every int8 model runs under."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import (
+    HistogramObserver,
+    MinMaxObserver,
+    QConfig,
+    default_per_channel_weight_observer,
+    default_weight_observer,
+    get_default_qconfig,
+)
+
+from pipeline.engine.observers import activation_range
+from pipeline.errors import ConfigError, closest
+from pipeline.schema import BackendSpec
+
+QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
+    "backend_default": (
+        "torch's get_default_qconfig(engine): histogram activations; per-channel weights except qnnpack",
+        lambda engine: get_default_qconfig(engine),
+    ),
+    "minmax_per_tensor": (
+        "min-max activations, per-tensor symmetric int8 weights: fastest calibration, most outlier-sensitive",
+        lambda engine: QConfig(
+            activation=MinMaxObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
+            weight=default_weight_observer,
+        ),
+    ),
+    "minmax_per_channel": (
+        "min-max activations, per-channel symmetric int8 weights",
+        lambda engine: QConfig(
+            activation=MinMaxObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+    "histogram_per_tensor": (
+        "histogram (L2-optimal range) activations, per-tensor symmetric int8 weights",
+        lambda engine: QConfig(
+            activation=HistogramObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
+            weight=default_weight_observer,
+        ),
+    ),
+    "histogram_per_channel": (
+        "histogram activations, per-channel symmetric int8 weights: usually the most accurate",
+        lambda engine: QConfig(
+            activation=HistogramObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+}
+
+
+def named_qconfig(name: str | None, backend: BackendSpec, key: str) -> QConfig | None:
+    """Resolve a qconfig name from config ('default' = the backend's default_qconfig); None stays None."""
+    if name is None:
+        return None
+    if name == "default":
+        name = backend.default_qconfig
+    if name not in QCONFIG_LIBRARY:
+        valid = ["default", *QCONFIG_LIBRARY]
+        raise ConfigError(
+            f"{key}='{name}' is not a known qconfig; choose one of {valid} or null (stay float).{closest(name, valid)}"
+        )
+    return QCONFIG_LIBRARY[name][1](backend.engine)
+
+
+def resolve_import(path: str, key: str) -> Any:
+    """Import 'package.module.attr.attr' (classes, functions, operator.add ...) or raise ConfigError."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                target = getattr(target, attribute)
+        except AttributeError:
+            break
+        return target
+    raise ConfigError(
+        f"{key}='{path}' is not an importable path; write a full dotted path to a class or function, "
+        f"e.g. 'torch.nn.Conv2d', 'torch.nn.functional.linear' or 'operator.add'."
+    )
+
+
+def import_path(obj: Any) -> str:
+    """The dotted path config uses for an object type (the inverse of resolve_import, for logs)."""
+    if obj is operator.add:
+        return "operator.add"
+    name = getattr(obj, "__name__", "")
+    for public in (nn, torch):  # prefer the documented spelling: torch.nn.Conv2d, torch.add
+        if name and getattr(public, name, None) is obj:
+            return f"{public.__name__}.{name}"
+    module = getattr(obj, "__module__", None) or "builtins"
+    return f"{module}.{getattr(obj, '__qualname__', getattr(obj, '__name__', str(obj)))}"
+
+
+def get_backend_config(name: str) -> Any:
+    try:
+        module = importlib.import_module(f"torch.ao.quantization.backend_config.{name}")
+        getter = getattr(module, f"get_{name}_backend_config")
+    except (ImportError, AttributeError):
+        raise ConfigError(f"backend.backend_config='{name}' has no torch getter get_{name}_backend_config.") from None
+    return getter()
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Set torch.backends.quantized.engine for the block and restore it: packed weights are built
+    for the engine active when they are created, and sweeps run many jobs in one process."""
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ConfigError(
+            f"backend.engine='{engine}' is not supported by this torch build on this CPU; "
+            f"supported engines are {[e for e in supported if e != 'none']}."
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous

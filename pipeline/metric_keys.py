@@ -1,0 +1,95 @@
+"""Every metric key the pipeline logs, in one place: stages produce them, the sweep report, the search
+and the CLI read them. A key is `<group>/<...>` so MLflow's UI groups them; change one here only.
+
+Models are named by role: `float` (the loaded model), `reference` (reference-converted) and `lowered`
+(the backend's int8 operators).
+"""
+
+from __future__ import annotations
+
+MODELS: tuple[str, ...] = ("float", "reference", "lowered")
+
+
+def eval_metric(model: str, name: str) -> str:
+    """`eval/<model>/<name>`: name is accuracy, sqnr_db or agreement."""
+    return f"eval/{model}/{name}"
+
+
+ACCURACY = "accuracy"
+SQNR_DB = "sqnr_db"
+AGREEMENT = "agreement"
+QUALITY_METRICS: tuple[str, ...] = (ACCURACY, SQNR_DB, AGREEMENT)
+
+FLOAT_ACCURACY = eval_metric("float", ACCURACY)
+LOWERED_ACCURACY = eval_metric("lowered", ACCURACY)
+LOWERED_SQNR_DB = eval_metric("lowered", SQNR_DB)
+LOWERED_AGREEMENT = eval_metric("lowered", AGREEMENT)
+ACCURACY_DELTA = "eval/accuracy_delta"  # lowered minus float accuracy, a fraction (0.01 = one point)
+EVAL_SAMPLES = "eval/samples"
+
+
+def latency_ms(model: str, batch_size: int) -> str:
+    """The fastest form's median latency of `model` at `batch_size`."""
+    return f"latency/{model}/b{batch_size}_ms"
+
+
+def form_latency_ms(model: str, form: str, batch_size: int, statistic: str) -> str:
+    """One form's latency statistic (median or p90)."""
+    return f"latency/{model}/{form}/b{batch_size}_{statistic}_ms"
+
+
+def speedup(batch_size: int) -> str:
+    """float latency / lowered latency at `batch_size`."""
+    return f"latency/speedup_b{batch_size}"
+
+
+FLOAT_BYTES = "size/float_bytes"
+LOWERED_BYTES = "size/lowered_bytes"
+SIZE_RATIO = "size/ratio"
+
+DATA_CALIBRATION_SAMPLES = "data/calibration_samples"
+DATA_EVALUATION_SAMPLES = "data/evaluation_samples"
+MODEL_PARAMETERS = "model/parameters"
+
+CALIBRATIONS = "calibrate/calibrations"  # calibration passes this run made: 0 on a cache hit
+CALIBRATE_BATCHES = "calibrate/batches"
+CALIBRATE_SAMPLES = "calibrate/samples"
+CACHE_HIT = "cache/hit"
+
+LEFT_FLOAT_NODES = "skip/left_float_nodes"
+
+
+def node_count(kind: str) -> str:
+    """`nodes/<kind>`: quantized, float or quantize_dequantize ops in the lowered graph."""
+    return f"nodes/{kind}"
+
+
+QUANTIZED_NODES = node_count("quantized")
+
+SEARCH_TRIALS = "search/trials"
+SEARCH_MET = "search/met"
+SEARCH_BAR = "search/bar"
+SEARCH_WINNER_TRIAL = "search/winner_trial"
+SEARCH_WINNER_SCORE = "search/winner_score"
+SEARCH_WINNER_FLOAT_LAYERS = "search/winner_float_layers"
+SEARCH_WINNER_LATENCY_MS = "search/winner_latency_ms"
+SEARCH_SCORE = "search/score"  # per trial run
+SEARCH_MEETS = "search/meets"  # per trial run
+SEARCH_FLOAT_LAYERS = "search/float_layers"  # per trial run
+
+DIAGNOSE_SKIPPED = "diagnose/skipped"
+DIAGNOSE_LAYERS = "diagnose/layers"
+DIAGNOSE_WORST_LAYER_SQNR_DB = "diagnose/worst_layer_sqnr_db"
+DIAGNOSE_FIRST_LAYER_SQNR_DB = "diagnose/first_layer_sqnr_db"
+DIAGNOSE_ENGINE_PROBLEM = "diagnose/engine_problem"
+DIAGNOSE_SUGGESTED_SKIP = "diagnose/suggested_skip"
+
+
+def stage_seconds(stage: str) -> str:
+    """Wall time of one stage, written by the runner."""
+    return f"stage/{stage}/seconds"
+
+
+def export_metric(name: str) -> str:
+    """`export/<name>`: e.g. a file's size or its agreement with the lowered model."""
+    return f"export/{name}"

@@ -1,0 +1,58 @@
+"""What is at a path, for error messages that say what a file actually is (a text file given as a
+checkpoint is not "pickled objects"). Sniffs the first bytes only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def describe_path(path: str | Path) -> str:
+    """What is at `path`, for error messages: 'a folder', 'an empty file', 'a zip archive', 'a text
+    file (starts "# Title")', 'a legacy pickle', ... or 'missing'. Sniffs the first bytes only."""
+    file = Path(path)
+    try:
+        if file.is_symlink() and not file.exists():
+            return f"a broken symbolic link (to {os.readlink(file)})"
+        if not file.exists():
+            return "missing (nothing at that path)"
+        if file.is_dir():
+            return "a folder"
+        if not file.is_file():
+            return "a special file (a device, pipe or socket)"
+        size = file.stat().st_size
+        if size == 0:
+            return "an empty file (0 bytes)"
+        with file.open("rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        return f"unreadable ({error.strerror or type(error).__name__})"
+    if head.startswith(b"PK\x03\x04"):
+        return f"a zip archive of {size} bytes (torch.save's format)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"a legacy pickle of {size} bytes (pickle.dump, or torch.save without zip)"
+    if head.startswith(b"\x93NUMPY"):
+        return f"a NumPy .npy array of {size} bytes"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")):
+        return f"an image of {size} bytes"
+    if head.startswith(b"SQLite format 3\x00"):
+        return f"an SQLite database of {size} bytes"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not just a multi-byte character cut by the 512-byte read
+            return f"a binary file of {size} bytes"
+        text = head[: error.start].decode("utf-8")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"a text file of {size} bytes (starts {first[:40]!r})"
+
+
+def path_status(path: str | Path) -> str:
+    """'does not exist', or 'is <what describe_path finds>': for messages `key='value' <status>; ...`."""
+    what = describe_path(path)
+    return "does not exist" if what.startswith("missing") else f"is {what}"
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """torch.load can only read zip archives (torch.save) and legacy pickles."""
+    return describe_path(path).startswith(("a zip archive", "a legacy pickle"))

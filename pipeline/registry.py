@@ -1,0 +1,86 @@
+"""The one declared stage graph: every stage the pipeline has, in pipeline order, and the start-up plan
+that checks a config against it before any work.
+
+A stage is a module of stages/ that declares NAME, CONSUMES, USES, PRODUCES, READS and OPTIONAL and
+defines compute(ctx) and write(produced, ctx) (and optionally check(spec)); stages/types.py documents
+the contract. Adding a stage is one module and one line in REGISTRY.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+from pipeline.errors import ConfigError, closest
+from pipeline.schema import PipelineSpec
+from stages import calibrate, diagnose, evaluate, export, inspect, load, lower, reference_convert, search
+
+log = logging.getLogger(__name__)
+
+REGISTRY: tuple[ModuleType, ...] = (
+    load,
+    inspect,
+    calibrate,
+    search,
+    reference_convert,
+    lower,
+    diagnose,
+    evaluate,
+    export,
+)
+NAMES: tuple[str, ...] = tuple(stage.NAME for stage in REGISTRY)
+
+
+def _producer(artifact: str) -> str:
+    return next(stage.NAME for stage in REGISTRY if artifact in stage.PRODUCES)
+
+
+def is_switched_on(stage: ModuleType, spec: PipelineSpec) -> bool:
+    """Listed in `stages`, or an optional stage whose config group says enabled=true."""
+    return stage.NAME in spec.stages or (stage.OPTIONAL and getattr(spec, stage.NAME).enabled)
+
+
+def plan(spec: PipelineSpec) -> list[ModuleType]:
+    """The stages this config runs, in registry order, each with its inputs produced earlier; a listed
+    stage whose inputs are not is a ConfigError. An optional stage switched on by its group alone is
+    dropped, with a log line, when this run does not produce its inputs (diagnose without lower)."""
+    for position, name in enumerate(spec.stages):
+        if name not in NAMES:
+            raise ConfigError(
+                f"stages[{position}]='{name}' is not a stage; choose from {list(NAMES)}.{closest(name, NAMES)}"
+            )
+    if len(set(spec.stages)) != len(spec.stages):
+        raise ConfigError(f"stages={list(spec.stages)} names a stage twice; list each stage once.")
+    planned: list[ModuleType] = []
+    produced: set[str] = set()
+    for stage in REGISTRY:
+        if not is_switched_on(stage, spec):
+            continue
+        missing = [artifact for artifact in stage.CONSUMES if artifact not in produced]
+        if missing and stage.NAME in spec.stages:
+            needed = sorted({_producer(artifact) for artifact in missing}, key=NAMES.index)
+            raise ConfigError(
+                f"stages={list(spec.stages)} runs '{stage.NAME}' without {needed}, which it reads from "
+                f"({', '.join(missing)}). Add them, or run a prefix of the default stage list."
+            )
+        if missing:
+            continue  # check() says so once, at start-up
+        planned.append(stage)
+        produced.update(stage.PRODUCES)
+    return planned
+
+
+def check(spec: PipelineSpec) -> list[ModuleType]:
+    """Plan the run and run each planned stage's own start-up checks: every config error before any work."""
+    planned = plan(spec)
+    for stage in REGISTRY:
+        if stage not in planned and is_switched_on(stage, spec):
+            inputs = list(stage.CONSUMES)
+            log.info(
+                "%s.enabled=true, but this run does not produce its inputs %s: it does not run", stage.NAME, inputs
+            )
+    for stage in planned:
+        stage_check = getattr(stage, "check", None)
+        if stage_check is not None:
+            stage_check(spec)
+    return planned
