@@ -65,6 +65,8 @@ def node_count(kind: str) -> str:
 
 
 QUANTIZED_NODES = node_count("quantized")
+# Mapping entries whose nodes the backend left float although they name a qconfig (lower/ignored_mapping_entries.json).
+IGNORED_MAPPING_ENTRIES = "lower/ignored_mapping_entries"
 
 SEARCH_TRIALS = "search/trials"
 SEARCH_MET = "search/met"

@@ -5,7 +5,8 @@
   it with the same `torch.backends.quantized.engine` it was exported for (its name says which).
 - qnnpack only: a lite-interpreter (.ptl) file for PyTorch Mobile.
 - ONNX: a QDQ graph through torch's TorchScript-based exporter, checked against onnxruntime (the
-  [onnx] extra; skipped with the reason when it is not installed).
+  [onnx] extra; skipped with the reason when it is not installed, or when the model has dynamic,
+  float16 or weight-only quantized ops, which the exporter cannot express).
 
 custom_config's preserved attributes (e.g. class names) ride along in the TorchScript and .ptl files
 as the extra file `preserved_attributes.json` (tracing drops plain Python attributes), and in the
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline import metric_keys
+from pipeline.engine import introspect
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
@@ -133,8 +135,15 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
 
     if spec.onnx:
         missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        float_io = introspect.float_io_quantized_ops(lowered.model)
         if missing:
             skipped["onnx"] = f"{' and '.join(missing)} not installed; pip install -e '.[onnx]' to export ONNX"
+        elif float_io:
+            # torch's ONNX exporter has no symbolic for quantized::linear_dynamic(_fp16) or embedding_byte.
+            skipped["onnx"] = (
+                f"torch's ONNX exporter cannot express dynamic, float16 or weight-only quantized ops: "
+                f"{', '.join(float_io[:3])}{' ...' if len(float_io) > 3 else ''}; use the TorchScript file"
+            )
         else:
             path = out_dir / f"lowered_{engine}.onnx"
             try:

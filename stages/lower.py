@@ -1,6 +1,10 @@
 """Stage `lower`: the reference model lowered to the backend's quantized operators, by the same pass
 convert_fx runs after its own reference conversion (so the result equals convert_fx's).
 
+A mapping entry whose nodes the BackendConfig left float (it silently drops qconfigs with dtypes it has
+no config for, e.g. dynamic int8 on Conv2d or float16 on onednn) is a warning naming the entry, a metric
+and ignored_mapping_entries.json.
+
 Config keys read: backend.engine, backend.backend_config, qconfig_mapping.name, skip.name.
 """
 
@@ -35,7 +39,11 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
         counts["float"],
         counts["quantize_dequantize"],
     )
-    return Lowered(model=model, engine=backend.engine, node_counts=counts)
+    for line in reference.ignored_entries:
+        log.warning("lower: %s", line)
+    return Lowered(
+        model=model, engine=backend.engine, node_counts=counts, ignored_entries=list(reference.ignored_entries)
+    )
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:
@@ -43,9 +51,13 @@ def compute(ctx: StageContext) -> dict[str, Any]:
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """lowered_graph.py (the int8 model's FX code) and node_counts.json."""
+    """lowered_graph.py (the int8 model's FX code), node_counts.json and ignored_mapping_entries.json (the
+    mapping entries the backend left float, also logged as warnings and counted by a metric)."""
     out = ctx.out_dir
     lowered: Lowered = produced["lowered"]
     (out / "lowered_graph.py").write_text(lowered.model.code)
     write_json(out / "node_counts.json", lowered.node_counts)
-    return {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}
+    write_json(out / "ignored_mapping_entries.json", lowered.ignored_entries)
+    metrics = {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}
+    metrics[metric_keys.IGNORED_MAPPING_ENTRIES] = float(len(lowered.ignored_entries))
+    return metrics

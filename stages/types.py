@@ -89,6 +89,7 @@ class Lowered:
     model: GraphModule
     engine: str
     node_counts: dict[str, int] = field(default_factory=dict)
+    ignored_entries: list[str] = field(default_factory=list)  # mapping entries the backend left float
 
 
 @dataclass

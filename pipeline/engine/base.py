@@ -30,6 +30,8 @@ class ReferenceConversion:
     model: nn.Module
     engine_state: object  # opaque: created and read only by the engine that converted
     left_float: list[str] = field(default_factory=list)  # nodes the skip-list returned to float
+    # Mapping entries whose nodes the backend left float (an unsupported dtype), one readable line each.
+    ignored_entries: list[str] = field(default_factory=list)
 
 
 @dataclass

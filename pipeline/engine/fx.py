@@ -28,7 +28,7 @@ from pipeline.engine import custom_modules, introspect, mappings, numerics, obse
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.mappings import check_convert_mapping
-from pipeline.engine.qconfigs import get_backend_config, quantized_engine
+from pipeline.engine.qconfigs import get_backend_config, quantized_engine, resolve_import
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +109,19 @@ def prepare(
     )
     unshare_stateless_modules(prepared)
     return prepared
+
+
+def fused_model(model: nn.Module, prepare_custom_config: PrepareCustomConfig, backend_config: Any) -> GraphModule:
+    """A copy of `model` traced and fused as prepare_fx does it (same tracer, same skipped modules), to see
+    which fused modules (LinearReLU, ConvReLU2d ...) prepare will build."""
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+    from torch.ao.quantization.fx.utils import get_skipped_module_name_and_classes
+    from torch.ao.quantization.quantize_fx import _fuse_fx
+
+    copied = copy.deepcopy(model).eval()
+    names, classes = get_skipped_module_name_and_classes(prepare_custom_config, False)
+    graph_module = GraphModule(copied, QuantizationTracer(names, classes).trace(copied))  # type: ignore[arg-type]
+    return _fuse_fx(graph_module, False, None, backend_config)
 
 
 def unshare_stateless_modules(model: nn.Module) -> list[str]:
@@ -213,9 +226,20 @@ def convert_in_one_step(
 _GLUE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.dequantize, "dequantize"}
 
 
+def _float_out_quantized_op(model: GraphModule, node: torch.fx.Node) -> bool:
+    """A quantized op with float input and output: dynamic int8 / fp16 Linear (torch.ao.nn.quantized.dynamic,
+    or quantized::linear_dynamic for functional linear) and weight-only Embedding (quantized::embedding_byte)."""
+    if node.op == "call_module":
+        return type(model.get_submodule(str(node.target))).__module__.startswith(
+            ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+        )
+    return node.op == "call_function" and getattr(node.target, "_qualified_op_name", "").startswith("quantized::")
+
+
 def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
     """Tensor-producing compute nodes by the dtype they produce on the example inputs: quantized
-    (int8 kernels, or ops running on int8 tensors), float (left in float), and quantize/dequantize glue."""
+    (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose input
+    and output are float), float (left in float), and quantize/dequantize glue."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     with quantized_engine(engine):
@@ -231,7 +255,7 @@ def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], en
         )
         if node.target in _GLUE or is_glue_module:
             counts["quantize_dequantize"] += 1
-        elif getattr(meta, "is_quantized", False):
+        elif getattr(meta, "is_quantized", False) or _float_out_quantized_op(model, node):
             counts["quantized"] += 1
         else:
             counts["float"] += 1
@@ -262,14 +286,16 @@ class FxEngine:
         custom: CustomConfigSpec,
     ) -> GraphModule:
         prepare_custom_config, _ = custom_modules.build_custom_configs(custom)
+        backend_config = get_backend_config(backend.backend_config)
+        qconfig_mapping = mappings.build_qconfig_mapping(mapping, backend)
+        if mapping.object_type:
+            explicit = {
+                resolve_import(entry.object_type, "qconfig_mapping.object_type") for entry in mapping.object_type
+            }
+            fused = mappings.fused_op_types(fused_model(model, prepare_custom_config, backend_config))
+            mappings.align_fusion_partners(qconfig_mapping, fused, explicit)
         with quantized_engine(backend.engine):
-            return prepare(
-                model,
-                mappings.build_qconfig_mapping(mapping, backend),
-                example_inputs,
-                get_backend_config(backend.backend_config),
-                prepare_custom_config,
-            )
+            return prepare(model, qconfig_mapping, example_inputs, backend_config, prepare_custom_config)
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
         return untraceable_module(error)
@@ -300,12 +326,17 @@ class FxEngine:
         assert isinstance(prepared, GraphModule)
         _, convert_custom_config = custom_modules.build_custom_configs(custom)
         with quantized_engine(backend.engine):
-            return convert_reference(
+            conversion = convert_reference(
                 prepared,
                 mappings.build_convert_mapping(mapping, skip, backend, prepared),
                 get_backend_config(backend.backend_config),
                 convert_custom_config,
             )
+        assert isinstance(conversion.model, GraphModule) and isinstance(conversion.engine_state, FxConvertState)
+        conversion.ignored_entries = introspect.ignored_mapping_entries(
+            prepared, conversion.model, mapping, backend, conversion.engine_state.node_name_to_qconfig
+        )
+        return conversion
 
     def lower(self, reference: nn.Module, engine_state: object, engine: str) -> GraphModule:
         if not isinstance(reference, GraphModule) or not isinstance(engine_state, FxConvertState):

@@ -101,6 +101,6 @@ def lower(
             f"Nothing was quantized with backend.backend_config='{backend.backend_config}': every op stayed "
             f"float. Either the skip-list covers everything, or the mapping's qconfigs use dtypes or ranges "
             f"this BackendConfig does not support (e.g. qnnpack needs quint8 activations); try "
-            f"qconfig_mapping=backend_default."
+            f"qconfig_mapping=backend_default." + "".join(f" {line}" for line in conversion.ignored_entries)
         )
     return model, counts
