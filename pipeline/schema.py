@@ -137,6 +137,13 @@ class EvaluateSpec:
     models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
     max_batches: int | None = None  # null: the whole evaluation part
     latency: LatencySpec = field(default_factory=LatencySpec)
+    # Quality metrics (metric_keys.EVALUATE_METRICS): auto = accuracy, sqnr, agreement, cosine with labels
+    # and trained weights; sqnr, cosine without. Also accuracy, topk, sqnr, agreement, cosine, custom.
+    metrics: list[str] = field(default_factory=lambda: ["auto"])
+    top_k: int = 5  # the topk metric's k
+    # `module.function` taking (float_outputs, int8_outputs, labels or None) and returning a float; it may
+    # live in a folder of model.python_path. Logged as eval/<model>/custom.
+    custom_metric: str | None = None
 
 
 @dataclass
@@ -154,10 +161,14 @@ class SearchSpec:
 
     enabled: bool = False  # search=greedy turns it on
     strategy: str = "greedy"  # greedy
-    criterion: str = "accuracy"  # accuracy (needs labels) | sqnr (output SQNR vs float; for unlabeled data)
-    max_drop: float = 0.01  # accuracy criterion: the largest accepted drop below float
+    # accuracy | topk (need labels) | agreement (argmax vs float) | sqnr | cosine (mean per-sample cosine
+    # vs float) | custom (evaluate.custom_metric, higher is better)
+    criterion: str = "accuracy"
+    max_drop: float = 0.01  # accuracy, topk, agreement: the largest accepted drop below float (agreement: 1.0)
     drop_mode: str = "absolute"  # absolute (0.01 = one point) | relative (0.01 = 1% of float accuracy)
     min_sqnr_db: float = 30.0  # sqnr criterion: the lowest accepted output SQNR
+    min_cosine: float = 0.99  # cosine criterion: the lowest accepted mean cosine similarity
+    min_value: float = 0.0  # custom criterion: the lowest accepted value of evaluate.custom_metric
     max_trials: int = 20  # conversions tried, the fully quantized one included
     requantize: bool = True  # after meeting the bar, try putting skipped layers back to int8
 
