@@ -31,7 +31,7 @@ OPTIONAL = False
 
 
 def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
-    model, counts = steps.lower(reference, backend, example_inputs)
+    model, counts, ignored = steps.lower_with_report(reference, backend, example_inputs)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,
@@ -39,11 +39,9 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
         counts["float"],
         counts["quantize_dequantize"],
     )
-    for line in reference.ignored_entries:
+    for line in ignored:
         log.warning("lower: %s", line)
-    return Lowered(
-        model=model, engine=backend.engine, node_counts=counts, ignored_entries=list(reference.ignored_entries)
-    )
+    return Lowered(model=model, engine=backend.engine, node_counts=counts, ignored_entries=ignored)
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:

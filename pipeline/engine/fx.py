@@ -236,15 +236,15 @@ def _float_out_quantized_op(model: GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "_qualified_op_name", "").startswith("quantized::")
 
 
-def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
-    """Tensor-producing compute nodes by the dtype they produce on the example inputs: quantized
-    (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose input
-    and output are float), float (left in float), and quantize/dequantize glue."""
+def node_kinds(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, str]:
+    """Each tensor-producing compute node's kind, by what it produces on the example inputs: quantized
+    (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose
+    input and output are float), float (left in float), or quantize_dequantize glue."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     with quantized_engine(engine):
         ShapeProp(model).propagate(*example_inputs)
-    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    kinds: dict[str, str] = {}
     for node in model.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op not in ("call_module", "call_function", "call_method") or meta is None:
@@ -254,11 +254,19 @@ def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], en
             "DeQuantize",
         )
         if node.target in _GLUE or is_glue_module:
-            counts["quantize_dequantize"] += 1
+            kinds[node.name] = "quantize_dequantize"
         elif getattr(meta, "is_quantized", False) or _float_out_quantized_op(model, node):
-            counts["quantized"] += 1
+            kinds[node.name] = "quantized"
         else:
-            counts["float"] += 1
+            kinds[node.name] = "float"
+    return kinds
+
+
+def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+    """node_kinds counted: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
+    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    for kind in node_kinds(model, example_inputs, engine).values():
+        counts[kind] += 1
     return counts
 
 
@@ -333,8 +341,8 @@ class FxEngine:
                 convert_custom_config,
             )
         assert isinstance(conversion.model, GraphModule) and isinstance(conversion.engine_state, FxConvertState)
-        conversion.ignored_entries = introspect.ignored_mapping_entries(
-            prepared, conversion.model, mapping, backend, conversion.engine_state.node_name_to_qconfig
+        conversion.mapping_entry_nodes = introspect.mapping_entry_nodes(
+            prepared, mapping, backend, conversion.engine_state.node_name_to_qconfig
         )
         return conversion
 
@@ -346,6 +354,10 @@ class FxEngine:
     def count_nodes(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
         assert isinstance(model, GraphModule)
         return count_nodes(model, example_inputs, engine)
+
+    def node_kinds(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, str]:
+        assert isinstance(model, GraphModule)
+        return node_kinds(model, example_inputs, engine)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
         return numerics.numeric_suite_blocker(custom)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.fx.qconfig_mapping_utils import _generate_node_name_to_qconfig, _update_qconfig_for_fusion
 from torch.fx import GraphModule
@@ -169,44 +168,22 @@ def entry_matches(
     return matches
 
 
-def quantized_reference_nodes(reference: GraphModule) -> set[str]:
-    """The nodes of a reference model that run quantized: a quantized reference module (static, dynamic,
-    weight-only or fp16 weights), or an op fed by a `dequantize` (static int8, dynamic int8 activations)."""
-    modules = dict(reference.named_modules(remove_duplicate=False))
-    quantized = set()
-    for node in reference.graph.nodes:
-        if (
-            node.op == "call_module"
-            and type(modules[str(node.target)]).__module__.startswith(
-                ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
-            )
-            or node.op in ("call_module", "call_function", "call_method")
-            and any(
-                (source.op == "call_method" and source.target == "dequantize") or source.target is torch.dequantize
-                for source in node.all_input_nodes
-            )
-        ):
-            quantized.add(node.name)
-    return quantized
-
-
-def ignored_mapping_entries(
+def mapping_entry_nodes(
     prepared: GraphModule,
-    reference: GraphModule,
     mapping_spec: QConfigMappingSpec,
     backend: BackendSpec,
     node_name_to_qconfig: dict[str, Any],
-) -> list[str]:
-    """One line per entry of the mapping (its own entries, not base or global) that gave its qconfig to
-    nodes none of which got quantized: the BackendConfig has no dtype config for that qconfig on those
-    ops (e.g. dynamic int8 on a Conv2d, float16 on onednn) and silently left them float. Nodes a
-    skip-list returned to float, or that a more specific entry took over, do not count."""
+) -> list[tuple[str, list[str]]]:
+    """For each entry of the mapping (its own entries, not base or global) that names a qconfig: a readable
+    description (key, value, qconfig, its family and the backend config) and the nodes it gives that
+    qconfig at convert time. Nodes a skip-list returned to float, or that a more specific entry took
+    over, do not count. steps.lower reports an entry none of whose nodes got quantized: the BackendConfig
+    has no dtype config for that qconfig on those ops (dynamic int8 on a Conv2d, float16 on onednn)."""
     from torch.ao.quantization.qconfig import qconfig_equals
 
     from pipeline.engine.mappings import align_fusion_partners, fused_op_types
     from pipeline.engine.qconfigs import QCONFIG_FAMILY, named_qconfig
 
-    quantized = quantized_reference_nodes(reference)
     fused = fused_op_types(prepared)
     entries: list[tuple[str, str, str, Callable[[QConfigMapping, Any], Any]]] = []
     for i, entry in enumerate(mapping_spec.object_type):
@@ -242,7 +219,7 @@ def ignored_mapping_entries(
                 lambda m, q, e=entry, t=target: m.set_module_name_object_type_order(e.module_name, t, e.index, q),
             )
         )
-    lines = []
+    found: list[tuple[str, list[str]]] = []
     for key, value, name, add_entry in entries:
         if name is None:
             continue
@@ -256,14 +233,28 @@ def ignored_mapping_entries(
             for node in _nodes_configured_by(prepared, mapping)
             if node_name_to_qconfig.get(node) is not None and qconfig_equals(node_name_to_qconfig[node], qconfig)
         ]
-        if asked and not quantized & set(asked):
+        if asked:
             resolved = backend.default_qconfig if name == "default" else name
-            shown = ", ".join(asked[:5]) + (f" and {len(asked) - 5} more" if len(asked) > 5 else "")
-            lines.append(
-                f"qconfig_mapping.{key} ({value}: {name}) asked for {len(asked)} node(s) ({shown}) and none was "
-                f"quantized: backend.backend_config='{backend.backend_config}' has no "
-                f"{QCONFIG_FAMILY.get(resolved, 'static')} dtype config for these ops, so they run in float."
+            found.append(
+                (
+                    f"qconfig_mapping.{key} ({value}: {name}) gives a "
+                    f"{QCONFIG_FAMILY.get(resolved, 'static')} qconfig to {{nodes}}, and none was quantized: "
+                    f"backend.backend_config='{backend.backend_config}' has no such dtype config for these ops "
+                    f"(or the ops have no quantized form), so they run in float.",
+                    asked,
+                )
             )
+    return found
+
+
+def ignored_entries(entry_nodes: list[tuple[str, list[str]]], node_kinds: dict[str, str]) -> list[str]:
+    """The entries of mapping_entry_nodes none of whose nodes is quantized in the lowered model (a node
+    the lowering renamed counts as quantized: only what is known to be float is reported)."""
+    lines = []
+    for description, nodes in entry_nodes:
+        if all(node_kinds.get(node, "quantized") == "float" for node in nodes):
+            shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+            lines.append(description.replace("{nodes}", f"{len(nodes)} node(s) ({shown})"))
     return lines
 
 

@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from pipeline.engine import UntraceableModule, get_engine
+from pipeline.engine import UntraceableModule, get_engine, introspect
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import import_path
 from pipeline.errors import ConfigError, error_summary
@@ -92,15 +92,28 @@ def lower(
     conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
+    model, counts, _ = lower_with_report(conversion, backend, example_inputs)
+    return model, counts
+
+
+def lower_with_report(
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
+) -> tuple[nn.Module, dict[str, int], list[str]]:
+    """lower, plus one line per mapping entry the backend ignored: every node it gave a qconfig to
+    stayed float (BackendConfig silently drops qconfigs with dtypes it has no config for)."""
     engine = get_engine()
     model = engine.lower(conversion.model, conversion.engine_state, backend.engine)
-    counts = engine.count_nodes(model, example_inputs, backend.engine)
+    kinds = engine.node_kinds(model, example_inputs, backend.engine)
+    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    for kind in kinds.values():
+        counts[kind] += 1
+    ignored = introspect.ignored_entries(conversion.mapping_entry_nodes, kinds)
     if counts["quantized"] == 0:
         # BackendConfig silently ignores qconfigs it does not support, so this is the only signal.
         raise NothingQuantizedError(
             f"Nothing was quantized with backend.backend_config='{backend.backend_config}': every op stayed "
             f"float. Either the skip-list covers everything, or the mapping's qconfigs use dtypes or ranges "
             f"this BackendConfig does not support (e.g. qnnpack needs quint8 activations); try "
-            f"qconfig_mapping=backend_default." + "".join(f" {line}" for line in conversion.ignored_entries)
+            f"qconfig_mapping=backend_default." + "".join(f" {line}" for line in ignored)
         )
-    return model, counts
+    return model, counts, ignored
