@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pipeline import metric_keys
-from pipeline.engine import get_engine
+from pipeline.engine import get_engine, introspect
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
 from stages.types import Calibrated, Loaded, Lowered, StageContext
@@ -188,6 +188,12 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
 def compute(ctx: StageContext) -> dict[str, Any]:
     """The diagnosis, or the reason the numeric suite cannot run on this model (a str)."""
     blocker = get_engine().numerics_blocker(ctx.spec.custom_config)
+    float_io = introspect.float_io_quantized_ops(ctx.artifacts["lowered"].model)
+    if blocker is None and float_io:
+        blocker = (
+            f"torch's FX numeric suite compares int8 activations, and the dynamic, float16 or weight-only ops of "
+            f"qconfig_mapping={ctx.spec.qconfig_mapping.name} have none ({', '.join(float_io[:2])})"
+        )
     if blocker is not None:
         log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
         return {"diagnosis": f"Skipped: {blocker}."}

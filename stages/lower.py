@@ -49,13 +49,15 @@ def compute(ctx: StageContext) -> dict[str, Any]:
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """lowered_graph.py (the int8 model's FX code), node_counts.json and ignored_mapping_entries.json (the
-    mapping entries the backend left float, also logged as warnings and counted by a metric)."""
+    """lowered_graph.py (the int8 model's FX code), node_counts.json and, when there are any,
+    ignored_mapping_entries.json (the mapping entries the backend left float, also logged as warnings;
+    the metric counts them in every run)."""
     out = ctx.out_dir
     lowered: Lowered = produced["lowered"]
     (out / "lowered_graph.py").write_text(lowered.model.code)
     write_json(out / "node_counts.json", lowered.node_counts)
-    write_json(out / "ignored_mapping_entries.json", lowered.ignored_entries)
+    if lowered.ignored_entries:  # only when there is something to see
+        write_json(out / "ignored_mapping_entries.json", lowered.ignored_entries)
     metrics = {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}
     metrics[metric_keys.IGNORED_MAPPING_ENTRIES] = float(len(lowered.ignored_entries))
     return metrics
