@@ -60,6 +60,8 @@ def layer_sensitivity(
     layers = []
     for result_key, result in results.items():
         output = result["node_output"]["int8"][0]
+        if not _holds_tensors(output):
+            continue
         sqnr = _mean_sqnr(output)
         layers.append(
             LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr, result_key)
@@ -77,6 +79,13 @@ def _numeric_suite(engine: str) -> Iterator[Any]:
 
     with quantized_engine(engine), torch.no_grad(), redirect_stdout(io.StringIO()):
         yield numeric_suite
+
+
+def _holds_tensors(output: dict[str, Any]) -> bool:
+    """Whether a logged op produced tensors. The suite also logs ops whose results are not tensors, such as
+    an `operator.add` doing shape arithmetic (`x.size()[:-1] + (heads, dim)`, as in attention layers): their
+    loggers record nothing and they have no SQNR, so they are left out of every table."""
+    return bool(output.get("sqnr"))
 
 
 def _mean_sqnr(output: dict[str, Any]) -> float:
@@ -123,8 +132,16 @@ def layer_diagnostics(
         numeric_suite.extend_logger_results_with_comparison(weights, "float", "int8", compute_sqnr, "sqnr")
         # The results dict is in attribute order; the int8 graph's node order is execution order.
         position = {node.name: i for i, node in enumerate(int8_logged.graph.nodes)}
-    weight_sqnr = {key: _mean_sqnr(result["weight"]["int8"][0]) for key, result in weights.items()}
-    outputs = {key: result["node_output"]["int8"][0] for key, result in activations.items()}
+    weight_sqnr = {
+        key: _mean_sqnr(result["weight"]["int8"][0])
+        for key, result in weights.items()
+        if _holds_tensors(result["weight"]["int8"][0])
+    }
+    outputs = {
+        key: output
+        for key, output in ((key, result["node_output"]["int8"][0]) for key, result in activations.items())
+        if _holds_tensors(output)
+    }
     logged = [
         LoggedOutput(
             key,
