@@ -34,6 +34,7 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("diagnosis",)
 READS = ("diagnose", "custom_config")
 OPTIONAL = True
+FAILURE_IS_FATAL = False  # an analysis: nothing later needs its report; a failure is recorded and the run goes on
 
 
 @dataclass

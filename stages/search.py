@@ -48,6 +48,9 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
 READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config")
 OPTIONAL = True
+# Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
+# run going on without it would report and export a model other than the one the user asked for.
+FAILURE_IS_FATAL = True
 
 
 @dataclass

@@ -7,6 +7,14 @@ runner:
 - `PRODUCES`: artifacts it returns from `compute`;
 - `READS`: the config groups (PipelineSpec fields) it reads;
 - `OPTIONAL`: an optional stage runs when listed in `stages` or when `<NAME>.enabled` is true;
+- `FAILURE_IS_FATAL` (default True when not declared): False for an analysis whose result nothing
+  later needs (diagnose, inspect). When such a stage raises, the runner logs a warning, writes the
+  error and its traceback to `<NAME>/error.txt`, logs the metric `<NAME>/failed` = 1 (0 when it
+  succeeds) and the tag `failed_optional_stages`, and the run goes on and can end FINISHED. Its
+  artifacts are then absent, so a non-fatal stage's PRODUCES may appear only in later stages' USES,
+  never in their CONSUMES (pipeline/registry.py checks this). A stage whose result feeds the run
+  (search: its winner is the skip-list the run converts with) keeps the default: a failed search
+  would otherwise silently give a model other than the one the user asked for;
 - `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;
 - `compute(ctx) -> dict[artifact name, value]` and `write(produced, ctx) -> metrics`, which writes
   the stage's files under `ctx.out_dir` (<run dir>/<NAME>/) and returns its metrics.
