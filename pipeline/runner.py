@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import metric_keys, registry
 from pipeline.errors import ConfigError, error_summary
+from pipeline.machine import machine_tags
 from pipeline.schema import PipelineSpec
 from pipeline.tracking import make_tracker, run_tags
 from stages.types import StageContext, write_json
@@ -147,6 +148,8 @@ def run(
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
+    write_json(run_dir / "machine.json", machine_tags())  # which CPU ran it (also the run's cpu.* tags)
+    tracker.log_artifacts(run_dir / "machine.json")
 
     def log_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
         child = tracker.child(params, {**run_tags(spec), **tags}, run_name=name)
