@@ -207,6 +207,10 @@ def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
     spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
     lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
+    # lowered_model.txt shows the custom quantized class in the int8 model, in the tree and the type table.
+    listing = (run_dir / "lower" / "lowered_model.txt").read_text()
+    assert "(limiter): QuantizedPeakLimiter(" in listing
+    assert f"\n1  {QUANTIZED}\n" in listing
     assert state.artifacts["lowered"].node_counts["float"] == 0  # the custom block runs on quantized tensors
     # The preserved attributes, on the lowered model and inside every exported file after reload.
     assert lowered.class_names == CLASS_NAMES and lowered.version == VERSION

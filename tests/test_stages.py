@@ -15,7 +15,7 @@ from stages.calibrate import calibrate
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.load import load
-from stages.lower import lower
+from stages.lower import lower, module_listing
 from stages.reference_convert import reference_convert
 from tests.conftest import FAST, compose_config, to_spec
 
@@ -96,6 +96,21 @@ def test_lower_produces_quantized_kernels_and_counts_them(chain) -> None:
     kinds = {type(m).__module__ for m in lowered.model.modules()}
     assert any(k.startswith("torch.ao.nn.intrinsic.quantized") for k in kinds)
     assert lowered.node_counts["quantized"] >= 8 and lowered.node_counts["float"] == 0
+
+
+def test_lowered_model_txt_lists_the_module_tree_and_counts_each_module_type(chain) -> None:
+    _, _, _, _, lowered = chain
+    text = module_listing(lowered.model)
+    tree, table = text.split("\n\n# Submodules by type (")
+    assert tree == str(lowered.model)
+    rows = {line.split()[1]: int(line.split()[0]) for line in table.splitlines()[1:]}
+    expected: dict[str, int] = {}
+    for _, module in list(lowered.model.named_modules())[1:]:
+        name = f"{type(module).__module__}.{type(module).__qualname__}"
+        expected[name] = expected.get(name, 0) + 1
+    assert rows == expected
+    assert any(name.startswith("torch.ao.nn.intrinsic.quantized") for name in rows)
+    assert table.startswith(f"{sum(expected.values())} in all):")
 
 
 def test_lower_refuses_a_model_where_nothing_was_quantized(chain) -> None:
