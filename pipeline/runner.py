@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +27,7 @@ from pipeline import metric_keys, registry
 from pipeline.errors import ConfigError, error_summary
 from pipeline.machine import machine_tags
 from pipeline.schema import PipelineSpec
-from pipeline.tracking import make_tracker, run_tags
+from pipeline.tracking import Tracker, make_tracker, run_tags
 from stages.types import StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,28 @@ class RunResult:
 
     artifacts: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # "<stage>: text", in order; also <run dir>/warnings.txt
+
+
+def _warner(stage: ModuleType, result: RunResult) -> Callable[[str], None]:
+    """A stage's ctx.warn: log at WARNING now, keep for the run's summary."""
+
+    def warn(text: str) -> None:
+        log.warning("%s: %s", stage.NAME, text)
+        result.warnings.append(f"{stage.NAME}: {text}")
+
+    return warn
+
+
+def _summarize_warnings(warnings: list[str], run_dir: Path, tracker: Tracker) -> None:
+    """The run's warnings once more at its end, in <run dir>/warnings.txt and as the `warnings` tag."""
+    if not warnings:
+        return
+    path = run_dir / "warnings.txt"
+    path.write_text("".join(f"- {text}\n" for text in warnings))
+    tracker.log_artifacts(path)
+    tracker.set_tags({"warnings": "; ".join(warnings)[:5000]})  # MLflow caps tag values at 8000 characters
+    log.warning("the run has %d warning(s) (%s):\n%s", len(warnings), path, path.read_text().rstrip())
 
 
 def _compute_and_write(stage: ModuleType, ctx: StageContext, result: RunResult) -> dict[str, float]:
@@ -166,7 +188,9 @@ def run(
                 stop.check()
                 current = stage.NAME
                 out = run_dir / stage.NAME  # made before write: a stage killed mid-compute leaves no folder
-                ctx = StageContext(spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run)
+                ctx = StageContext(
+                    spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run, _warner(stage, result)
+                )
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
                 if registry.failure_is_fatal(stage):
@@ -176,6 +200,7 @@ def run(
                     if metrics[metric_keys.stage_failed(stage.NAME)]:
                         failed_optional.append(stage.NAME)
                         tracker.set_tags({"failed_optional_stages": ",".join(failed_optional)})
+                        result.warnings.append(f"{stage.NAME}: failed; see {out / 'error.txt'}")
                 seconds = time.perf_counter() - start
                 metrics[metric_keys.stage_seconds(stage.NAME)] = seconds
                 result.metrics.update(metrics)
@@ -199,6 +224,7 @@ def run(
                 raise  # already names the config key; or SystemExit and friends
             raise StageFailed(str(current), run_dir, error) from error
         finally:
+            _summarize_warnings(result.warnings, run_dir, tracker)
             write_json(run_dir / "metrics.json", result.metrics)
             tracker.log_artifacts(run_dir / "metrics.json")
             if log_file is not None:

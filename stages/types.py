@@ -114,6 +114,9 @@ class ExportBundle:
     files: dict[str, Path]
     skipped: dict[str, str]
     metrics: dict[str, float]
+    # Written files whose outputs disagree with the int8 torch model beyond export.min_sqnr_db /
+    # export.min_agreement: {format: the figures, e.g. "14.4 dB SQNR"}.
+    disagreements: dict[str, str] = field(default_factory=dict)
 
 
 def _no_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
@@ -133,6 +136,9 @@ class StageContext:
     set_tags: Callable[[dict[str, str]], None] = lambda tags: None
     # A nested tracking run under this one: name, params, tags, metrics (e.g. one per search trial).
     log_child_run: Callable[[str, dict[str, str], dict[str, str], dict[str, float]], None] = _no_child_run
+    # A warning the user must see (e.g. an exported file disagreeing with the int8 model): the runner logs
+    # it at WARNING at once and repeats it in the run's summary (<run dir>/warnings.txt, the `warnings` tag).
+    warn: Callable[[str], None] = lambda text: None
 
 
 def write_json(path: Path, payload: Any) -> None:

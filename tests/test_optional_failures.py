@@ -4,6 +4,7 @@ export and ends FINISHED; and diagnose on a model whose graph does shape arithme
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,3 +110,43 @@ def test_a_stop_request_during_a_non_fatal_stage_still_stops_the_run(run_pipelin
     monkeypatch.setattr(stages.inspect, "inspect", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(["stages=[load,inspect]", "tracking=off", "cache.enabled=false"])
+
+
+# --------------------------------------------------------------------------------------------------
+# An exported file that disagrees with the int8 torch model
+
+
+@pytest.mark.slow
+def test_an_exported_file_that_disagrees_is_a_warning_with_its_figure(run_pipeline, tmp_path: Path, caplog) -> None:
+    pytest.importorskip("onnxruntime")
+    # ONNX gives ~37 dB against the int8 torch model here: a 99 dB bar forces the disagreement, while the
+    # reloaded TorchScript file is identical to the int8 model (inf dB) and agrees.
+    overrides = ["stages=[load,calibrate,reference_convert,lower,export]", "diagnose.enabled=false"]
+    with caplog.at_level(logging.INFO):
+        _, state, run_dir = run_pipeline([*overrides, "cache.enabled=false", "export.min_sqnr_db=99"])
+    onnx_file = run_dir / "export" / "lowered_x86.onnx"
+    sqnr = state.metrics["export/onnx/sqnr_db"]
+    assert sqnr < 99 and state.metrics["export/onnx/disagrees"] == 1.0
+    assert state.metrics["export/torchscript/disagrees"] == 0.0
+    figure = f"{sqnr:.1f} dB SQNR (export.min_sqnr_db=99)"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(onnx_file) in message and figure in message for message in warnings), warnings
+    wrote = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("export: wrote"))
+    assert wrote == f"export: wrote onnx (ONNX disagrees: {sqnr:.1f} dB SQNR), torchscript"
+    assert figure in (run_dir / "warnings.txt").read_text()  # the run's summary
+    assert json.loads((run_dir / "export" / "disagreements.json").read_text()) == {"onnx": figure}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("fx-ptq").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["export.disagrees"] == f"onnx: {figure}"
+    assert figure in run.data.tags["warnings"]
+    assert run.data.metrics["export/onnx/disagrees"] == 1.0
+
+
+def test_export_tolerances_are_range_checked() -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.validation import validate
+    from tests.conftest import compose_config, to_spec
+
+    with pytest.raises(ConfigError, match=r"export.min_agreement=1.5 is out of range; use a number in \[0, 1\]"):
+        validate(to_spec(compose_config(["export.min_agreement=1.5"])))
