@@ -46,7 +46,11 @@ def check(spec: PipelineSpec) -> None:
             f"is not one (MLflow would write them to ./mlruns of whatever folder the run starts in). Give a folder "
             f"or a URI (tracking.artifact_location=outputs/mlartifacts, s3://bucket/mlflow), or an http(s) server."
         )
-    for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
+    for key, folders in (
+        ("model.python_path", spec.model.python_path),
+        ("data.python_path", spec.data.python_path),
+        ("custom_config.python_path", spec.custom_config.python_path),
+    ):
         check_python_path(key, folders)
 
 

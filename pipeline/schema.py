@@ -95,6 +95,9 @@ class CustomConfigSpec:
     name: str = "none"
     prepare: dict[str, Any] = field(default_factory=dict)
     convert: dict[str, Any] = field(default_factory=dict)
+    # Folders put at the front of sys.path before the class paths are imported (relative to where you run),
+    # like model.python_path (which is searched too): your Observed/Quantized classes in your own file.
+    python_path: list[str] = field(default_factory=list)
 
 
 @dataclass

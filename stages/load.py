@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import metric_keys
 from pipeline.errors import ConfigError, closest, error_summary
-from pipeline.paths import describe_path, is_torch_file, path_status
+from pipeline.paths import describe_path, is_torch_file, path_status, use_python_path
 from pipeline.schema import DataSpec, ModelSpec, PipelineSpec
 from stages.types import DataBundle, Loaded, StageContext, write_json
 
@@ -33,33 +33,6 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("loaded",)
 READS = ("model", "data", "seed")
 OPTIONAL = False
-
-
-def _use_python_path(folders: list[str], target: str) -> list[str]:
-    """Put `folders` (made absolute) at the front of sys.path so `target` can live in a user's own file.
-
-    A module of the same top-level name imported earlier from elsewhere (a previous run in this process,
-    e.g. a sweep or a test) would shadow the file now on the path, so it is forgotten first."""
-    resolved = [str(Path(folder).resolve()) for folder in folders]
-    for folder in reversed(resolved):
-        if folder in sys.path:
-            sys.path.remove(folder)
-        sys.path.insert(0, folder)
-    if not resolved:
-        return resolved
-    importlib.invalidate_caches()  # finders cache folder listings; the user's file may be newer
-    top = target.split(".")[0]
-    for folder in resolved:
-        provided = [Path(folder, f"{top}.py"), Path(folder, top, "__init__.py")]
-        found = next((file for file in provided if file.is_file()), None)
-        if found is None:
-            continue
-        loaded = sys.modules.get(top)
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != found.resolve():
-            for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
-                del sys.modules[name]
-        break
-    return resolved
 
 
 def _import_target(target: str, key: str, searched: list[str]) -> object:
@@ -107,7 +80,7 @@ def resolve_factory(factory: dict[str, Any], key: str, python_path: list[str] | 
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
     target = str(factory["_target_"])
-    searched = _use_python_path(list(python_path or []), target)
+    searched = use_python_path(list(python_path or []), target)
     found = _import_target(target, key, searched)
     kwargs = {name: value for name, value in factory.items() if not str(name).startswith("_")}
     try:

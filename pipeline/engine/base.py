@@ -68,6 +68,13 @@ class Engine(Protocol):
         """For an error `prepare` raised: the module that could not be captured, or None."""
         ...
 
+    def check_custom_modules(
+        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+    ) -> None:
+        """The custom-module contract on a freshly prepared model (a dry run on the example inputs, on a
+        copy): a ConfigError naming the class and the rule it breaks, before calibration."""
+        ...
+
     def clamp_bounded_activations(
         self, prepared: nn.Module, model: nn.Module, backend: BackendSpec, custom: CustomConfigSpec
     ) -> dict[str, tuple[float, float]]:

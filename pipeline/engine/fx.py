@@ -316,6 +316,11 @@ class FxEngine:
         assert isinstance(model, GraphModule)
         return count_nodes(model, example_inputs, engine)
 
+    def check_custom_modules(
+        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+    ) -> None:
+        custom_modules.check_contract(prepared, example_inputs, custom, engine)
+
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
         return numerics.numeric_suite_blocker(custom)
 

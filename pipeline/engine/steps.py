@@ -39,6 +39,7 @@ def prepare(
         if untraceable is None:
             raise
         raise not_traceable_error(model_name, custom.name, untraceable) from error
+    engine.check_custom_modules(prepared, example_inputs, custom, backend.engine)
 
     if mapping.clamp_bounded_activations:
         clamped = engine.clamp_bounded_activations(prepared, model, backend, custom)
