@@ -216,9 +216,10 @@ def test_offline_run_then_sync_logs_everything_to_a_store(run_pipeline, empty_st
     assert run.data.tags["synced_from"] == str(run_dir) and run.data.tags["skip"] == "none"
     assert run.data.metrics == pytest.approx(metrics)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "load", "calibrate", "lower", "evaluate"} <= top
+    assert {"config.yaml", "metrics.json", "machine.json", "load", "calibrate", "lower", "evaluate"} <= top
     assert {a.path for a in client.list_artifacts(run.info.run_id, "lower")} == {
         "lower/lowered_graph.py",
+        "lower/lowered_model.txt",
         "lower/node_counts.json",
     }
 
