@@ -311,9 +311,12 @@ def test_tensor_file_errors_name_the_key(tmp_path: Path) -> None:
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(ConfigError, match=r"holds list; expected a dict \{\"inputs\""):
         tensor_file_data(str(tmp_path / "list.pt"))
-    torch.save({"x": torch.zeros(3)}, tmp_path / "keys.pt")
-    with pytest.raises(ConfigError, match=r"holds a dict with keys \['x'\]"):
+    torch.save({"labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "keys.pt")
+    with pytest.raises(ConfigError, match=r"holds a dict with keys \['labels'\]"):
         tensor_file_data(str(tmp_path / "keys.pt"))
+    torch.save({"input_ids": torch.zeros(4, 2, dtype=torch.long), "mask": torch.ones(3, 2)}, tmp_path / "counts.pt")
+    with pytest.raises(ConfigError, match=r"'mask' is a torch.float32 tensor of shape \[3, 2\].*N = 4"):
+        tensor_file_data(str(tmp_path / "counts.pt"))
     torch.save({"inputs": torch.zeros(4, 2), "labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "short.pt")
     with pytest.raises(ConfigError, match=r"labels is \[3\].*expected an integer Tensor\[4\]"):
         tensor_file_data(str(tmp_path / "short.pt"))
