@@ -389,6 +389,7 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
         ("model=custom", "model.factory._target_"),
         ("data=image_folder", "data.factory.root"),
         ("data=tensor_file", "data.factory.path"),
+        ("data=custom", "data.factory._target_"),
     ],
 )
 @pytest.mark.slow
