@@ -33,24 +33,22 @@ from stages.load import load, load_checkpoint
 from stages.reference_convert import reference_convert
 from stages.sources.digits import digits_cnn
 from tests.conftest import REPO_ROOT, compose_config, to_spec
-from tests.helpers import check_one_failing_job
+from tests.helpers import check_one_failing_job, seed_store
 
 SLOW_MODEL = "model.factory._target_=tests.slow_model.slow_digits_cnn"
 NO_EXPORT = ["export.onnx=false", "export.torchscript=none"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite file with its tables created: creating them takes 6-20 s here, copying 0."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
+    """An MLflow SQLite file with its tables created (copied from the session's template)."""
+    return seed_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture
-def store(empty_store: Path, tmp_path: Path) -> MlflowClient:
+def store(tmp_path: Path) -> MlflowClient:
     """A store at the path the default tracking config uses for output_dir=tmp_path."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    seed_store(tmp_path)
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
 
