@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
@@ -48,12 +49,13 @@ READS = ("export", "backend")
 OPTIONAL = False
 
 
-def _torchscript(lowered: Lowered, example: torch.Tensor, spec: ExportSpec) -> torch.jit.ScriptModule:
+def _torchscript(lowered: Lowered, example: ModelInputs, spec: ExportSpec) -> torch.jit.ScriptModule:
+    """Traced with the example inputs as a positional tuple (keyword inputs placed by forward's signature)."""
     with torch.no_grad():
         if spec.torchscript == "script":
             module = torch.jit.script(lowered.model)
         else:
-            module = torch.jit.trace(lowered.model, example, check_trace=False)
+            module = torch.jit.trace(lowered.model, example.positional(lowered.model), check_trace=False)
     return torch.jit.freeze(module.eval()) if spec.freeze else module
 
 
@@ -130,11 +132,12 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     disagreements: dict[str, str] = {}
     engine = lowered.engine
     check_inputs = loaded.data.evaluation[0][0]
-    example = loaded.data.example_inputs[0]
+    example = loaded.data.example_inputs
+    check_positional = check_inputs.positional(lowered.model)  # what a TorchScript or mobile file is called with
 
     extra_files = preserved_attribute_files(lowered.model)
     with quantized_engine(engine), torch.no_grad():
-        expected = lowered.model(check_inputs)
+        expected = check_inputs.call(lowered.model)
 
         scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
         if scripted is not None:
@@ -143,7 +146,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             reloaded_extra = dict.fromkeys(extra_files, "")
             reloaded = torch.jit.load(str(path), _extra_files=reloaded_extra)
             _check_extra_files(extra_files, reloaded_extra, path)
-            actual = reloaded(check_inputs)
+            actual = reloaded(*check_positional)
             metrics[metric_keys.export_metric("torchscript/max_abs_diff")] = _max_abs_diff(expected, actual)
             metrics[metric_keys.export_metric("torchscript/bytes")] = float(path.stat().st_size)
             files["torchscript"] = path
@@ -158,7 +161,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             module._save_for_lite_interpreter(str(path), _extra_files=extra_files)
             # The mobile loader reads no extra files; they sit in the zip archive's extra/ folder.
             _check_extra_files(extra_files, {name: read_extra_file(path, name) for name in extra_files}, path)
-            actual = _load_for_lite_interpreter(str(path))(check_inputs)
+            actual = _load_for_lite_interpreter(str(path))(*check_positional)
             metrics[metric_keys.export_metric("lite_interpreter/max_abs_diff")] = _max_abs_diff(expected, actual)
             files["lite_interpreter"] = path
             if (missed := check_agreement("lite_interpreter", expected, actual, spec, metrics)) is not None:
@@ -201,25 +204,36 @@ def _add_onnx_metadata(path: Path, extra_files: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+def onnx_input_names(model: torch.nn.Module, example: ModelInputs) -> list[str]:
+    """The ONNX graph's input names: the keyword inputs' names (input_ids, attention_mask...), and
+    input_0, input_1... for positional inputs."""
+    return example.positional_names(model)
+
+
 def _export_onnx(
-    lowered: Lowered, example: torch.Tensor, check_inputs: torch.Tensor, opset: int, path: Path
+    lowered: Lowered, example: ModelInputs, check_inputs: ModelInputs, opset: int, path: Path
 ) -> torch.Tensor:
-    """Write the ONNX file and return its outputs on `check_inputs` through onnxruntime."""
+    """Write the ONNX file and return its outputs on `check_inputs` through onnxruntime, fed by name."""
     import onnxruntime
 
+    names = onnx_input_names(lowered.model, example)
     with quantized_engine(lowered.engine), torch.no_grad():
         torch.onnx.export(
             lowered.model,
-            (example,),
+            example.positional(lowered.model),
             str(path),
             dynamo=False,
             opset_version=opset,
-            input_names=["input"],
+            input_names=names,
             output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            dynamic_axes={**{name: {0: "batch"} for name in names}, "output": {0: "batch"}},
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"input": check_inputs.numpy()})[0])
+    # An input the graph does not use is not a graph input (the exporter drops it).
+    graph_inputs = {entry.name for entry in session.get_inputs()}
+    values = dict(zip(names, check_inputs.positional(lowered.model), strict=True))
+    feed = {name: value.numpy() for name, value in values.items() if name in graph_inputs and value is not None}
+    return torch.from_numpy(session.run(None, feed)[0])
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:

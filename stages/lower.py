@@ -10,9 +10,8 @@ import logging
 from collections import Counter
 from typing import Any
 
-import torch
-
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine import steps
 from pipeline.schema import BackendSpec
 from stages.types import Lowered, ReferenceModel, StageContext, write_json
@@ -27,7 +26,7 @@ READS = ("backend",)
 OPTIONAL = False
 
 
-def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
+def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs) -> Lowered:
     model, counts = steps.lower(reference, backend, example_inputs)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",

@@ -27,36 +27,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from pipeline.batch import Batch, ModelInputs, as_batch
 from pipeline.engine.base import ReferenceConversion
 
 if TYPE_CHECKING:
     from pipeline.schema import PipelineSpec
 
-Batch = tuple[torch.Tensor, torch.Tensor | None]
-"""Inputs and, when the data set has them, integer class labels."""
+__all__ = ["Batch", "DataBundle", "ModelInputs"]  # Batch and ModelInputs: pipeline/batch.py, re-exported
 
 
 @dataclass
 class DataBundle:
-    """Calibration and evaluation batches; labels may be None (then accuracy is not reported)."""
+    """Calibration and evaluation batches; labels may be None (then accuracy is not reported).
+
+    A batch is `(inputs, labels)`. A factory may give inputs as a ModelInputs, a tensor (one positional
+    input), a tuple of tensors or a dict of named tensors (keyword inputs, e.g. input_ids and
+    attention_mask), and `example_inputs` likewise: both are wrapped into ModelInputs here, so every
+    stage sees `list[tuple[ModelInputs, Tensor | None]]` and a ModelInputs example."""
 
     name: str
     calibration: list[Batch]
     evaluation: list[Batch]
-    example_inputs: tuple[torch.Tensor, ...]
+    example_inputs: ModelInputs
     has_labels: bool
+
+    def __post_init__(self) -> None:
+        self.calibration = [as_batch(batch) for batch in self.calibration]
+        self.evaluation = [as_batch(batch) for batch in self.evaluation]
+        self.example_inputs = ModelInputs.wrap(self.example_inputs)
 
     @property
     def num_calibration_samples(self) -> int:
-        return sum(int(x.shape[0]) for x, _ in self.calibration)
+        return sum(inputs.batch_size for inputs, _ in self.calibration)
 
     @property
     def num_evaluation_samples(self) -> int:
-        return sum(int(x.shape[0]) for x, _ in self.evaluation)
+        return sum(inputs.batch_size for inputs, _ in self.evaluation)
 
 
 @dataclass

@@ -67,7 +67,11 @@ def test_experiment_preset_picks_model_data_and_custom_config_and_validates() ->
     assert (spec.model.name, spec.data.name, spec.custom_config.name) == ("custom_block", "digits", "custom_block")
     default = to_spec(compose_config([]))
     assert (default.model.name, default.custom_config.name) == ("digits_cnn", "none")
-    assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == ["custom_module", "none"]
+    assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == [
+        "custom_module",
+        "none",
+        "text_encoder",
+    ]
 
 
 def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> None:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 import stages.calibrate
 import stages.evaluate
 from pipeline import runner
+from pipeline.batch import ModelInputs
 from pipeline.engine import mappings, qconfigs
 from pipeline.errors import ConfigError
 from pipeline.tracking import cli as tracking_cli
@@ -116,19 +117,22 @@ def test_inputs_the_model_rejects_fail_in_load_naming_stage_and_shape() -> None:
     validate(spec)
     with pytest.raises(ConfigError) as error:
         load(spec.model, spec.data, spec.seed)
-    assert "load: model=digits_cnn rejects the inputs of data=synthetic (example input shapes [(1, 3, 16, 16)])" in str(
-        error.value
+    assert (
+        "load: model=digits_cnn rejects the inputs of data=synthetic (example inputs {'input_0': [1, 3, 16, 16]})"
+        in str(error.value)
     )
 
 
 def test_a_batch_shaped_unlike_the_example_inputs_fails_in_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def odd_batch(data):
-        data.evaluation[3] = (data.evaluation[3][0][:, :, :4, :], data.evaluation[3][1])
+        data.evaluation[3] = (ModelInputs((data.evaluation[3][0].args[0][:, :, :4, :],)), data.evaluation[3][1])
         return data
 
     _patch_digits_data(monkeypatch, odd_batch)
     spec = to_spec(compose_config([]))
-    with pytest.raises(ConfigError, match=r"load: data=digits evaluation batch 3 has shape \(32, 1, 4, 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"load: data=digits evaluation batch 3 has inputs \(input_0 \[1, 4, 8\] float32\)"
+    ):
         load(spec.model, spec.data, spec.seed)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.schema import CustomConfigSpec
 
@@ -43,7 +44,7 @@ def numeric_suite_blocker(custom: CustomConfigSpec) -> str | None:
 
 
 def layer_sensitivity(
-    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+    prepared: GraphModule, lowered: GraphModule, inputs: ModelInputs, engine: str
 ) -> list[LayerSensitivity]:
     """Each quantized layer's own error, worst first, from torch's FX numeric suite shadow loggers:
     the int8 layer runs on the float model's input to that layer, so one bad layer does not make
@@ -54,7 +55,7 @@ def layer_sensitivity(
         shadowed = numeric_suite.add_shadow_loggers(
             "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
         )
-        shadowed(inputs)
+        inputs.call(shadowed)
         results = numeric_suite.extract_shadow_logger_info(shadowed, numeric_suite.OutputLogger, "int8")
         numeric_suite.extend_logger_results_with_comparison(results, "float", "int8", compute_sqnr, "sqnr")
     layers = []
@@ -113,7 +114,7 @@ class LayerDiagnostics:
 
 
 def layer_diagnostics(
-    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+    prepared: GraphModule, lowered: GraphModule, inputs: ModelInputs, engine: str
 ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
     """Per quantized layer (worst own SQNR first): own SQNR (layer_sensitivity's shadow loggers),
     cumulative SQNR (add_loggers / extract_logger_info) and weight SQNR (extract_weights). Also every
@@ -124,8 +125,8 @@ def layer_diagnostics(
         float_logged, int8_logged = numeric_suite.add_loggers(
             "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
         )
-        float_logged(inputs)
-        int8_logged(inputs)
+        inputs.call(float_logged)
+        inputs.call(int8_logged)
         activations = numeric_suite.extract_logger_info(float_logged, int8_logged, numeric_suite.OutputLogger, "int8")
         numeric_suite.extend_logger_results_with_comparison(activations, "float", "int8", compute_sqnr, "sqnr")
         weights = numeric_suite.extract_weights("float", prepared, "int8", lowered)  # reads only: no copies
