@@ -10,6 +10,8 @@ import logging
 from collections import Counter
 from typing import Any
 
+from torch import nn
+
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import steps
@@ -38,7 +40,7 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: Model
     return Lowered(model=model, engine=backend.engine, node_counts=counts)
 
 
-def module_listing(model: torch.nn.Module) -> str:
+def module_listing(model: nn.Module) -> str:
     """The int8 model's module tree (str(model)) and a table of its submodules' types (full import paths,
     so torch's quantized Linear is told from the float one) with counts, most frequent first: where a
     user sees that a custom quantized class, or a float module, is in the model."""
