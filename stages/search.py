@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from pipeline import measure, metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
@@ -49,6 +50,9 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
 READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "model", "data")
 OPTIONAL = True
+# Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
+# run going on without it would report and export a model other than the one the user asked for.
+FAILURE_IS_FATAL = True
 
 
 @dataclass
@@ -126,12 +130,12 @@ def search(
     )
     score_key = metric_keys.eval_metric("lowered", metric_keys.criterion_metric(spec.criterion, evaluate_spec.top_k))
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
-    inputs = torch.cat([x for x, _ in batches])
+    inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
     latency_spec = replace(evaluate_spec.latency, batch_sizes=evaluate_spec.latency.batch_sizes[:1])
     size = latency_spec.batch_sizes[0]
     with torch.no_grad():
-        float_outputs = loaded.model(inputs)
+        float_outputs = inputs.call(loaded.model)
     float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
@@ -151,7 +155,7 @@ def search(
             score, latency, metrics = float_score, float_ms, {}
         else:
             with quantized_engine(backend.engine), torch.no_grad():
-                outputs = lowered(inputs)
+                outputs = inputs.call(lowered)
             timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
             latency = timing[metric_keys.latency_ms("lowered", size)]
             metrics = {

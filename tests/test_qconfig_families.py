@@ -67,11 +67,11 @@ def measure_support(engine: str, qconfig: str, object_type: str) -> str:
         prepared = engine_.prepare(token_mlp(), data.example_inputs, backend, mapping, CustomConfigSpec())
         with qconfigs.quantized_engine(engine), torch.no_grad():
             for inputs, _ in data.calibration:
-                prepared(inputs)
+                inputs.call(prepared)
         conversion = engine_.convert_reference(prepared, backend, mapping, SkipSpec(name="none"), CustomConfigSpec())
         lowered, _, ignored = steps.lower_with_report(conversion, backend, data.example_inputs)
         with qconfigs.quantized_engine(engine), torch.no_grad():
-            lowered(data.evaluation[0][0])
+            data.evaluation[0][0].call(lowered)
     except steps.NothingQuantizedError as error:
         assert "qconfig_mapping.object_type[0]" in str(error) and "none was quantized" in str(error)
         return "ignored"

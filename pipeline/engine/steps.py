@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
+from pipeline.batch import ModelInputs
 from pipeline.engine import UntraceableModule, get_engine, introspect
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import import_path
@@ -24,7 +24,7 @@ class NothingQuantizedError(RuntimeError):
 
 def prepare(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: ModelInputs,
     model_name: str,
     backend: BackendSpec,
     mapping: QConfigMappingSpec,
@@ -39,6 +39,7 @@ def prepare(
         if untraceable is None:
             raise
         raise not_traceable_error(model_name, custom.name, untraceable) from error
+    engine.check_custom_modules(prepared, example_inputs, custom, backend.engine)
 
     if mapping.clamp_bounded_activations:
         clamped = engine.clamp_bounded_activations(prepared, model, backend, custom)
@@ -89,7 +90,7 @@ def convert_reference(
 
 
 def lower(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
     model, counts, _ = lower_with_report(conversion, backend, example_inputs)
@@ -97,7 +98,7 @@ def lower(
 
 
 def lower_with_report(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
 ) -> tuple[nn.Module, dict[str, int], list[str]]:
     """lower, plus one line per mapping entry the backend ignored: every node it gave a qconfig to
     stayed float (BackendConfig silently drops qconfigs with dtypes it has no config for)."""
