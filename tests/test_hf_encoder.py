@@ -218,3 +218,13 @@ def test_dynamic_int8_end_to_end(tiny: tuple[Path, Path], run_pipeline) -> None:
     _, state, _ = run_pipeline(overrides)
     assert _quantized_linears(state.artifacts["lowered"].model) == set(LINEARS)
     assert state.metrics["eval/lowered/sqnr_db"] > 20
+
+
+def test_backend_default_mapping_calibrates(tiny: tuple[Path, Path], run_pipeline) -> None:
+    """The default mapping observes the traced encoder's shape-tuple adds (`size()[:-2] + (n,)`) like
+    tensor adds; those observers are dropped after prepare instead of failing calibration
+    (`'torch.Size' object has no attribute 'detach'`)."""
+    folder, text = tiny
+    overrides = [*_run_args(folder, text), "qconfig_mapping=backend_default", "stages=[load,calibrate]", *CHEAP]
+    _, state, _ = run_pipeline(overrides)
+    assert state.artifacts["calibrated"].num_samples == 24
