@@ -38,10 +38,7 @@ from stages.sources.module_scopes import nest_by_module_stack
 log = logging.getLogger(__name__)
 
 TRANSFORMERS_PIN = "4.57"  # the [hf] extra pins transformers==4.57.*
-INSTALL = (
-    "pip install --no-deps 'transformers==4.57.*' && pip install 'huggingface-hub>=0.34,<1.0' "
-    "'tokenizers>=0.22,<=0.23.0' 'safetensors>=0.4.3' regex tqdm"
-)
+INSTALL = "pip install --no-deps 'transformers==4.57.*' && pip install -e '.[hf]'"  # README "Bring your own"
 POOLINGS = ("mean", "cls")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
