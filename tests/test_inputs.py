@@ -167,7 +167,7 @@ def test_two_int64_inputs_end_to_end(engine: str, tmp_path: Path, user_project: 
 
         session = onnxruntime.InferenceSession(str(run_dir / "export" / "lowered_x86.onnx"))
         assert [entry.name for entry in session.get_inputs()] == ["input_ids", "attention_mask"]
-        assert metrics["export/onnx/sqnr_db"] > 15
+        assert metrics.get("export/onnx/sqnr_db", float("inf")) > 15  # identical outputs (inf dB) log no SQNR
 
 
 def _tokens(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
