@@ -116,7 +116,9 @@ def prepare(
 
 
 def drop_non_float_observers(prepared: GraphModule, example_inputs: ModelInputs) -> list[str]:
-    """Remove the graph's observers that see integer or bool values, and return their names.
+    """Remove the graph's observers that see integer or bool values (or no tensor at all: a traced
+    Hugging Face encoder's `size()[:-2] + (all_head_size,)` is an operator.add on shape tuples, which the
+    default mapping observes like a tensor add), and return their names.
 
     prepare_fx decides where observers go from the qconfigs alone, never from dtypes: an int64 token-id
     or mask input that feeds a quantizable op (unsqueeze, mul, a general tensor op sharing its input's
@@ -138,7 +140,7 @@ def drop_non_float_observers(prepared: GraphModule, example_inputs: ModelInputs)
 
     def passthrough(module_names: list[str]) -> Any:
         def forward(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 non_float.update(module_names)
             return value
 
