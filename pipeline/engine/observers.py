@@ -55,11 +55,12 @@ class PercentileObserver(HistogramObserver):
 
 
 class MSEObserver(HistogramObserver):
-    """A histogram observer whose range minimises the expected squared quantization error (rounding inside
-    the range, clipping outside it) over the recorded histogram, by a grid search over shrunken ends (`grid`
-    candidates per end, down to 1/`grid`... of the observed extent). State: the histogram buffers."""
+    """A histogram observer whose range minimises the expected squared quantization error over the recorded
+    histogram (uniform rounding error inside the range, clipping error outside it), by a grid search over
+    `grid` candidate ends per side, each a fraction of the observed minimum / maximum. The histogram is
+    pooled to 256 bins for the search. State: the histogram buffers."""
 
-    def __init__(self, grid: int = 64, **kwargs: Any) -> None:
+    def __init__(self, grid: int = 32, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.grid = grid
 
@@ -67,20 +68,20 @@ class MSEObserver(HistogramObserver):
         histogram = self.histogram.double()
         if histogram.sum() <= 0 or self.max_val <= self.min_val:
             return self.min_val, self.max_val
+        pooled = 256 if self.bins % 256 == 0 else self.bins
+        histogram = histogram.reshape(pooled, -1).sum(1)
         low, high = float(self.min_val), float(self.max_val)
-        width = (high - low) / self.bins
-        centers = low + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+        width = (high - low) / pooled
+        centers = low + width * (torch.arange(pooled, dtype=torch.float64) + 0.5)
         fractions = torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64)
         highs = fractions * high if high > 0 else torch.tensor([high], dtype=torch.float64)
         lows = fractions * low if low < 0 else torch.tensor([low], dtype=torch.float64)
-        a = torch.minimum(lows[:, None], torch.tensor(0.0, dtype=torch.float64))  # [L, 1]
-        b = torch.maximum(highs[None, :], torch.tensor(0.0, dtype=torch.float64))  # [1, H]
-        step = (b - a) / float(self.quant_max - self.quant_min)  # [L, H]
-        clipped = (centers[None, None, :] - centers[None, None, :].clamp(min=a[..., None], max=b[..., None])) ** 2
-        inside = (clipped == 0).double() * (step[..., None] ** 2 / 12.0)
-        error = ((clipped + inside) * histogram).sum(-1)  # [L, H]
-        best = int(error.argmin())
-        i, j = divmod(best, error.shape[1])
+        a = lows.clamp(max=0.0)[:, None, None]  # [L, 1, 1]: the range always holds 0
+        b = highs.clamp(min=0.0)[None, :, None]  # [1, H, 1]
+        step = (b - a) / float(self.quant_max - self.quant_min)
+        clipped = (centers - torch.minimum(torch.maximum(centers, a), b)) ** 2  # [L, H, bins]
+        error = ((clipped + (clipped == 0) * step**2 / 12.0) * histogram).sum(-1)  # [L, H]
+        i, j = divmod(int(error.argmin()), error.shape[1])
         return (
             torch.tensor(float(lows[i]), dtype=self.min_val.dtype),
             torch.tensor(float(highs[j]), dtype=self.max_val.dtype),
