@@ -167,7 +167,7 @@ def test_eight_bits_beat_seven_on_vnni() -> None:
     model, data = mobile()
     seven = quantize(model, data, replace(DEFAULTS, activation_bits="7", bias_correction=False))
     eight = quantize(model, data, replace(DEFAULTS, activation_bits="8", bias_correction=False))
-    assert eight["sqnr"] > seven["sqnr"] + 1.5, (seven, eight)  # measured 17.8 -> 21.2 dB
+    assert eight["sqnr"] > seven["sqnr"] + 1.5, (seven, eight)  # clamped ReLU6 ranges, no bias correction
 
 
 # --------------------------------------------------------------------------------------------------
