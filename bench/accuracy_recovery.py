@@ -26,6 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline import metric_keys, runner, schema
+from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.engine.recovery import has_vnni
 from pipeline.measure import sqnr_db
@@ -83,9 +84,9 @@ def run_arm(overrides: list[str], out_dir: Path) -> dict[str, float]:
     result = runner.run(spec, cfg, out_dir / "run")
     seconds = time.perf_counter() - start
     loaded, lowered, reference = (result.artifacts[name] for name in ("loaded", "lowered", "reference"))
-    inputs = torch.cat([x for x, _ in loaded.data.evaluation])
+    inputs = ModelInputs.cat([x for x, _ in loaded.data.evaluation])
     with torch.no_grad(), quantized_engine(spec.backend.engine):
-        float_out, int8_out, reference_out = loaded.model(inputs), lowered.model(inputs), reference.model(inputs)
+        float_out, int8_out, reference_out = (inputs.call(m) for m in (loaded.model, lowered.model, reference.model))
     metrics = result.metrics
     return {
         "float_accuracy": metrics.get(metric_keys.FLOAT_ACCURACY),

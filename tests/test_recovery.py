@@ -13,6 +13,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver
 
 from pipeline import checks
+from pipeline.batch import ModelInputs
 from pipeline.cache import cache_key
 from pipeline.engine import recovery as recovery_module
 from pipeline.engine import steps
@@ -36,7 +37,7 @@ from tests.conftest import compose_config, to_spec
 X86 = BackendSpec(engine="x86", backend_config="x86")
 DEFAULT_MAPPING = QConfigMappingSpec(name="backend_default")
 LINEAR_ONLY = QConfigMappingSpec(
-    name="linear_only", base="empty", global_qconfig=None, object_type=[ObjectTypeEntry("torch.nn.Linear", "default")]
+    name="static_linear", base="empty", global_qconfig=None, object_type=[ObjectTypeEntry("torch.nn.Linear", "default")]
 )
 OFF = RecoverySpec(activation_bits="7", bounded_activations="off", bias_correction=False, smoothquant_alpha=0.0)
 DEFAULTS = RecoverySpec()
@@ -63,15 +64,15 @@ def quantize(
     prepared = steps.prepare(model, data.example_inputs, "m", X86, mapping, custom, recovery, calibration)
     with quantized_engine("x86"), torch.no_grad():
         for x in calibration:
-            prepared(x)
+            x.call(prepared)
     conversion = steps.convert_reference(prepared, X86, mapping, SkipSpec(name="none"), custom)
     if recovery.bias_correction:
         steps.correct_bias(conversion, prepared, calibration, recovery)
     lowered, _ = steps.lower(conversion, X86, data.example_inputs)
-    inputs = torch.cat([x for x, _ in data.evaluation])
+    inputs = ModelInputs.cat([x for x, _ in data.evaluation])
     labels = torch.cat([y for _, y in data.evaluation])
     with quantized_engine("x86"), torch.no_grad():
-        expected, actual = model(inputs), lowered(inputs)
+        expected, actual = inputs.call(model), inputs.call(lowered)
     return {
         "float_accuracy": (expected.argmax(1) == labels).float().mean().item(),
         "accuracy": (actual.argmax(1) == labels).float().mean().item(),
@@ -150,14 +151,15 @@ def test_eight_bit_activations_are_exact_on_vnni() -> None:
     for engine in ("x86", "fbgemm"):
         backend = BackendSpec(engine=engine, backend_config=engine)
         recovery = replace(OFF, activation_bits="8")
-        prepared = steps.prepare(model, (inputs[:1],), "m", backend, DEFAULT_MAPPING, CustomConfigSpec(), recovery)
+        example = ModelInputs((inputs[:1],))
+        prepared = steps.prepare(model, example, "m", backend, DEFAULT_MAPPING, CustomConfigSpec(), recovery)
         assert prepared.meta["pipeline_activation_bits"] == 8
         with quantized_engine(engine), torch.no_grad():
             prepared(inputs)
             conversion = steps.convert_reference(
                 prepared, backend, DEFAULT_MAPPING, SkipSpec(name="none"), CustomConfigSpec()
             )
-            lowered, _ = steps.lower(conversion, backend, (inputs[:1],))
+            lowered, _ = steps.lower(conversion, backend, example)
             assert torch.equal(lowered(inputs), conversion.model(inputs)), engine
 
 
@@ -195,7 +197,7 @@ def test_bias_correction_changes_biases_only_of_quantized_layers() -> None:
     calibration = [x for x, _ in data.calibration]
     prepared = steps.prepare(model, data.example_inputs, "m", X86, DEFAULT_MAPPING, CustomConfigSpec(), DEFAULTS)
     with quantized_engine("x86"), torch.no_grad():
-        prepared(calibration[0])
+        calibration[0].call(prepared)
     skip = SkipSpec(name="head", module_name=["classifier"])
     conversion = steps.convert_reference(prepared, X86, DEFAULT_MAPPING, skip, CustomConfigSpec())
     before = {name: p.clone() for name, p in conversion.model.named_parameters()}
@@ -214,9 +216,9 @@ def test_smoothquant_keeps_float_outputs() -> None:
     calibration = [x for x, _ in data.calibration]
     smoothed = steps.smooth(model, calibration, 0.5, "outlier_transformer", CustomConfigSpec())
     assert smoothed is not model
-    inputs = torch.cat([x for x, _ in data.evaluation])
+    inputs = ModelInputs.cat([x for x, _ in data.evaluation])
     with torch.no_grad():
-        expected, actual = model(inputs), smoothed(inputs)
+        expected, actual = inputs.call(model), inputs.call(smoothed)
     assert ((actual - expected).abs().max() / expected.abs().max()).item() < 1e-5
     # ln1 -> q, k, v (past the x.shape read) and ln2 -> fc1, in both blocks
     assert not torch.equal(smoothed.blocks[0].ln1.weight, model.blocks[0].ln1.weight)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.observer import FixedQParamsObserver, UniformQuantizationObserverBase
 
+from pipeline.batch import ModelInputs
 from pipeline.schema import RecoverySpec
 
 log = logging.getLogger(__name__)
@@ -105,21 +106,18 @@ def clamps_bounded(recovery: RecoverySpec | None, engine: str) -> bool:
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
+    return ModelInputs.wrap(inputs).call(model)
 
 
-def _first_samples(batches: Sequence[Any], limit: int) -> Any:
-    """The first `limit` samples of the batches as one batch (each input of a tuple concatenated)."""
+def _first_samples(batches: Sequence[Any], limit: int) -> ModelInputs:
+    """The first `limit` samples of the batches as one batch (each input concatenated)."""
     taken, count = [], 0
     for batch in batches:
-        size = int((batch[0] if isinstance(batch, tuple | list) else batch).shape[0])
-        taken.append(batch)
-        count += size
+        taken.append(ModelInputs.wrap(batch))
+        count += taken[-1].batch_size
         if count >= limit:
             break
-    if isinstance(taken[0], tuple | list):
-        return tuple(torch.cat(parts)[:limit] for parts in zip(*taken, strict=True))
-    return torch.cat(taken)[:limit]
+    return ModelInputs.cat(taken)[:limit]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +180,11 @@ def smooth_quant(
     divided by. If the copy's outputs on the first batch differ from the model's by more than 1e-5 relative,
     the model is returned unchanged with an empty report."""
     smoothed = copy.deepcopy(model).eval()
-    groups = _smoothable_groups(smoothed, tracer)
+    try:
+        groups = _smoothable_groups(smoothed, tracer)
+    except Exception as error:  # an untraceable model: prepare reports it properly right after
+        log.debug("SmoothQuant: tracing failed (%s); nothing smoothed", error)
+        return model, {}
     if not groups:
         return model, {}
     modules = dict(smoothed.named_modules())
@@ -190,7 +192,7 @@ def smooth_quant(
 
     def record(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0)
             maxima[name] = x if name not in maxima else torch.maximum(maxima[name], x)
 
         return hook

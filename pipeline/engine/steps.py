@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
+from pipeline.batch import ModelInputs
 from pipeline.engine import UntraceableModule, get_engine
 from pipeline.engine import recovery as recovery_options
 from pipeline.engine.base import ReferenceConversion
@@ -27,7 +27,7 @@ class NothingQuantizedError(RuntimeError):
 
 def prepare(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: ModelInputs,
     model_name: str,
     backend: BackendSpec,
     mapping: QConfigMappingSpec,
@@ -48,6 +48,7 @@ def prepare(
         if untraceable is None:
             raise
         raise not_traceable_error(model_name, custom.name, untraceable) from error
+    engine.check_custom_modules(prepared, example_inputs, custom, backend.engine)
 
     by_recovery = recovery_options.clamps_bounded(recovery, backend.engine)
     if mapping.clamp_bounded_activations or by_recovery:
@@ -125,7 +126,7 @@ def correct_bias(
 
 
 def _batch_size(batch: Any) -> int:
-    return int((batch[0] if isinstance(batch, tuple | list) else batch).shape[0])
+    return ModelInputs.wrap(batch).batch_size
 
 
 def not_traceable_error(model_name: str, custom_name: str, failed: UntraceableModule) -> ConfigError:
@@ -158,7 +159,7 @@ def convert_reference(
 
 
 def lower(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
     engine = get_engine()
