@@ -86,7 +86,7 @@ class Engine(Protocol):
         ...
 
     def check_custom_modules(
-        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+        self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str
     ) -> None:
         """The custom-module contract on a freshly prepared model (a dry run on the example inputs, on a
         copy): a ConfigError naming the class and the rule it breaks, before calibration."""

@@ -402,7 +402,7 @@ class FxEngine:
         return count_nodes(model, example_inputs, engine)
 
     def check_custom_modules(
-        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+        self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str
     ) -> None:
         custom_modules.check_contract(prepared, example_inputs, custom, engine)
 
