@@ -35,6 +35,7 @@ from pipeline.schema import (
     EvaluateSpec,
     PipelineSpec,
     QConfigMappingSpec,
+    RecoverySpec,
     SearchSpec,
     SkipSpec,
     skip_label,
@@ -48,7 +49,7 @@ NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "model", "data")
+READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "model", "data")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -115,8 +116,12 @@ def search(
     spec: SearchSpec,
     report_trial: Callable[[Trial], None] = lambda trial: None,
     python_path: list[str] | None = None,
+    recovery: RecoverySpec | None = None,
+    calibration: list[Any] | None = None,
 ) -> SearchResult:
-    """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path)."""
+    """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
+    recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
+    reference_convert stage does, so the winner is scored as it will ship."""
     if spec.criterion in ("accuracy", "topk") and not loaded.data.has_labels:
         raise ValueError(
             f"search.criterion='{spec.criterion}' needs labelled data; use search.criterion=cosine or sqnr."
@@ -146,6 +151,8 @@ def search(
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
         conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
+        if recovery is not None and recovery.bias_correction and calibration:
+            steps.correct_bias(conversion, calibrated.model, calibration, recovery)
         try:
             lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
         except steps.NothingQuantizedError:
@@ -243,6 +250,8 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.search,
         report_trial,
         [*spec.model.python_path, *spec.data.python_path],
+        spec.recovery,
+        [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
     )
     return {"search": result, "searched_skip": result.skip_spec()}
 
