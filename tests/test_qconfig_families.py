@@ -32,6 +32,7 @@ TOKENS = [
     "model.factory._target_=tests.token_model.token_mlp",
     "model.name=tokens",
     "model.trained=false",
+    "data=custom",
     "data.factory._target_=tests.token_model.token_data",
     "data.name=tokens",
     "diagnose.enabled=false",

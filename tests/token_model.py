@@ -32,7 +32,7 @@ def token_mlp(seed: int = 0) -> TokenMLP:
 def token_data(
     calibration_size: int = 32, evaluation_size: int = 32, batch_size: int = 16, seed: int = 0
 ) -> DataBundle:
-    """Random token ids, no labels; the keyword arguments are data=digits' (tests swap only its _target_)."""
+    """Random token ids, no labels (data=custom data.factory._target_=tests.token_model.token_data)."""
     generator = torch.Generator().manual_seed(seed)
 
     def batches(size: int) -> list[tuple[torch.Tensor, None]]:
