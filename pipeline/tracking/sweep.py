@@ -20,6 +20,7 @@ from pipeline.schema import TrackingSpec
 from pipeline.tracking import make_tracker
 from pipeline.tracking.base import RunRecord, Tracker
 from pipeline.tracking.headline import (
+    HEADLINE_DECIMALS,
     best_row,
     delta_points,
     experiment_url,
@@ -153,7 +154,8 @@ def swept_params(overrides: list[str]) -> dict[str, str]:
 def best_metrics(best: dict[str, Any]) -> dict[str, float]:
     """The best job's headline metrics, for the parent run."""
     values = {headline: best[column] for column, headline in REPORT_HEADLINES.items()}
-    return {key: float(value) for key, value in values.items() if isinstance(value, int | float)}
+    decimals = HEADLINE_DECIMALS  # rounded like the jobs' own headline metrics
+    return {k: round(float(v), decimals.get(k, 6)) for k, v in values.items() if isinstance(v, int | float)}
 
 
 # --------------------------------------------------------------------------------------------------
