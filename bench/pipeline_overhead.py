@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from pipeline import runner, schema
 from pipeline.validation import validate
@@ -48,7 +47,7 @@ def pipeline_run(overrides: list[str]) -> tuple[float, dict[str, float]]:
         cfg = compose(config_name="config", overrides=[f"output_dir={STORE.name}", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
-        spec = OmegaConf.to_object(cfg)
+        spec = schema.from_config(cfg)
         validate(spec)
         state = runner.run(spec, cfg, Path(run_dir))
         return time.perf_counter() - start, state.metrics

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from pipeline import schema
 from pipeline.validation import validate
@@ -47,7 +46,7 @@ def main() -> None:
                 "evaluate.latency.batch_sizes=[1]",
             ],
         )
-    spec: schema.PipelineSpec = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    spec = schema.from_config(cfg)
     validate(spec)
     loaded = load(spec.model, spec.data, spec.seed)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import schema
 from pipeline.validation import validate
@@ -34,7 +34,7 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 
 
 def to_spec(cfg: DictConfig) -> schema.PipelineSpec:
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return schema.from_config(cfg)
 
 
 @pytest.fixture(autouse=True)

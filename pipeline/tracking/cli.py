@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.schema import PipelineSpec, TrackingSpec
+from pipeline.schema import PipelineSpec, TrackingSpec, from_config
 from pipeline.tracking import make_tracker, run_tags
 from pipeline.tracking.sweep import PARENT_RUN_FILE, write_report
 
@@ -22,7 +22,7 @@ def sync_offline_run(run_dir: Path, tracking_uri: str) -> str:
     """Log a run directory written with tracking=offline (or off) to a store: params and tags from its
     config.yaml, metrics from metrics.json, every file as an artifact, FAILED if it has error.txt."""
     resolved = OmegaConf.load(run_dir / "config.yaml")
-    spec: PipelineSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineSpec), resolved))
+    spec = from_config(OmegaConf.merge(OmegaConf.structured(PipelineSpec), resolved))
     tracker = make_tracker(replace(spec.tracking, enabled=True, tracking_uri=tracking_uri))
     tracker.start(OmegaConf.to_container(resolved, resolve=True), {**run_tags(spec), "synced_from": str(run_dir)})
     metrics_file = run_dir / "metrics.json"
