@@ -171,6 +171,17 @@ def test_every_run_and_the_sweep_end_with_a_summary(small_sweep) -> None:
     assert f"best job registered as: models:/{REGISTERED}@candidate" in output
 
 
+@pytest.mark.slow
+def test_a_runs_model_is_registered_and_the_process_keeps_its_tracking_uri(run_pipeline, tmp_path: Path) -> None:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    _, state, _ = run_pipeline(["tracking.register=one_run", "diagnose.enabled=false", "export.onnx=false"])
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # mlflow's set_tracking_uri exports it: put back
+    assert state.registered == "models:/one_run@candidate" and state.model_uri.startswith("models:/m-")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("one_run", "candidate")
+    assert version.run_id == state.run_id and version.tags["skip"] == "none" and version.tags["backend"] == "x86"
+
+
 def test_a_summary_without_tracking_says_so() -> None:
     text = headline.summary("done: x", ["Backend"], [["x86"]], "/runs/1", None, [])
     assert text.splitlines()[-1].startswith("MLflow: tracking was off") and "folder: /runs/1" in text

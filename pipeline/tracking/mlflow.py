@@ -8,12 +8,13 @@ Only pipeline.tracking.make_tracker (tracking on) and the CLI import this module
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,11 @@ class MlflowTracker:
         name = self.spec.register
         if name is None or self.client is None:
             return None
-        return register_model(self.client, name, self.spec.register_alias, model_uri, tags, run_id or self.run_id)
+        # The registry of this store: without registry_uri, mlflow takes the process's (fluent) tracking URI.
+        uri = self.spec.tracking_uri
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with fluent_store(uri):  # the registry resolves the models:/ source through the fluent store
+            return register_model(client, name, self.spec.register_alias, model_uri, tags, run_id or self.run_id)
 
     def share_view(self, key: str, search_filter: str = "") -> str | None:
         """An experiment view (headline columns selected, runs filtered by search_filter) that the UI opens
@@ -308,6 +313,29 @@ def headline_columns() -> list[str]:
 MODEL_CODE = Path(__file__).with_name("torchscript_model.py")
 
 
+@contextlib.contextmanager
+def fluent_store(tracking_uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """mlflow's global (fluent) tracking URI, and experiment, for a block: model logging and the registry's
+    `models:/` sources read them rather than a client's. set_tracking_uri also exports MLFLOW_TRACKING_URI,
+    which later subprocesses would inherit: the variables are put back as they were."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(tracking_uri)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_torchscript_model(
     tracking_uri: str, run_id: str, torchscript: Path, engine: str, example: Sequence[Any], output: Any
 ) -> str:
@@ -324,13 +352,10 @@ def log_torchscript_model(
     result = np.asarray(output, dtype=np.float32)
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(result.dtype, (-1, *result.shape[1:]))]))
     input_example = arrays[0] if len(arrays) == 1 else dict(zip(names, arrays, strict=True))
-    previous = mlflow.get_tracking_uri()
-    previous_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
     # The logged model belongs to an experiment, which mlflow takes from the fluent API, not from run_id: the
     # run's own, so that the UI's Models column and the experiment's Models tab show it.
-    os.environ["MLFLOW_EXPERIMENT_ID"] = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    try:
+    with fluent_store(tracking_uri, experiment_id):
         info = Model.log(
             artifact_path=None,
             name="int8_model",
@@ -343,12 +368,6 @@ def log_torchscript_model(
             input_example=input_example,
             pip_requirements=[f"torch=={_version('torch')}", f"numpy=={_version('numpy')}"],
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_experiment is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
     return info.model_uri
 
 
