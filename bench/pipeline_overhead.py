@@ -64,12 +64,12 @@ def plain_script() -> tuple[float, float]:
     start = time.perf_counter()
     torch.backends.quantized.engine = "x86"
     model, data = digits_cnn(), digits_data()
-    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), data.example_inputs)
+    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), data.example_inputs.args)
     with torch.no_grad():
         for inputs, _ in data.calibration:
-            prepared(inputs)
+            inputs.call(prepared)
         quantized = convert_fx(prepared)
-        correct = sum((quantized(x).argmax(1) == y).sum().item() for x, y in data.evaluation)
+        correct = sum((x.call(quantized).argmax(1) == y).sum().item() for x, y in data.evaluation)
     accuracy = correct / data.num_evaluation_samples
     return time.perf_counter() - start, accuracy
 

@@ -36,12 +36,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.fx import GraphModule
 
+from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine
 from pipeline.schema import PipelineSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the entry layout or the meaning of the key changes
+FORMAT_VERSION = 3  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -63,14 +64,17 @@ def _model_code(model: nn.Module) -> str:
     return "\n".join(sources)
 
 
-def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[torch.Tensor]) -> str:
+def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[ModelInputs | torch.Tensor]) -> str:
+    """Every tensor of every calibration batch (name, dtype and shape included) is in the key."""
     digest = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
         _tensor_digest(digest, value)
     digest.update(_model_code(model).encode())
     for inputs in calibration_inputs:
-        _tensor_digest(digest, inputs)
+        for name, tensor in ModelInputs.wrap(inputs).named():
+            digest.update(name.encode())
+            _tensor_digest(digest, tensor)
     settings = {
         "format": FORMAT_VERSION,
         "torch": torch.__version__,

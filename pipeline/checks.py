@@ -46,7 +46,11 @@ def check(spec: PipelineSpec) -> None:
             f"is not one (MLflow would write them to ./mlruns of whatever folder the run starts in). Give a folder "
             f"or a URI (tracking.artifact_location=outputs/mlartifacts, s3://bucket/mlflow), or an http(s) server."
         )
-    for key, folders in (("model.python_path", spec.model.python_path), ("data.python_path", spec.data.python_path)):
+    for key, folders in (
+        ("model.python_path", spec.model.python_path),
+        ("data.python_path", spec.data.python_path),
+        ("custom_config.python_path", spec.custom_config.python_path),
+    ):
         check_python_path(key, folders)
 
 
@@ -264,6 +268,8 @@ def check_ranges(spec: PipelineSpec) -> None:
                 f"torch.save(model.state_dict(), path), or null for the factory's own weights."
             )
     # Calibrate, evaluate, export.
+    _check_float("export.min_sqnr_db", spec.export.min_sqnr_db, -MAX_SQNR_DB, MAX_SQNR_DB, why=" dB")
+    _check_float("export.min_agreement", spec.export.min_agreement, 0.0, 1.0, why=" (a fraction)")
     _check_int("calibrate.max_batches", spec.calibrate.max_batches, 1, none_means="every calibration batch")
     _check_int("evaluate.max_batches", spec.evaluate.max_batches, 1, none_means="every evaluation batch")
     _check_list("evaluate.models", spec.evaluate.models)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.progress import progress
 from pipeline.schema import LatencySpec
 
@@ -51,13 +52,14 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _deployable_forms(model: nn.Module, example: torch.Tensor, forms: list[str]) -> dict[str, Callable]:
+def _deployable_forms(model: nn.Module, example: ModelInputs, forms: list[str]) -> dict[str, Callable]:
+    """Each form as a callable taking the positional tuple of `example` (tracing takes positionals only)."""
     built: dict[str, Callable] = {}
     if "eager" in forms:
         built["eager"] = model
     if "traced" in forms or "frozen" in forms:
         with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
+            traced = torch.jit.trace(model, example.positional(model), check_trace=False)
         if "traced" in forms:
             built["traced"] = traced
         if "frozen" in forms:
@@ -65,38 +67,36 @@ def _deployable_forms(model: nn.Module, example: torch.Tensor, forms: list[str])
     return built
 
 
-def _time_ms(run: Callable, inputs: torch.Tensor, spec: LatencySpec) -> tuple[float, float]:
+def _time_ms(run: Callable, inputs: tuple, spec: LatencySpec) -> tuple[float, float]:
     with torch.no_grad():
         for _ in range(spec.warmup):
-            run(inputs)
+            run(*inputs)
         samples = []
         for _ in range(spec.repeats):
             start = time.perf_counter()
-            run(inputs)
+            run(*inputs)
             samples.append((time.perf_counter() - start) * 1000.0)
     samples.sort()
     p90 = samples[min(len(samples) - 1, round(0.9 * (len(samples) - 1)))]
     return statistics.median(samples), p90
 
 
-def _batch_of(pool: torch.Tensor, size: int) -> torch.Tensor:
-    repeats = -(-size // pool.shape[0])
-    return pool.repeat(repeats, *([1] * (pool.dim() - 1)))[:size].contiguous()
-
-
 def measure_latency(
-    models: dict[str, nn.Module], pool: torch.Tensor, spec: LatencySpec
+    models: dict[str, nn.Module], pool: ModelInputs | torch.Tensor, spec: LatencySpec
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Median and p90 ms per model, form and batch size; the fastest form per model and batch size."""
+    """Median and p90 ms per model, form and batch size; the fastest form per model and batch size. Each
+    batch is built from `pool` (every input repeated to the batch size), whatever the inputs are."""
+    pool = ModelInputs.wrap(pool)
     metrics: dict[str, float] = {}
     fastest: dict[str, str] = {}
     jobs = [(name, size) for name in models for size in spec.batch_sizes]
     with _threads(spec.threads):
         for name, size in progress(jobs, len(jobs), "latency", log):
-            inputs = _batch_of(pool, size)
+            inputs = pool.repeat_to(size)
+            positional = inputs.positional(models[name])
             best = None
             for form, run in _deployable_forms(models[name], inputs, spec.forms).items():
-                median, p90 = _time_ms(run, inputs, spec)
+                median, p90 = _time_ms(run, positional, spec)
                 metrics[metric_keys.form_latency_ms(name, form, size, "median")] = median
                 metrics[metric_keys.form_latency_ms(name, form, size, "p90")] = p90
                 if best is None or median < best[1]:

@@ -85,6 +85,11 @@ DIAGNOSE_ENGINE_PROBLEM = "diagnose/engine_problem"
 DIAGNOSE_SUGGESTED_SKIP = "diagnose/suggested_skip"
 
 
+def stage_failed(stage: str) -> str:
+    """`<stage>/failed`: 1 when a stage whose failure is not fatal (FAILURE_IS_FATAL = False) raised, else 0."""
+    return f"{stage}/failed"
+
+
 def stage_seconds(stage: str) -> str:
     """Wall time of one stage, written by the runner."""
     return f"stage/{stage}/seconds"

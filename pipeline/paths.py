@@ -1,9 +1,12 @@
 """What is at a path, for error messages that say what a file actually is (a text file given as a
-checkpoint is not "pickled objects"). Sniffs the first bytes only."""
+checkpoint is not "pickled objects"; sniffs the first bytes only), and the `python_path` folders a
+user's own .py files are imported from (model, data and custom_config classes)."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 
@@ -56,3 +59,30 @@ def path_status(path: str | Path) -> str:
 def is_torch_file(path: str | Path) -> bool:
     """torch.load can only read zip archives (torch.save) and legacy pickles."""
     return describe_path(path).startswith(("a zip archive", "a legacy pickle"))
+
+
+def use_python_path(folders: list[str], target: str) -> list[str]:
+    """Put `folders` (made absolute) at the front of sys.path so `target` can live in a user's own file.
+
+    A module of the same top-level name imported earlier from elsewhere (a previous run in this process,
+    e.g. a sweep or a test) would shadow the file now on the path, so it is forgotten first."""
+    resolved = [str(Path(folder).resolve()) for folder in folders]
+    for folder in reversed(resolved):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    if not resolved:
+        return resolved
+    importlib.invalidate_caches()  # finders cache folder listings; the user's file may be newer
+    top = target.split(".")[0]
+    for folder in resolved:
+        provided = [Path(folder, f"{top}.py"), Path(folder, top, "__init__.py")]
+        found = next((file for file in provided if file.is_file()), None)
+        if found is None:
+            continue
+        loaded = sys.modules.get(top)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != found.resolve():
+            for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
+                del sys.modules[name]
+        break
+    return resolved

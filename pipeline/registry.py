@@ -31,6 +31,28 @@ REGISTRY: tuple[ModuleType, ...] = (
 NAMES: tuple[str, ...] = tuple(stage.NAME for stage in REGISTRY)
 
 
+def failure_is_fatal(stage: ModuleType) -> bool:
+    """A stage's declared FAILURE_IS_FATAL (stages/types.py): True unless it says otherwise."""
+    return bool(getattr(stage, "FAILURE_IS_FATAL", True))
+
+
+def contract_problems(stages: tuple[ModuleType, ...] = REGISTRY) -> list[str]:
+    """Declarations that break the stage contract: a later stage CONSUMES what a stage whose failure is
+    not fatal produces (after such a failure that input would be missing; it may only USE it)."""
+    problems = []
+    for position, stage in enumerate(stages):
+        if failure_is_fatal(stage):
+            continue
+        for later in stages[position + 1 :]:
+            needed = sorted(set(stage.PRODUCES) & set(later.CONSUMES))
+            if needed:
+                problems.append(
+                    f"{later.NAME} CONSUMES {needed} from {stage.NAME}, whose FAILURE_IS_FATAL is False: "
+                    f"move them to {later.NAME}.USES or make {stage.NAME}'s failure fatal"
+                )
+    return problems
+
+
 def _producer(artifact: str) -> str:
     return next(stage.NAME for stage in REGISTRY if artifact in stage.PRODUCES)
 

@@ -3,7 +3,8 @@ artifacts, let it write its files and metrics, time it, log it to tracking, and 
 request between stages. It knows no stage by name: pipeline/registry.py declares them.
 
 On any failure the run ends FAILED (KILLED on SIGTERM or Ctrl-C) with the error saved, and everything
-finished before it stays in the run directory and in MLflow.
+finished before it stays in the run directory and in MLflow. The exception: a stage that declares
+FAILURE_IS_FATAL = False (an analysis, stages/types.py) records its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import metric_keys, registry, schema
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, error_summary
+from pipeline.machine import machine_tags
 from pipeline.schema import PipelineSpec
 from pipeline.tracking import Tracker, make_tracker, run_tags
 from pipeline.tracking import headline as headline_
@@ -96,6 +99,62 @@ class RunResult:
     experiment_id: str | None = None
     model_uri: str | None = None  # the int8 model logged to MLflow
     registered: str | None = None  # models:/<name>@<alias> when tracking.register registered it
+    warnings: list[str] = field(default_factory=list)  # "<stage>: text", in order; also <run dir>/warnings.txt
+
+
+def _warner(stage: ModuleType, result: RunResult) -> Callable[[str], None]:
+    """A stage's ctx.warn: log at WARNING now, keep for the run's summary."""
+
+    def warn(text: str) -> None:
+        log.warning("%s: %s", stage.NAME, text)
+        result.warnings.append(f"{stage.NAME}: {text}")
+
+    return warn
+
+
+def _summarize_warnings(warnings: list[str], run_dir: Path, tracker: Tracker) -> None:
+    """The run's warnings once more at its end, in <run dir>/warnings.txt and as the `warnings` tag."""
+    if not warnings:
+        return
+    path = run_dir / "warnings.txt"
+    path.write_text("".join(f"- {text}\n" for text in warnings))
+    tracker.log_artifacts(path)
+    tracker.set_tags({"warnings": "; ".join(warnings)[:5000]})  # MLflow caps tag values at 8000 characters
+    log.warning("the run has %d warning(s) (%s):\n%s", len(warnings), path, path.read_text().rstrip())
+
+
+def _compute_and_write(stage: ModuleType, ctx: StageContext, result: RunResult) -> dict[str, float]:
+    """The stage's artifacts (added to `result`) and the metrics its write() returns."""
+    produced = stage.compute(ctx)
+    result.artifacts.update(produced)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    return stage.write(produced, ctx)
+
+
+def _compute_and_write_or_record(
+    stage: ModuleType, ctx: StageContext, result: RunResult, stop: StopRequest
+) -> dict[str, float]:
+    """A stage whose failure is not fatal: its metrics plus `<stage>/failed` = 0, or, when it raises, a
+    warning, `<stage>/error.txt` (message and traceback) and `<stage>/failed` = 1; the run goes on.
+    A stop request (Ctrl-C, SIGTERM, also when library code swallowed it) still stops the run."""
+    try:
+        metrics = _compute_and_write(stage, ctx, result)
+    except Exception as error:
+        if stop.signal_name is not None:
+            raise
+        for artifact in stage.PRODUCES:  # nothing half-made reaches a later stage's USES
+            result.artifacts.pop(artifact, None)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        error_file = ctx.out_dir / "error.txt"
+        error_file.write_text(f"stage: {stage.NAME}\n{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+        log.warning(
+            "%s failed (%s); it is an analysis the run does not need, so the run goes on. Traceback: %s",
+            stage.NAME,
+            error_summary(error),
+            error_file,
+        )
+        return {metric_keys.stage_failed(stage.NAME): 1.0}
+    return {**metrics, metric_keys.stage_failed(stage.NAME): 0.0}
 
 
 def run(
@@ -128,6 +187,8 @@ def run(
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
+    write_json(run_dir / "machine.json", machine_tags())  # which CPU ran it (also the run's cpu.* tags)
+    tracker.log_artifacts(run_dir / "machine.json")
 
     def log_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
         child = tracker.child(
@@ -137,6 +198,7 @@ def run(
         child.end("FINISHED")
 
     stop = StopRequest()
+    failed_optional: list[str] = []  # stages whose failure is not fatal (FAILURE_IS_FATAL = False) that raised
     current, status = None, "FAILED"
     with stop.installed():
         try:
@@ -144,18 +206,25 @@ def run(
                 stop.check()
                 current = stage.NAME
                 out = run_dir / stage.NAME  # made before write: a stage killed mid-compute leaves no folder
-                ctx = StageContext(spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run)
+                ctx = StageContext(
+                    spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run, _warner(stage, result)
+                )
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
-                produced = stage.compute(ctx)
-                result.artifacts.update(produced)
-                out.mkdir(parents=True, exist_ok=True)
-                metrics = stage.write(produced, ctx)
+                if registry.failure_is_fatal(stage):
+                    metrics = _compute_and_write(stage, ctx, result)
+                else:
+                    metrics = _compute_and_write_or_record(stage, ctx, result, stop)
+                    if metrics[metric_keys.stage_failed(stage.NAME)]:
+                        failed_optional.append(stage.NAME)
+                        tracker.set_tags({"failed_optional_stages": ",".join(failed_optional)})
+                        result.warnings.append(f"{stage.NAME}: failed; see {out / 'error.txt'}")
                 seconds = time.perf_counter() - start
                 metrics[metric_keys.stage_seconds(stage.NAME)] = seconds
                 result.metrics.update(metrics)
                 tracker.log_metrics({**headline_.headline_metrics(metrics), **metrics})
                 tracker.log_artifacts(out, stage.NAME)
+                produced = {name: result.artifacts[name] for name in stage.PRODUCES if name in result.artifacts}
                 _track_outputs(tracker, spec, produced, result, register)
                 log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage.NAME, seconds)
             stop.check()
@@ -175,6 +244,7 @@ def run(
                 raise  # already names the config key; or SystemExit and friends
             raise StageFailed(str(current), run_dir, error) from error
         finally:
+            _summarize_warnings(result.warnings, run_dir, tracker)
             write_json(run_dir / "metrics.json", result.metrics)
             tracker.log_artifacts(run_dir / "metrics.json")
             if log_file is not None:

@@ -96,6 +96,9 @@ class CustomConfigSpec:
     name: str = "none"
     prepare: dict[str, Any] = field(default_factory=dict)
     convert: dict[str, Any] = field(default_factory=dict)
+    # Folders put at the front of sys.path before the class paths are imported (relative to where you run),
+    # like model.python_path (which is searched too): your Observed/Quantized classes in your own file.
+    python_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +150,10 @@ class ExportSpec:
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17
+    # An exported file whose outputs (reloaded, on the first evaluation batch) disagree with the int8 torch
+    # model below either bar is a warning naming the file and the figure (not an error: the file is written).
+    min_sqnr_db: float = 30.0  # output SQNR of the file vs the int8 torch model
+    min_agreement: float = 0.98  # top-1 agreement with the int8 torch model (class-score outputs only)
 
 
 @dataclass

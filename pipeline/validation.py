@@ -12,6 +12,7 @@ from pipeline import checks, registry
 from pipeline.engine import get_engine
 from pipeline.engine.qconfigs import QCONFIG_LIBRARY
 from pipeline.errors import ConfigError, closest
+from pipeline.paths import use_python_path
 from pipeline.schema import PipelineSpec
 
 
@@ -29,5 +30,7 @@ def validate(spec: PipelineSpec) -> list[ModuleType]:
             f"backend.default_qconfig='{spec.backend.default_qconfig}' is not valid; choose one of the named qconfigs "
             f"{list(QCONFIG_LIBRARY)}.{closest(spec.backend.default_qconfig, list(QCONFIG_LIBRARY))}"
         )
+    # custom_config's classes may live beside the model's factory: its python_path first (load does it again).
+    use_python_path(list(spec.model.python_path), str(spec.model.factory.get("_target_", "")))
     get_engine().check(spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
     return registry.check(spec)

@@ -49,11 +49,11 @@ def calibrate(
     batches = loaded.data.calibration[: spec.max_batches]
     with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
-            prepared(inputs)
+            inputs.call(prepared)
     return Calibrated(
         model=prepared,
         num_batches=len(batches),
-        num_samples=sum(int(inputs.shape[0]) for inputs, _ in batches),
+        num_samples=sum(inputs.batch_size for inputs, _ in batches),
     )
 
 
@@ -78,7 +78,7 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
         cached = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
-            return Calibrated(cached, len(batches), sum(int(x.shape[0]) for x, _ in batches), True, key)
+            return Calibrated(cached, len(batches), sum(x.batch_size for x, _ in batches), True, key)
         calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
         if ctx is not None:
             ctx.check_stop()  # a swallowed signal must not leave an entry that a later run trusts

@@ -18,9 +18,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
@@ -34,6 +33,7 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("diagnosis",)
 READS = ("diagnose", "custom_config")
 OPTIONAL = True
+FAILURE_IS_FATAL = False  # an analysis: nothing later needs its report; a failure is recorded and the run goes on
 
 
 @dataclass
@@ -54,7 +54,7 @@ def first_layer(logged: list[LoggedOutput]) -> list[LoggedOutput]:
 
 
 def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec) -> Diagnosis:
-    inputs = torch.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
+    inputs = ModelInputs.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
     layers, logged = get_engine().layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
     first = first_layer(logged)
     first_sqnr = min(output.sqnr_db for output in first)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import measure_latency, quality_metrics, serialized_bytes
 from pipeline.schema import EvaluateSpec
@@ -44,7 +45,7 @@ def evaluate(
         )
     metrics: dict[str, float] = {}
     with quantized_engine(engine), torch.no_grad():
-        outputs = {name: torch.cat([model(inputs) for inputs, _ in batches]) for name, model in models.items()}
+        outputs = {name: torch.cat([inputs.call(model) for inputs, _ in batches]) for name, model in models.items()}
         labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
         for name, logits in outputs.items():
             metrics.update(quality_metrics(name, logits, outputs.get("float"), labels))
@@ -52,7 +53,7 @@ def evaluate(
             metrics[metric_keys.ACCURACY_DELTA] = (
                 metrics[metric_keys.LOWERED_ACCURACY] - metrics[metric_keys.FLOAT_ACCURACY]
             )
-        metrics[metric_keys.EVAL_SAMPLES] = float(sum(int(inputs.shape[0]) for inputs, _ in batches))
+        metrics[metric_keys.EVAL_SAMPLES] = float(sum(inputs.batch_size for inputs, _ in batches))
 
         if "lowered" in models:
             metrics[metric_keys.FLOAT_BYTES] = float(serialized_bytes(loaded.model))
@@ -62,7 +63,7 @@ def evaluate(
         fastest: dict[str, str] = {}
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
-            pool = torch.cat([inputs for inputs, _ in batches])
+            pool = ModelInputs.cat([inputs for inputs, _ in batches])
             latency, fastest = measure_latency(deployable, pool, spec.latency)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)

@@ -25,6 +25,7 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("inspect_report",)
 READS = ("backend", "qconfig_mapping", "skip", "custom_config")
 OPTIONAL = True
+FAILURE_IS_FATAL = False  # an analysis: nothing later needs its listing; a failure is recorded and the run goes on
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

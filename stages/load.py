@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import metric_keys
 from pipeline.errors import ConfigError, closest, error_summary
-from pipeline.paths import describe_path, is_torch_file, path_status
+from pipeline.paths import describe_path, is_torch_file, path_status, use_python_path
 from pipeline.schema import DataSpec, ModelSpec, PipelineSpec
 from stages.types import DataBundle, Loaded, StageContext, write_json
 
@@ -33,33 +33,6 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("loaded",)
 READS = ("model", "data", "seed")
 OPTIONAL = False
-
-
-def _use_python_path(folders: list[str], target: str) -> list[str]:
-    """Put `folders` (made absolute) at the front of sys.path so `target` can live in a user's own file.
-
-    A module of the same top-level name imported earlier from elsewhere (a previous run in this process,
-    e.g. a sweep or a test) would shadow the file now on the path, so it is forgotten first."""
-    resolved = [str(Path(folder).resolve()) for folder in folders]
-    for folder in reversed(resolved):
-        if folder in sys.path:
-            sys.path.remove(folder)
-        sys.path.insert(0, folder)
-    if not resolved:
-        return resolved
-    importlib.invalidate_caches()  # finders cache folder listings; the user's file may be newer
-    top = target.split(".")[0]
-    for folder in resolved:
-        provided = [Path(folder, f"{top}.py"), Path(folder, top, "__init__.py")]
-        found = next((file for file in provided if file.is_file()), None)
-        if found is None:
-            continue
-        loaded = sys.modules.get(top)
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != found.resolve():
-            for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
-                del sys.modules[name]
-        break
-    return resolved
 
 
 def _import_target(target: str, key: str, searched: list[str]) -> object:
@@ -107,7 +80,7 @@ def resolve_factory(factory: dict[str, Any], key: str, python_path: list[str] | 
     if "_target_" not in factory:
         raise ConfigError(f"{key} needs a '_target_' naming an importable factory, got {dict(factory)}.")
     target = str(factory["_target_"])
-    searched = _use_python_path(list(python_path or []), target)
+    searched = use_python_path(list(python_path or []), target)
     found = _import_target(target, key, searched)
     kwargs = {name: value for name, value in factory.items() if not str(name).startswith("_")}
     try:
@@ -191,27 +164,42 @@ def _check_data(data: DataBundle, data_spec: DataSpec) -> None:
             )
 
 
+def _describe(signature: list[tuple[str, tuple[int, ...], torch.dtype]]) -> str:
+    return ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}" for name, shape, dtype in signature)
+
+
 def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSpec, data_spec: DataSpec) -> None:
-    shapes = [tuple(t.shape) for t in data.example_inputs]
-    # Every batch like the example inputs (batch size aside): otherwise calibrate or evaluate would fail
-    # midway on a shape the model rejects, far from the data that caused it.
-    sample_shape = shapes[0][1:]
+    example = data.example_inputs
+    expected = example.sample_signature()
+    # Every batch like the example inputs (batch size aside): the same inputs, per-sample shapes and dtypes;
+    # otherwise calibrate or evaluate would fail midway on inputs the model rejects, far from the data.
     for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
         for position, (inputs, _) in enumerate(batches):
-            if tuple(inputs.shape[1:]) != sample_shape:
+            found = inputs.sample_signature()
+            if found != expected:
                 raise ConfigError(
-                    f"load: data={data_spec.name} {part} batch {position} has shape {tuple(inputs.shape)}, but the "
-                    f"example inputs have {shapes[0]}: every batch must have the per-sample shape {sample_shape} "
-                    f"(calibrate and evaluate feed them all to model={model_spec.name})."
+                    f"load: data={data_spec.name} {part} batch {position} has inputs ({_describe(found)}) per "
+                    f"sample, but the example inputs have ({_describe(expected)}): every batch must have the same "
+                    f"inputs with the same per-sample shapes and dtypes (calibrate and evaluate feed them all to "
+                    f"model={model_spec.name})."
                 )
+            sizes = {int(tensor.shape[0]) for tensor in inputs.tensors}
+            if len(sizes) != 1:
+                raise ConfigError(
+                    f"load: data={data_spec.name} {part} batch {position}: its inputs have different batch sizes "
+                    f"{ {name: int(t.shape[0]) for name, t in inputs.named()} }; the first dimension of every "
+                    f"input is the batch."
+                )
+    shapes = {name: list(tensor.shape) for name, tensor in example.named()}
     try:
         with torch.no_grad():
-            model(*data.example_inputs)
+            example.call(model)
+        example.positional(model)
     except Exception as error:
         raise ConfigError(
-            f"load: model={model_spec.name} rejects the inputs of data={data_spec.name} (example input shapes "
-            f"{shapes}): {error_summary(error)}. Make the data's shape match "
-            f"what the model expects (e.g. data.factory.shape for synthetic data)."
+            f"load: model={model_spec.name} rejects the inputs of data={data_spec.name} (example inputs "
+            f"{shapes}): {error_summary(error)}. Make the data match what the model's forward takes (e.g. "
+            f"data.factory.shape for synthetic data; named inputs must be named like forward's parameters)."
         ) from error
 
 
@@ -234,6 +222,13 @@ def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
         )
     _check_data(data, data_spec)
     _check_model_accepts(model, data, model_spec, data_spec)
+    integer = data.example_inputs.integer_names()
+    if integer:
+        log.info(
+            "inputs %s %s integer: never observed (prepare leaves them and what is computed from them float)",
+            ", ".join(integer),
+            "is" if len(integer) == 1 else "are",
+        )
     log.info(
         "model=%s (%d parameters%s), data=%s: %d calibration and %d evaluation samples",
         model_spec.name,
@@ -268,7 +263,8 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
             "name": data.name,
             "calibration_batches": len(data.calibration),
             "evaluation_batches": len(data.evaluation),
-            "example_input_shapes": [list(t.shape) for t in data.example_inputs],
+            "example_input_shapes": [list(t.shape) for t in data.example_inputs.tensors],
+            "inputs": data.example_inputs.describe(),  # per input: shape (of the example) and dtype
             "has_labels": data.has_labels,
         },
     )

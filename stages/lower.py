@@ -7,11 +7,13 @@ Config keys read: backend.engine, backend.backend_config, qconfig_mapping.name, 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
-import torch
+from torch import nn
 
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine import steps
 from pipeline.schema import BackendSpec
 from stages.types import Lowered, ReferenceModel, StageContext, write_json
@@ -26,7 +28,7 @@ READS = ("backend",)
 OPTIONAL = False
 
 
-def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]) -> Lowered:
+def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs) -> Lowered:
     model, counts = steps.lower(reference, backend, example_inputs)
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
@@ -38,14 +40,28 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: tuple
     return Lowered(model=model, engine=backend.engine, node_counts=counts)
 
 
+def module_listing(model: nn.Module) -> str:
+    """The int8 model's module tree (str(model)) and a table of its submodules' types (full import paths,
+    so torch's quantized Linear is told from the float one) with counts, most frequent first: where a
+    user sees that a custom quantized class, or a float module, is in the model."""
+    counts = Counter(f"{type(module).__module__}.{type(module).__qualname__}" for _, module in model.named_modules())
+    counts[f"{type(model).__module__}.{type(model).__qualname__}"] -= 1  # the model itself, not a submodule
+    rows = sorted(((n, name) for name, n in counts.items() if n > 0), key=lambda row: (-row[0], row[1]))
+    width = max((len(str(n)) for n, _ in rows), default=1)
+    table = "\n".join(f"{n:>{width}}  {name}" for n, name in rows) or "(no submodules)"
+    return f"{model}\n\n# Submodules by type ({sum(n for n, _ in rows)} in all):\n{table}\n"
+
+
 def compute(ctx: StageContext) -> dict[str, Any]:
     return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, ctx.artifacts["loaded"].data.example_inputs)}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """lowered_graph.py (the int8 model's FX code) and node_counts.json."""
+    """lowered_graph.py (the int8 model's FX code), lowered_model.txt (its module tree and module types)
+    and node_counts.json."""
     out = ctx.out_dir
     lowered: Lowered = produced["lowered"]
     (out / "lowered_graph.py").write_text(lowered.model.code)
+    (out / "lowered_model.txt").write_text(module_listing(lowered.model))
     write_json(out / "node_counts.json", lowered.node_counts)
     return {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}

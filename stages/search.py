@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pipeline import metric_keys
+from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
@@ -48,6 +49,9 @@ USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
 READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config")
 OPTIONAL = True
+# Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
+# run going on without it would report and export a model other than the one the user asked for.
+FAILURE_IS_FATAL = True
 
 
 @dataclass
@@ -108,12 +112,12 @@ def search(
     if spec.criterion == "accuracy" and not loaded.data.has_labels:
         raise ValueError("search.criterion='accuracy' needs labelled data; use search.criterion=sqnr.")
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
-    inputs = torch.cat([x for x, _ in batches])
+    inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
     latency_spec = replace(evaluate_spec.latency, batch_sizes=evaluate_spec.latency.batch_sizes[:1])
     size = latency_spec.batch_sizes[0]
     with torch.no_grad():
-        float_outputs = loaded.model(inputs)
+        float_outputs = inputs.call(loaded.model)
     float_score = (
         (float_outputs.argmax(1) == labels).float().mean().item() if spec.criterion == "accuracy" else float("inf")
     )
@@ -135,7 +139,7 @@ def search(
             score, latency, metrics = float_score, float_ms, {}
         else:
             with quantized_engine(backend.engine), torch.no_grad():
-                outputs = lowered(inputs)
+                outputs = inputs.call(lowered)
             timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
             latency = timing[metric_keys.latency_ms("lowered", size)]
             metrics = {

@@ -7,6 +7,14 @@ runner:
 - `PRODUCES`: artifacts it returns from `compute`;
 - `READS`: the config groups (PipelineSpec fields) it reads;
 - `OPTIONAL`: an optional stage runs when listed in `stages` or when `<NAME>.enabled` is true;
+- `FAILURE_IS_FATAL` (default True when not declared): False for an analysis whose result nothing
+  later needs (diagnose, inspect). When such a stage raises, the runner logs a warning, writes the
+  error and its traceback to `<NAME>/error.txt`, logs the metric `<NAME>/failed` = 1 (0 when it
+  succeeds) and the tag `failed_optional_stages`, and the run goes on and can end FINISHED. Its
+  artifacts are then absent, so a non-fatal stage's PRODUCES may appear only in later stages' USES,
+  never in their CONSUMES (pipeline/registry.py checks this). A stage whose result feeds the run
+  (search: its winner is the skip-list the run converts with) keeps the default: a failed search
+  would otherwise silently give a model other than the one the user asked for;
 - `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;
 - `compute(ctx) -> dict[artifact name, value]` and `write(produced, ctx) -> metrics`, which writes
   the stage's files under `ctx.out_dir` (<run dir>/<NAME>/) and returns its metrics.
@@ -19,36 +27,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from pipeline.batch import Batch, ModelInputs, as_batch
 from pipeline.engine.base import ReferenceConversion
 
 if TYPE_CHECKING:
     from pipeline.schema import PipelineSpec
 
-Batch = tuple[torch.Tensor, torch.Tensor | None]
-"""Inputs and, when the data set has them, integer class labels."""
+__all__ = ["Batch", "DataBundle", "ModelInputs"]  # Batch and ModelInputs: pipeline/batch.py, re-exported
 
 
 @dataclass
 class DataBundle:
-    """Calibration and evaluation batches; labels may be None (then accuracy is not reported)."""
+    """Calibration and evaluation batches; labels may be None (then accuracy is not reported).
+
+    A batch is `(inputs, labels)`. A factory may give inputs as a ModelInputs, a tensor (one positional
+    input), a tuple of tensors or a dict of named tensors (keyword inputs, e.g. input_ids and
+    attention_mask), and `example_inputs` likewise: both are wrapped into ModelInputs here, so every
+    stage sees `list[tuple[ModelInputs, Tensor | None]]` and a ModelInputs example."""
 
     name: str
     calibration: list[Batch]
     evaluation: list[Batch]
-    example_inputs: tuple[torch.Tensor, ...]
+    example_inputs: ModelInputs
     has_labels: bool
+
+    def __post_init__(self) -> None:
+        self.calibration = [as_batch(batch) for batch in self.calibration]
+        self.evaluation = [as_batch(batch) for batch in self.evaluation]
+        self.example_inputs = ModelInputs.wrap(self.example_inputs)
 
     @property
     def num_calibration_samples(self) -> int:
-        return sum(int(x.shape[0]) for x, _ in self.calibration)
+        return sum(inputs.batch_size for inputs, _ in self.calibration)
 
     @property
     def num_evaluation_samples(self) -> int:
-        return sum(int(x.shape[0]) for x, _ in self.evaluation)
+        return sum(inputs.batch_size for inputs, _ in self.evaluation)
 
 
 @dataclass
@@ -106,6 +123,9 @@ class ExportBundle:
     files: dict[str, Path]
     skipped: dict[str, str]
     metrics: dict[str, float]
+    # Written files whose outputs disagree with the int8 torch model beyond export.min_sqnr_db /
+    # export.min_agreement: {format: the figures, e.g. "14.4 dB SQNR"}.
+    disagreements: dict[str, str] = field(default_factory=dict)
 
 
 def _no_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
@@ -125,6 +145,9 @@ class StageContext:
     set_tags: Callable[[dict[str, str]], None] = lambda tags: None
     # A nested tracking run under this one: name, params, tags, metrics (e.g. one per search trial).
     log_child_run: Callable[[str, dict[str, str], dict[str, str], dict[str, float]], None] = _no_child_run
+    # A warning the user must see (e.g. an exported file disagreeing with the int8 model): the runner logs
+    # it at WARNING at once and repeats it in the run's summary (<run dir>/warnings.txt, the `warnings` tag).
+    warn: Callable[[str], None] = lambda text: None
 
 
 def write_json(path: Path, payload: Any) -> None:

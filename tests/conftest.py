@@ -39,8 +39,11 @@ def to_spec(cfg: DictConfig) -> schema.PipelineSpec:
 
 @pytest.fixture(autouse=True)
 def restore_torch_state() -> Iterator[None]:
-    """Tests may switch the quantized engine or thread count; put them back."""
+    """Tests may switch the quantized engine or thread count; put them back. Each test computes on one
+    thread: on a shared 2-core machine more threads oversubscribe the cores (a training test took 278 s
+    at load 6 against 6 s quiet), and tests check behaviour, not speed."""
     engine, threads = torch.backends.quantized.engine, torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.backends.quantized.engine = engine
     torch.set_num_threads(threads)
@@ -55,6 +58,10 @@ def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, obj
         cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
         spec = to_spec(cfg)
         validate(spec)
+        if spec.tracking.enabled and spec.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db":
+            from tests.helpers import seed_store  # helpers import this module: imported late
+
+            seed_store(tmp_path)
         run_dir = tmp_path / "run"
         state = runner.run(spec, cfg, run_dir)
         return spec, state, run_dir

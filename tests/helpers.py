@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -21,8 +23,27 @@ SWEEP_FAST = [
 ]
 
 
+_STORE_TEMPLATE: list[Path] = []  # made once per test session
+
+
+def seed_store(folder: Path) -> Path:
+    """Put an MLflow SQLite store whose tables already exist at folder/mlflow.db (where the default
+    tracking config looks for output_dir=folder): creating the tables runs ~60 alembic migrations, 3-20 s
+    here; copying a store made once per session costs nothing. A store already there is kept."""
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        _STORE_TEMPLATE.append(template)
+    target = folder / "mlflow.db"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_STORE_TEMPLATE[0], target)
+    return target
+
+
 def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline -m <overrides>` with output_dir=tmp_path."""
+    """`python -m pipeline -m <overrides>` with output_dir=tmp_path (its store seeded)."""
+    seed_store(tmp_path)
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "-m", *overrides, *SWEEP_FAST, f"output_dir={tmp_path}"],
         cwd=tmp_path,  # nothing lands in the checkout

@@ -79,7 +79,7 @@ def _lowered_sqnr(loaded: Loaded, engine: str, clamp: bool, skip: SkipSpec | Non
     calibrated = calibrate(loaded, backend, mapping, CustomConfigSpec(), CalibrateSpec())
     reference = reference_convert(calibrated, backend, mapping, skip or SkipSpec(name="none"), CustomConfigSpec())
     lowered = lower(reference, backend, loaded.data.example_inputs).model
-    x = torch.cat([inputs for inputs, _ in loaded.data.evaluation])
+    x = torch.cat([inputs.args[0] for inputs, _ in loaded.data.evaluation])
     with qconfigs.quantized_engine(engine), torch.no_grad():
         return sqnr_db(loaded.model(x), lowered(x)), reference
 
@@ -146,7 +146,7 @@ def test_cache_round_trip_rebuilds_the_identical_clamped_model(tmp_path: Path) -
         )
         lowered = lower(reference, backend, loaded.data.example_inputs).model
         with qconfigs.quantized_engine("x86"), torch.no_grad():
-            outputs.append(lowered(loaded.data.evaluation[0][0]))
+            outputs.append(lowered(loaded.data.evaluation[0][0].args[0]))
     assert torch.equal(outputs[0], outputs[1])
 
 

@@ -54,7 +54,7 @@ def test_model_rebuilt_from_cache_is_identical_per_channel_observers_included(ca
     original_state, rebuilt_state = calibrated.model.state_dict(), rebuilt.state_dict()
     assert original_state.keys() == rebuilt_state.keys()
     assert all(torch.equal(original_state[k], rebuilt_state[k]) for k in original_state)
-    x = torch.cat([x for x, _ in loaded.data.evaluation])
+    x = torch.cat([x.args[0] for x, _ in loaded.data.evaluation])
     converted = []
     for model in (calibrated.model, rebuilt):
         from stages.types import Calibrated
@@ -95,7 +95,7 @@ def test_key_changes_with_what_changes_calibration_and_nothing_else(calibrated_f
     with torch.no_grad():
         changed_weights.model.fc.bias[0] += 1e-3
     assert _key(spec, changed_weights) != base
-    other_data = [x + 1e-3 for x, _ in loaded.data.calibration]
+    other_data = [x.args[0] + 1e-3 for x, _ in loaded.data.calibration]
     assert cache_key(spec, loaded.model, other_data) != base
 
 

@@ -40,6 +40,7 @@ REQUIRED_KEYS = {
     "model=custom": ["model.factory._target_=stages.sources.digits.digits_cnn"],
     "data=image_folder": ["data.factory.root=images"],
     "data=tensor_file": ["data.factory.path=inputs.pt"],
+    "data=custom": ["data.factory._target_=stages.sources.digits.digits_data"],
 }
 
 

@@ -67,7 +67,11 @@ def test_experiment_preset_picks_model_data_and_custom_config_and_validates() ->
     assert (spec.model.name, spec.data.name, spec.custom_config.name) == ("custom_block", "digits", "custom_block")
     default = to_spec(compose_config([]))
     assert (default.model.name, default.custom_config.name) == ("digits_cnn", "none")
-    assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == ["custom_module", "none"]
+    assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == [
+        "custom_module",
+        "none",
+        "text_encoder",
+    ]
 
 
 def test_resolved_configs_round_trip_through_to_dict_and_the_logged_yaml() -> None:
@@ -106,9 +110,9 @@ def test_import_path_that_does_not_resolve() -> None:
         custom_modules.check_custom_config(_spec(_static(PREPARE_KEY, {FLOAT: f"{MODULE}.ObservedPeakLimitr"})))
     assert (
         f"custom_config.prepare.float_to_observed_custom_module_class.static['{FLOAT}']="
-        f"'{MODULE}.ObservedPeakLimitr' is not an importable path"
+        f"'{MODULE}.ObservedPeakLimitr' is not an importable path: '{MODULE}'"
     ) in str(error.value)
-    assert "e.g. 'torch.nn.Conv2d'" in str(error.value)
+    assert "has no attribute 'ObservedPeakLimitr'. Did you mean 'ObservedPeakLimiter'" in str(error.value)
 
 
 def test_quantized_class_without_from_observed() -> None:
@@ -207,6 +211,10 @@ def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
     spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
     lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
+    # lowered_model.txt shows the custom quantized class in the int8 model, in the tree and the type table.
+    listing = (run_dir / "lower" / "lowered_model.txt").read_text()
+    assert "(limiter): QuantizedPeakLimiter(" in listing
+    assert f"\n1  {QUANTIZED}\n" in listing
     assert state.artifacts["lowered"].node_counts["float"] == 0  # the custom block runs on quantized tensors
     # The preserved attributes, on the lowered model and inside every exported file after reload.
     assert lowered.class_names == CLASS_NAMES and lowered.version == VERSION
@@ -268,3 +276,84 @@ def test_cli_runs_the_example_in_one_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "export" / "lowered_fbgemm.torchscript.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# A user's own classes in their own file, and the custom-module contract checked before calibration
+
+USER_PROJECT = Path(__file__).resolve().parent / "user_project"
+
+
+def _gate_spec(observed: str = "ObservedGate", quantized: str = "QuantizedGate", module: str = "gate_net", **kw):
+    return CustomConfigSpec(
+        name="gate",
+        prepare=_static(PREPARE_KEY, {f"{module}.Gate": f"{module}.{observed}"}),
+        convert=_static(CONVERT_KEY, {f"{module}.{observed}": f"{module}.{quantized}"}),
+        **kw,
+    )
+
+
+def _gate_loaded() -> Loaded:
+    from stages.load import resolve_factory
+
+    build = resolve_factory({"_target_": "gate_net.build"}, "model.factory", [str(USER_PROJECT)])
+    return _loaded(build())
+
+
+def test_classes_in_a_user_file_resolve_through_model_python_path_and_run(tmp_path: Path) -> None:
+    from pipeline import runner
+
+    overrides = ["model=custom", "model.factory._target_=gate_net.build", f"model.python_path=[{USER_PROJECT}]"]
+    overrides += ["model.trained=false", "stages=[load,calibrate,reference_convert,lower]", "tracking=off"]
+    cfg = compose_config([*overrides, "cache.enabled=false", "diagnose.enabled=false"], output_dir=tmp_path)
+    spec = replace(to_spec(cfg), custom_config=_gate_spec())
+    validate(spec)  # resolves gate_net.* with model.python_path on the path: no PYTHONPATH
+    state = runner.run(spec, cfg, tmp_path / "run")
+    assert type(state.artifacts["lowered"].model.gate).__name__ == "QuantizedGate"
+    listing = (tmp_path / "run" / "lower" / "lowered_model.txt").read_text()
+    assert "(gate): QuantizedGate(" in listing and "\n1  gate_net.QuantizedGate\n" in listing
+
+
+def test_custom_config_python_path_finds_classes_and_a_typo_gets_did_you_mean(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "my_gates.py").write_text((USER_PROJECT / "gate_net.py").read_text())
+    spec = _gate_spec(module="my_gates", python_path=[str(own)])
+    custom_modules.check_custom_config(spec)
+    with pytest.raises(ConfigError) as error:
+        custom_modules.check_custom_config(_gate_spec("ObservedGte", module="my_gates", python_path=[str(own)]))
+    message = str(error.value)
+    assert f"'my_gates' ({own / 'my_gates.py'}) has no attribute 'ObservedGte'" in message
+    assert "Did you mean 'ObservedGate'" in message
+    with pytest.raises(ConfigError, match=r"no module 'nowhere_gates' was found.*set custom_config.python_path"):
+        custom_modules.check_custom_config(_gate_spec(module="nowhere_gates"))
+
+
+def test_an_observed_class_that_drops_qconfig_is_named_before_calibration() -> None:
+    with pytest.raises(ConfigError) as error:
+        prepare(_gate_loaded(), BACKEND, MAPPING, _gate_spec("ObservedGateNoQconfig"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "='gate_net.ObservedGateNoQconfig': module 'gate'" in message
+    assert "Rule: the observed class must carry the float module's qconfig over" in message
+    assert "AttributeError: 'ObservedGateNoQconfig' object has no attribute 'qconfig'" in message
+
+
+def test_a_quantized_class_that_returns_a_float_tensor_is_named_before_calibration() -> None:
+    with pytest.raises(ConfigError) as error:
+        prepare(_gate_loaded(), BACKEND, MAPPING, _gate_spec(quantized="QuantizedGateFloatOut"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert (
+        "='gate_net.QuantizedGateFloatOut': module 'gate' built by gate_net.QuantizedGateFloatOut.from_observed()"
+        in message
+    )
+    assert "returned a non-quantized torch.float32 tensor when given a quantized torch.quint8 tensor" in message
+    assert (
+        "Rule: for quant mode static, the quantized class takes a quantized tensor and returns a quantized" in message
+    )
+
+
+def test_the_example_classes_keep_the_contract() -> None:
+    prepared = prepare(_loaded(CustomBlockCNN()), BACKEND, MAPPING, _example_spec())
+    assert isinstance(prepared.limiter, ObservedPeakLimiter)

@@ -124,7 +124,7 @@ def test_skipping_the_suggested_layers_raises_output_sqnr(run_pipeline) -> None:
     )
     # The outlier sits between hidden.1 and hidden.2 (see stages/sources/outlier_mlp.py).
     assert list(suggested.module_name) == ["hidden.1", "hidden.2"]
-    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
+    inputs = torch.cat([x.args[0] for x, _ in state.artifacts["loaded"].data.evaluation])
     with torch.no_grad():
         float_out = state.artifacts["loaded"].model(inputs)
 
@@ -223,6 +223,6 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
         custom_modules.build_custom_configs(spec.custom_config)[1],
         spec.backend.engine,
     )
-    inputs = torch.cat([x for x, _ in state.artifacts["loaded"].data.evaluation])
+    inputs = torch.cat([x.args[0] for x, _ in state.artifacts["loaded"].data.evaluation])
     with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
         assert torch.equal(state.artifacts["lowered"].model(inputs), expected(inputs))

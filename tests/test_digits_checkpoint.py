@@ -32,7 +32,7 @@ def test_training_script_reproduces_the_shipped_checkpoint(tmp_path: Path) -> No
     # the rounding differences of other SIMD kernels: seen 1.4 max abs difference here), so compare
     # what the model does: accuracy and the predictions themselves.
     data = digits_data()
-    inputs = torch.cat([x for x, _ in data.evaluation])
+    inputs = torch.cat([x.args[0] for x, _ in data.evaluation])
     labels = torch.cat([y for _, y in data.evaluation])
     shipped_predictions = _predictions(shipped, inputs)
     shipped_accuracy = (shipped_predictions == labels).float().mean().item()

@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import seed_store
 
 
 def _client(tmp_path: Path) -> MlflowClient:
@@ -113,6 +114,7 @@ def test_stages_prefix_runs_only_those_stages(run_pipeline, tmp_path: Path) -> N
 def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
     fast = ["evaluate.latency.enabled=false", "export.onnx=false", f"output_dir={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    seed_store(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "pipeline", *fast],
         cwd=tmp_path,  # nothing lands in the checkout, whatever a relative path resolves to

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 import stages.calibrate
 import stages.evaluate
 from pipeline import runner
+from pipeline.batch import ModelInputs
 from pipeline.engine import mappings, qconfigs
 from pipeline.errors import ConfigError
 from pipeline.tracking import cli as tracking_cli
@@ -32,24 +33,22 @@ from stages.load import load, load_checkpoint
 from stages.reference_convert import reference_convert
 from stages.sources.digits import digits_cnn
 from tests.conftest import REPO_ROOT, compose_config, to_spec
-from tests.helpers import check_one_failing_job
+from tests.helpers import check_one_failing_job, seed_store
 
 SLOW_MODEL = "model.factory._target_=tests.slow_model.slow_digits_cnn"
 NO_EXPORT = ["export.onnx=false", "export.torchscript=none"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite file with its tables created: creating them takes 6-20 s here, copying 0."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
+    """An MLflow SQLite file with its tables created (copied from the session's template)."""
+    return seed_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture
-def store(empty_store: Path, tmp_path: Path) -> MlflowClient:
+def store(tmp_path: Path) -> MlflowClient:
     """A store at the path the default tracking config uses for output_dir=tmp_path."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    seed_store(tmp_path)
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
 
@@ -118,19 +117,22 @@ def test_inputs_the_model_rejects_fail_in_load_naming_stage_and_shape() -> None:
     validate(spec)
     with pytest.raises(ConfigError) as error:
         load(spec.model, spec.data, spec.seed)
-    assert "load: model=digits_cnn rejects the inputs of data=synthetic (example input shapes [(1, 3, 16, 16)])" in str(
-        error.value
+    assert (
+        "load: model=digits_cnn rejects the inputs of data=synthetic (example inputs {'input_0': [1, 3, 16, 16]})"
+        in str(error.value)
     )
 
 
 def test_a_batch_shaped_unlike_the_example_inputs_fails_in_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def odd_batch(data):
-        data.evaluation[3] = (data.evaluation[3][0][:, :, :4, :], data.evaluation[3][1])
+        data.evaluation[3] = (ModelInputs((data.evaluation[3][0].args[0][:, :, :4, :],)), data.evaluation[3][1])
         return data
 
     _patch_digits_data(monkeypatch, odd_batch)
     spec = to_spec(compose_config([]))
-    with pytest.raises(ConfigError, match=r"load: data=digits evaluation batch 3 has shape \(32, 1, 4, 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"load: data=digits evaluation batch 3 has inputs \(input_0 \[1, 4, 8\] float32\)"
+    ):
         load(spec.model, spec.data, spec.seed)
 
 
@@ -216,9 +218,10 @@ def test_offline_run_then_sync_logs_everything_to_a_store(run_pipeline, empty_st
     assert run.data.tags["synced_from"] == str(run_dir) and run.data.tags["skip"] == "none"
     assert run.data.metrics == pytest.approx(metrics)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "load", "calibrate", "lower", "evaluate"} <= top
+    assert {"config.yaml", "metrics.json", "machine.json", "load", "calibrate", "lower", "evaluate"} <= top
     assert {a.path for a in client.list_artifacts(run.info.run_id, "lower")} == {
         "lower/lowered_graph.py",
+        "lower/lowered_model.txt",
         "lower/node_counts.json",
     }
 

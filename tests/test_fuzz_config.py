@@ -253,10 +253,12 @@ def composer(fuzz_dir: Path) -> Iterator[Composer]:
 
 @pytest.mark.slow
 def test_fuzz_every_config_field_is_refused_cleanly_or_runs_to_a_sound_result(
-    fuzz_dir: Path, composer: Composer
+    fuzz_dir: Path, composer: Composer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline import runner
 
+    # Relative values (cache.dir=a/b, output_dir=0) resolve against the working directory: never the checkout.
+    monkeypatch.chdir(fuzz_dir)
     start = time.perf_counter()
     cases = generate_cases(fuzz_dir)
     outcomes = [check_case(composer, case, cheap_settings(case)) for case in cases]

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "config",
         (
             "pipeline.errors",
+            "pipeline.batch",
             "pipeline.schema",
             "pipeline.checks",
             "pipeline.paths",

@@ -54,7 +54,7 @@ def _calibrated(model, data, backend: BackendSpec):
             prepare_config,
         )
         for inputs, _ in data.calibration:
-            prepared(inputs)
+            inputs.call(prepared)
     return prepared
 
 
@@ -71,7 +71,7 @@ def test_reference_then_lower_equals_convert_fx(digits, engine: str) -> None:
     prepared = _calibrated(model, data, backend)
     _, convert_config = custom_modules.build_custom_configs(CustomConfigSpec())
     backend_config = qconfigs.get_backend_config(backend.backend_config)
-    inputs = torch.cat([x for x, _ in data.evaluation])
+    inputs = torch.cat([x.args[0] for x, _ in data.evaluation])
     for skip in SKIPS.values():
         conversion = fx.convert_reference(
             prepared,

@@ -247,7 +247,7 @@ def test_image_folder_transforms_split_and_labels(tmp_path: Path) -> None:
                 tmp_path / name / f"{number}.jpg" if number else tmp_path / name / "0.png"
             )
     data = image_folder_data(str(tmp_path), resize=10, crop=8, calibration_size=2, batch_size=4, seed=1)
-    inputs = torch.cat([x for x, _ in data.calibration + data.evaluation])
+    inputs = torch.cat([x.args[0] for x, _ in data.calibration + data.evaluation])
     labels = torch.cat([y for _, y in data.calibration + data.evaluation])
     assert inputs.shape == (6, 3, 8, 8) and data.num_calibration_samples == 2
     red = inputs[labels == 1]  # sorted: a_blue = 0, b_red = 1
@@ -255,7 +255,7 @@ def test_image_folder_transforms_split_and_labels(tmp_path: Path) -> None:
     assert torch.allclose(red[:, 0], torch.full_like(red[:, 0], (1 - 0.485) / 0.229), atol=0.05)
     assert torch.allclose(red[:, 2], torch.full_like(red[:, 2], (0 - 0.406) / 0.225), atol=0.05)
     again = image_folder_data(str(tmp_path), resize=10, crop=8, calibration_size=2, batch_size=4, seed=1)
-    assert torch.equal(again.calibration[0][0], data.calibration[0][0])
+    assert torch.equal(again.calibration[0][0].args[0], data.calibration[0][0].args[0])
 
 
 def test_image_folder_errors_name_the_key(tmp_path: Path) -> None:
@@ -298,11 +298,11 @@ def test_tensor_file_with_labels_splits_by_counts(tmp_path: Path) -> None:
     torch.save({"inputs": torch.arange(50.0).view(50, 1), "labels": torch.arange(50) % 3}, path)
     data = tensor_file_data(str(path), calibration_size=10, evaluation_size=30, batch_size=8)
     assert data.has_labels and data.num_calibration_samples == 10 and data.num_evaluation_samples == 30
-    calibration = torch.cat([x for x, _ in data.calibration]).flatten()
-    evaluation = torch.cat([x for x, _ in data.evaluation]).flatten()
+    calibration = torch.cat([x.args[0] for x, _ in data.calibration]).flatten()
+    evaluation = torch.cat([x.args[0] for x, _ in data.evaluation]).flatten()
     assert not set(calibration.tolist()) & set(evaluation.tolist())
     for x, y in data.calibration + data.evaluation:  # labels stay with their inputs through the shuffle
-        assert torch.equal(y, x.flatten().long() % 3)
+        assert torch.equal(y, x.args[0].flatten().long() % 3)
 
 
 def test_tensor_file_errors_name_the_key(tmp_path: Path) -> None:
@@ -311,9 +311,12 @@ def test_tensor_file_errors_name_the_key(tmp_path: Path) -> None:
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(ConfigError, match=r"holds list; expected a dict \{\"inputs\""):
         tensor_file_data(str(tmp_path / "list.pt"))
-    torch.save({"x": torch.zeros(3)}, tmp_path / "keys.pt")
-    with pytest.raises(ConfigError, match=r"holds a dict with keys \['x'\]"):
+    torch.save({"labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "keys.pt")
+    with pytest.raises(ConfigError, match=r"holds a dict with keys \['labels'\]"):
         tensor_file_data(str(tmp_path / "keys.pt"))
+    torch.save({"input_ids": torch.zeros(4, 2, dtype=torch.long), "mask": torch.ones(3, 2)}, tmp_path / "counts.pt")
+    with pytest.raises(ConfigError, match=r"'mask' is a torch.float32 tensor of shape \[3, 2\].*N = 4"):
+        tensor_file_data(str(tmp_path / "counts.pt"))
     torch.save({"inputs": torch.zeros(4, 2), "labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "short.pt")
     with pytest.raises(ConfigError, match=r"labels is \[3\].*expected an integer Tensor\[4\]"):
         tensor_file_data(str(tmp_path / "short.pt"))
@@ -386,6 +389,7 @@ def test_random_weights_give_no_accuracy_in_search_trials(run_pipeline) -> None:
         ("model=custom", "model.factory._target_"),
         ("data=image_folder", "data.factory.root"),
         ("data=tensor_file", "data.factory.path"),
+        ("data=custom", "data.factory._target_"),
     ],
 )
 @pytest.mark.slow

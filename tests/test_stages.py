@@ -15,7 +15,7 @@ from stages.calibrate import calibrate
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.load import load
-from stages.lower import lower
+from stages.lower import lower, module_listing
 from stages.reference_convert import reference_convert
 from tests.conftest import FAST, compose_config, to_spec
 
@@ -41,9 +41,9 @@ def test_load_gives_eval_mode_model_with_at_least_97_percent_float_accuracy(chai
     data = loaded.data
     assert data.num_calibration_samples == 256 and data.num_evaluation_samples == 450
     with torch.no_grad():
-        correct = sum((loaded.model(x).argmax(1) == y).sum().item() for x, y in data.evaluation)
+        correct = sum((x.call(loaded.model).argmax(1) == y).sum().item() for x, y in data.evaluation)
     assert correct / data.num_evaluation_samples >= 0.97
-    assert data.example_inputs[0].shape == (1, 1, 8, 8)
+    assert data.example_inputs.args[0].shape == (1, 1, 8, 8)
 
 
 def test_load_splits_never_overlap() -> None:
@@ -85,7 +85,7 @@ def test_reference_convert_applies_the_skip_list_at_convert_time(chain) -> None:
     )
     assert skipped.left_float == ["add", "add_1"]
     # The reference model simulates int8 in float: close to float, not identical.
-    x = loaded.data.evaluation[0][0]
+    x = loaded.data.evaluation[0][0].args[0]
     with torch.no_grad():
         db = sqnr_db(loaded.model(x), reference.model(x))
     assert 20 < db < math.inf
@@ -96,6 +96,21 @@ def test_lower_produces_quantized_kernels_and_counts_them(chain) -> None:
     kinds = {type(m).__module__ for m in lowered.model.modules()}
     assert any(k.startswith("torch.ao.nn.intrinsic.quantized") for k in kinds)
     assert lowered.node_counts["quantized"] >= 8 and lowered.node_counts["float"] == 0
+
+
+def test_lowered_model_txt_lists_the_module_tree_and_counts_each_module_type(chain) -> None:
+    _, _, _, _, lowered = chain
+    text = module_listing(lowered.model)
+    tree, table = text.split("\n\n# Submodules by type (")
+    assert tree == str(lowered.model)
+    rows = {line.split()[1]: int(line.split()[0]) for line in table.splitlines()[1:]}
+    expected: dict[str, int] = {}
+    for _, module in list(lowered.model.named_modules())[1:]:
+        name = f"{type(module).__module__}.{type(module).__qualname__}"
+        expected[name] = expected.get(name, 0) + 1
+    assert rows == expected
+    assert any(name.startswith("torch.ao.nn.intrinsic.quantized") for name in rows)
+    assert table.startswith(f"{sum(expected.values())} in all):")
 
 
 def test_lower_refuses_a_model_where_nothing_was_quantized(chain) -> None:
@@ -141,7 +156,7 @@ def test_export_torchscript_and_onnx_reload_and_match(chain, tmp_path: Path) -> 
     assert set(bundle.files) == {"torchscript", "onnx"}  # the FX code is lower's lowered_graph.py
     assert "lite_interpreter" in bundle.skipped
     reloaded = torch.jit.load(str(bundle.files["torchscript"]))
-    x = loaded.data.evaluation[1][0]
+    x = loaded.data.evaluation[1][0].args[0]
     with torch.no_grad():
         assert torch.equal(reloaded(x), lowered.model(x))
     assert bundle.metrics["export/onnx/sqnr_db"] > 25

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from pipeline.batch import ModelInputs
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Engine(Protocol):
     def prepare(
         self,
         model: nn.Module,
-        example_inputs: tuple[torch.Tensor, ...],
+        example_inputs: ModelInputs,
         backend: BackendSpec,
         mapping: QConfigMappingSpec,
         custom: CustomConfigSpec,
@@ -66,6 +67,13 @@ class Engine(Protocol):
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
         """For an error `prepare` raised: the module that could not be captured, or None."""
+        ...
+
+    def check_custom_modules(
+        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+    ) -> None:
+        """The custom-module contract on a freshly prepared model (a dry run on the example inputs, on a
+        copy): a ConfigError naming the class and the rule it breaks, before calibration."""
         ...
 
     def clamp_bounded_activations(
@@ -97,7 +105,7 @@ class Engine(Protocol):
         """The reference model lowered to `engine`'s int8 kernels (on a copy)."""
         ...
 
-    def count_nodes(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+    def count_nodes(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
         """Compute nodes by what they produce: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
         ...
 
@@ -106,13 +114,13 @@ class Engine(Protocol):
         ...
 
     def layer_sensitivity(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
     ) -> list[LayerSensitivity]:
         """Each quantized layer's own output SQNR on float inputs, worst first."""
         ...
 
     def layer_diagnostics(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
     ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
         """Own, cumulative and weight SQNR per layer, and every logged op's cumulative SQNR in order."""
         ...

@@ -24,6 +24,7 @@ from torch.ao.quantization.quantize_fx import (
 )
 from torch.fx import GraphModule
 
+from pipeline.batch import ModelInputs
 from pipeline.engine import custom_modules, introspect, mappings, numerics, observers
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
@@ -94,21 +95,75 @@ def load_observer_state(prepared: GraphModule, state: dict[str, torch.Tensor]) -
 def prepare(
     model: nn.Module,
     mapping: QConfigMapping,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: ModelInputs,
     backend_config: Any,
     prepare_custom_config: PrepareCustomConfig,
 ) -> GraphModule:
     """prepare_fx on a deep copy, so the float model stays untouched for evaluation; shared stateless
-    children then get their own copies (see unshare_stateless_modules)."""
+    children then get their own copies (see unshare_stateless_modules). With integer or bool inputs, the
+    observers prepare_fx put on integer values are removed (see drop_non_float_observers)."""
     prepared = prepare_fx(
         copy.deepcopy(model).eval(),
         mapping,
-        example_inputs,
+        example_inputs.positional(model),
         prepare_custom_config=prepare_custom_config,
         backend_config=backend_config,
     )
     unshare_stateless_modules(prepared)
+    if example_inputs.integer_names():
+        drop_non_float_observers(prepared, example_inputs)
     return prepared
+
+
+def drop_non_float_observers(prepared: GraphModule, example_inputs: ModelInputs) -> list[str]:
+    """Remove the graph's observers that see integer or bool values, and return their names.
+
+    prepare_fx decides where observers go from the qconfigs alone, never from dtypes: an int64 token-id
+    or mask input that feeds a quantizable op (unsqueeze, mul, a general tensor op sharing its input's
+    observer) gets an input observer, which fails at calibration (`"histogram_cpu" not implemented for
+    'Long'`) or, with min-max observers, makes convert quantize_per_tensor an integer tensor. Which values
+    are integer is found by one run of the example inputs with every observer passing its input through
+    untouched (no statistics recorded); an observer node on an integer value is then replaced by its input,
+    so convert leaves that value, and the ops that only see it, float."""
+    # Ops that share their input's observer (unsqueeze, reshape...) get the same observer object under
+    # a second name: an observer module seen on an integer value marks every node that calls it.
+    names: dict[int, list[str]] = {}
+    observers: dict[int, nn.Module] = {}
+    for name, module in prepared.named_modules(remove_duplicate=False):
+        if isinstance(module, ObserverBase | FakeQuantizeBase):
+            names.setdefault(id(module), []).append(name)
+            observers[id(module)] = module
+    non_float: set[str] = set()
+    patched: list[nn.Module] = []
+
+    def passthrough(module_names: list[str]) -> Any:
+        def forward(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                non_float.update(module_names)
+            return value
+
+        return forward
+
+    try:
+        for key, module in observers.items():
+            module.forward = passthrough(names[key])  # type: ignore[method-assign]
+            patched.append(module)
+        with torch.no_grad():
+            example_inputs.call(prepared)
+    finally:
+        for module in patched:
+            del module.forward
+    removed = []
+    for node in list(prepared.graph.nodes):
+        if node.op == "call_module" and node.target in non_float:
+            node.replace_all_uses_with(node.args[0])
+            prepared.graph.erase_node(node)
+            removed.append(str(node.target))
+    if removed:
+        prepared.graph.lint()
+        prepared.delete_all_unused_submodules()
+        prepared.recompile()
+    return removed
 
 
 def unshare_stateless_modules(model: nn.Module) -> list[str]:
@@ -213,13 +268,13 @@ def convert_in_one_step(
 _GLUE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.dequantize, "dequantize"}
 
 
-def count_nodes(model: GraphModule, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+def count_nodes(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
     """Tensor-producing compute nodes by the dtype they produce on the example inputs: quantized
     (int8 kernels, or ops running on int8 tensors), float (left in float), and quantize/dequantize glue."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     with quantized_engine(engine):
-        ShapeProp(model).propagate(*example_inputs)
+        ShapeProp(model).propagate(*example_inputs.positional(model))
     counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
     for node in model.graph.nodes:
         meta = node.meta.get("tensor_meta")
@@ -256,7 +311,7 @@ class FxEngine:
     def prepare(
         self,
         model: nn.Module,
-        example_inputs: tuple[torch.Tensor, ...],
+        example_inputs: ModelInputs,
         backend: BackendSpec,
         mapping: QConfigMappingSpec,
         custom: CustomConfigSpec,
@@ -312,21 +367,26 @@ class FxEngine:
             raise TypeError(f"the FX engine lowers its own reference conversions, not {type(engine_state).__name__}")
         return lower(reference, engine_state, engine)
 
-    def count_nodes(self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...], engine: str) -> dict[str, int]:
+    def count_nodes(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
         assert isinstance(model, GraphModule)
         return count_nodes(model, example_inputs, engine)
+
+    def check_custom_modules(
+        self, prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], custom: CustomConfigSpec, engine: str
+    ) -> None:
+        custom_modules.check_contract(prepared, example_inputs, custom, engine)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
         return numerics.numeric_suite_blocker(custom)
 
     def layer_sensitivity(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
     ) -> list[numerics.LayerSensitivity]:
         assert isinstance(prepared, GraphModule) and isinstance(lowered, GraphModule)
         return numerics.layer_sensitivity(prepared, lowered, inputs, engine)
 
     def layer_diagnostics(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: torch.Tensor, engine: str
+        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
     ) -> tuple[list[numerics.LayerDiagnostics], list[numerics.LoggedOutput]]:
         assert isinstance(prepared, GraphModule) and isinstance(lowered, GraphModule)
         return numerics.layer_diagnostics(prepared, lowered, inputs, engine)

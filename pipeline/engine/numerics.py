@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.schema import CustomConfigSpec
 
@@ -43,7 +44,7 @@ def numeric_suite_blocker(custom: CustomConfigSpec) -> str | None:
 
 
 def layer_sensitivity(
-    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+    prepared: GraphModule, lowered: GraphModule, inputs: ModelInputs, engine: str
 ) -> list[LayerSensitivity]:
     """Each quantized layer's own error, worst first, from torch's FX numeric suite shadow loggers:
     the int8 layer runs on the float model's input to that layer, so one bad layer does not make
@@ -54,12 +55,14 @@ def layer_sensitivity(
         shadowed = numeric_suite.add_shadow_loggers(
             "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
         )
-        shadowed(inputs)
+        inputs.call(shadowed)
         results = numeric_suite.extract_shadow_logger_info(shadowed, numeric_suite.OutputLogger, "int8")
         numeric_suite.extend_logger_results_with_comparison(results, "float", "int8", compute_sqnr, "sqnr")
     layers = []
     for result_key, result in results.items():
         output = result["node_output"]["int8"][0]
+        if not _holds_tensors(output):
+            continue
         sqnr = _mean_sqnr(output)
         layers.append(
             LayerSensitivity(output["fqn"], output["ref_node_target_type"].rsplit(".", 1)[-1], sqnr, result_key)
@@ -77,6 +80,13 @@ def _numeric_suite(engine: str) -> Iterator[Any]:
 
     with quantized_engine(engine), torch.no_grad(), redirect_stdout(io.StringIO()):
         yield numeric_suite
+
+
+def _holds_tensors(output: dict[str, Any]) -> bool:
+    """Whether a logged op produced tensors. The suite also logs ops whose results are not tensors, such as
+    an `operator.add` doing shape arithmetic (`x.size()[:-1] + (heads, dim)`, as in attention layers): their
+    loggers record nothing and they have no SQNR, so they are left out of every table."""
+    return bool(output.get("sqnr"))
 
 
 def _mean_sqnr(output: dict[str, Any]) -> float:
@@ -104,7 +114,7 @@ class LayerDiagnostics:
 
 
 def layer_diagnostics(
-    prepared: GraphModule, lowered: GraphModule, inputs: torch.Tensor, engine: str
+    prepared: GraphModule, lowered: GraphModule, inputs: ModelInputs, engine: str
 ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
     """Per quantized layer (worst own SQNR first): own SQNR (layer_sensitivity's shadow loggers),
     cumulative SQNR (add_loggers / extract_logger_info) and weight SQNR (extract_weights). Also every
@@ -115,16 +125,24 @@ def layer_diagnostics(
         float_logged, int8_logged = numeric_suite.add_loggers(
             "float", copy.deepcopy(prepared), "int8", copy.deepcopy(lowered), numeric_suite.OutputLogger
         )
-        float_logged(inputs)
-        int8_logged(inputs)
+        inputs.call(float_logged)
+        inputs.call(int8_logged)
         activations = numeric_suite.extract_logger_info(float_logged, int8_logged, numeric_suite.OutputLogger, "int8")
         numeric_suite.extend_logger_results_with_comparison(activations, "float", "int8", compute_sqnr, "sqnr")
         weights = numeric_suite.extract_weights("float", prepared, "int8", lowered)  # reads only: no copies
         numeric_suite.extend_logger_results_with_comparison(weights, "float", "int8", compute_sqnr, "sqnr")
         # The results dict is in attribute order; the int8 graph's node order is execution order.
         position = {node.name: i for i, node in enumerate(int8_logged.graph.nodes)}
-    weight_sqnr = {key: _mean_sqnr(result["weight"]["int8"][0]) for key, result in weights.items()}
-    outputs = {key: result["node_output"]["int8"][0] for key, result in activations.items()}
+    weight_sqnr = {
+        key: _mean_sqnr(result["weight"]["int8"][0])
+        for key, result in weights.items()
+        if _holds_tensors(result["weight"]["int8"][0])
+    }
+    outputs = {
+        key: output
+        for key, output in ((key, result["node_output"]["int8"][0]) for key, result in activations.items())
+        if _holds_tensors(output)
+    }
     logged = [
         LoggedOutput(
             key,

@@ -21,7 +21,7 @@ from torch.ao.quantization import (
 )
 
 from pipeline.engine.observers import activation_range
-from pipeline.errors import ConfigError, closest
+from pipeline.errors import ConfigError, closest, error_summary
 from pipeline.schema import BackendSpec
 
 QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
@@ -74,23 +74,39 @@ def named_qconfig(name: str | None, backend: BackendSpec, key: str) -> QConfig |
     return QCONFIG_LIBRARY[name][1](backend.engine)
 
 
-def resolve_import(path: str, key: str) -> Any:
-    """Import 'package.module.attr.attr' (classes, functions, operator.add ...) or raise ConfigError."""
+def resolve_import(path: str, key: str, missing_module_hint: str = "") -> Any:
+    """Import 'package.module.attr.attr' (classes, functions, operator.add ...) or raise ConfigError: a
+    missing attribute names the module's closest names ("did you mean"); a module that fails to import
+    says why; a top-level module found nowhere adds `missing_module_hint` (e.g. which python_path to set)."""
     parts = path.split(".")
     for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
         try:
-            target: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        try:
-            for attribute in parts[split:]:
-                target = getattr(target, attribute)
-        except AttributeError:
-            break
+            target: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is None or module_name == error.name or module_name.startswith(f"{error.name}."):
+                continue  # this prefix is not a module; try a shorter one
+            raise ConfigError(
+                f"{key}='{path}': importing '{module_name}' failed because it imports '{error.name}', which is "
+                f"not installed in this environment."
+            ) from error
+        except Exception as error:  # a syntax error or an exception in the module's body
+            raise ConfigError(f"{key}='{path}': importing '{module_name}' raised {error_summary(error)}") from error
+        for depth, attribute in enumerate(parts[split:]):
+            if not hasattr(target, attribute):
+                owner = ".".join(parts[: split + depth])
+                where = getattr(target, "__file__", None)
+                names = [name for name in dir(target) if not name.startswith("_")]
+                raise ConfigError(
+                    f"{key}='{path}' is not an importable path: '{owner}'{f' ({where})' if where else ''} has no "
+                    f"attribute '{attribute}'.{closest(attribute, names)}"
+                )
+            target = getattr(target, attribute)
         return target
     raise ConfigError(
-        f"{key}='{path}' is not an importable path; write a full dotted path to a class or function, "
-        f"e.g. 'torch.nn.Conv2d', 'torch.nn.functional.linear' or 'operator.add'."
+        f"{key}='{path}' is not an importable path: no module '{parts[0]}' was found. Write a full dotted path "
+        f"to a class or function, e.g. 'torch.nn.Conv2d', 'torch.nn.functional.linear' or 'operator.add'."
+        f"{missing_module_hint}"
     )
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
+from pipeline.batch import ModelInputs
 from pipeline.engine import UntraceableModule, get_engine
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import import_path
@@ -24,7 +24,7 @@ class NothingQuantizedError(RuntimeError):
 
 def prepare(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: ModelInputs,
     model_name: str,
     backend: BackendSpec,
     mapping: QConfigMappingSpec,
@@ -39,6 +39,7 @@ def prepare(
         if untraceable is None:
             raise
         raise not_traceable_error(model_name, custom.name, untraceable) from error
+    engine.check_custom_modules(prepared, example_inputs, custom, backend.engine)
 
     if mapping.clamp_bounded_activations:
         clamped = engine.clamp_bounded_activations(prepared, model, backend, custom)
@@ -89,7 +90,7 @@ def convert_reference(
 
 
 def lower(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: tuple[torch.Tensor, ...]
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
     engine = get_engine()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from pipeline.machine import machine_tags
 from pipeline.schema import PipelineSpec
 
 
@@ -97,7 +98,8 @@ class Tracker(Protocol):
 
 
 def run_tags(spec: PipelineSpec) -> dict[str, str]:
-    """The tags every pipeline run gets, to filter and compare runs by what they ran."""
+    """The tags every pipeline run gets, to filter and compare runs by what they ran and on which CPU
+    (pipeline.machine: cpu.model, cpu.capability, cpu.vnni, cpu.avx512, cpu.amx, torch.version)."""
     return {
         "backend": spec.backend.engine,
         "qconfig_mapping": spec.qconfig_mapping.name,
@@ -106,4 +108,5 @@ def run_tags(spec: PipelineSpec) -> dict[str, str]:
         "data": spec.data.name,
         "custom_config": spec.custom_config.name,
         "weights": "trained" if spec.model.trained else "random",
+        **machine_tags(),
     }
