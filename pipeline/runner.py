@@ -258,6 +258,8 @@ def _tensors(value: Any) -> Iterator[Any]:
     if isinstance(value, list | tuple):
         for item in value:
             yield from _tensors(item)
+    elif hasattr(value, "tensors"):  # a batch's ModelInputs
+        yield from value.tensors
     elif hasattr(value, "detach"):
         yield value
 
@@ -276,7 +278,7 @@ def _track_outputs(
         profile = {
             "calibration_samples": data.num_calibration_samples,
             "evaluation_samples": data.num_evaluation_samples,
-            "input_shapes": [list(t.shape[1:]) for t in data.example_inputs],
+            "input_shapes": {name: list(t.shape[1:]) for name, t in data.example_inputs.named()},
             "labels": data.has_labels,
         }
         digest = headline_.data_digest(_tensors([data.calibration, data.evaluation]))
@@ -291,9 +293,16 @@ def _track_outputs(
     from pipeline.engine.qconfigs import quantized_engine
 
     lowered, loaded = result.artifacts["lowered"], result.artifacts["loaded"]
-    example = [t[:2] for t in loaded.data.example_inputs]
+    # The TorchScript file takes the inputs positionally, as it was traced.
+    example = loaded.data.example_inputs.map(lambda tensor: tensor[:2]).positional(lowered.model)
+    if not all(isinstance(value, torch.Tensor) for value in example):
+        log.info("MLflow: the int8 model is not logged as an MLflow model (an input is not a tensor: %s)", example)
+        return
     with quantized_engine(lowered.engine), torch.no_grad():
         output = lowered.model(*example)
+    if not isinstance(output, torch.Tensor):
+        log.info("MLflow: the int8 model is not logged as an MLflow model (its output is a %s)", type(output))
+        return
     result.model_uri = tracker.log_model(torchscript, lowered.engine, [t.numpy() for t in example], output.numpy())
     if register and result.model_uri is not None and spec.tracking.register:
         searched = result.artifacts.get("searched_skip")  # a search's winner: what it left float

@@ -346,10 +346,10 @@ def log_torchscript_model(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    arrays = [np.asarray(value, dtype=np.float32) for value in example]
+    arrays = [np.asarray(value) for value in example]
     names = [f"input_{i}" for i in range(len(arrays))] if len(arrays) > 1 else [None]
     inputs = Schema([TensorSpec(a.dtype, (-1, *a.shape[1:]), n) for a, n in zip(arrays, names, strict=True)])
-    result = np.asarray(output, dtype=np.float32)
+    result = np.asarray(output)
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(result.dtype, (-1, *result.shape[1:]))]))
     input_example = arrays[0] if len(arrays) == 1 else dict(zip(names, arrays, strict=True))
     experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id

@@ -2,7 +2,8 @@
 the logged model and runs it at load time, so loading needs torch, numpy and mlflow, not this project).
 
     model = mlflow.pyfunc.load_model("models:/<name>@candidate")   # or runs:/..., models:/<model id>
-    logits = model.predict(batch)    # float32 array shaped like the input example; several inputs: a dict
+    logits = model.predict(batch)    # an array shaped like the input example; several inputs: a dict
+                                     # {"input_0": ..., "input_1": ...} in the traced (positional) order
 
 The model config's `engine` is the quantized engine the file was exported for: TorchScript re-packs int8
 weights for the engine active at load time, so load_context sets it first.
@@ -35,7 +36,7 @@ class TorchScriptModel(PythonModel):
             inputs = [model_input[key] for key in sorted(model_input, key=lambda k: int(k.rsplit("_", 1)[-1]))]
         else:
             inputs = [model_input]
-        tensors = [torch.as_tensor(np.asarray(value, dtype=np.float32)) for value in inputs]
+        tensors = [torch.as_tensor(np.asarray(value)) for value in inputs]  # the signature checked the dtypes
         with torch.no_grad():
             output = self.module(*tensors)
         return output.numpy()
