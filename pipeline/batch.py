@@ -145,11 +145,13 @@ class ModelInputs:
 
     @staticmethod
     def cat(parts: Sequence[ModelInputs]) -> ModelInputs:
-        """Batches concatenated along the batch dimension (all with the same inputs)."""
+        """Batches concatenated along the batch dimension (all with the same inputs). Integer and bool
+        inputs of different lengths (token ids and masks padded per batch) are right-padded with 0 to
+        the longest: a 0 attention mask hides the padding, whatever the padded ids are."""
         first = parts[0]
         return ModelInputs(
-            tuple(torch.cat([part.args[i] for part in parts]) for i in range(len(first.args))),
-            {name: torch.cat([part.kwargs[name] for part in parts]) for name in first.kwargs},
+            tuple(_cat_padded([part.args[i] for part in parts]) for i in range(len(first.args))),
+            {name: _cat_padded([part.kwargs[name] for part in parts]) for name in first.kwargs},
         )
 
     def repeat_to(self, size: int) -> ModelInputs:
@@ -160,6 +162,20 @@ class ModelInputs:
             return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:size].contiguous()
 
         return self.map(grow)
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(tensor.shape[1:]) for tensor in tensors}
+    if len(shapes) == 1 or tensors[0].is_floating_point() or tensors[0].is_complex():
+        return torch.cat(tensors)  # same shapes; or float inputs, which are never padded (cat says why)
+    longest = [max(sizes) for sizes in zip(*shapes, strict=True)]
+
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        pairs = zip(reversed(tensor.shape[1:]), reversed(longest), strict=True)
+        widths = [width for size, full in pairs for width in (0, full - size)]  # F.pad: last dimension first
+        return torch.nn.functional.pad(tensor, widths, value=0)
+
+    return torch.cat([pad(tensor) for tensor in tensors])
 
 
 Labels = torch.Tensor | None

@@ -185,6 +185,21 @@ class DiagnoseSpec:
 
 
 @dataclass
+class RecoverySpec:
+    """Accuracy recovery: what the engine does beyond plain observers (conf/recovery/default.yaml)."""
+
+    # Activation bit width of uint8 activations: auto = 8, except 7 (reduce_range) on fbgemm/x86 when the
+    # CPU has no VNNI (its int8 dot product can overflow at 8 bits); 7 or 8 force it.
+    activation_bits: str = "auto"
+    # Conv/linear outputs feeding only ReLU6/hardtanh observe the clipped range: auto = on except on
+    # qnnpack (whose quantized ReLU6 is wrong anyway); on; off. qconfig_mapping=relu6_aware forces it on.
+    bounded_activations: str = "auto"
+    bias_correction: bool = True  # shift each int8 conv/linear's bias by its output-mean error on calibration data
+    bias_correction_samples: int = 256  # calibration samples (the first ones) bias correction runs in one batch
+    smoothquant_alpha: float = 0.5  # SmoothQuant migration strength for Linears after LayerNorm/Linear; 0: off
+
+
+@dataclass
 class InspectSpec:
     """Optional stage after load: module and node names, and what each skip/mapping entry matches."""
 
@@ -223,6 +238,7 @@ class PipelineSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     inspect: InspectSpec = field(default_factory=InspectSpec)
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
     cache: CacheSpec = MISSING
     # The stages to run, in pipeline order (conf/config.yaml lists the default); the registry checks them.
     stages: list[str] = MISSING

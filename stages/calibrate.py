@@ -1,7 +1,8 @@
 """Stage `calibrate`: prepare_fx with the base mapping, backend config and custom prepare config,
 then run the calibration batches through the observers.
 
-Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches, cache.*.
+Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches, cache.*,
+recovery.* (those that act before calibration: activation_bits, bounded_activations, smoothquant_alpha).
 With cache.enabled, a calibration whose key (weights, code, calibration data and settings) was seen
 before is rebuilt from the cached observer state instead of run again.
 """
@@ -20,7 +21,14 @@ from pipeline.cache import CalibrationCache, cache_key
 from pipeline.engine import custom_modules, get_engine, steps
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.progress import progress
-from pipeline.schema import BackendSpec, CalibrateSpec, CustomConfigSpec, PipelineSpec, QConfigMappingSpec
+from pipeline.schema import (
+    BackendSpec,
+    CalibrateSpec,
+    CustomConfigSpec,
+    PipelineSpec,
+    QConfigMappingSpec,
+    RecoverySpec,
+)
 from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
@@ -29,13 +37,23 @@ NAME = "calibrate"
 CONSUMES = ("loaded",)
 USES: tuple[str, ...] = ()
 PRODUCES = ("calibrated",)
-READS = ("backend", "qconfig_mapping", "custom_config", "calibrate", "cache")
+READS = ("backend", "qconfig_mapping", "custom_config", "calibrate", "cache", "recovery")
 OPTIONAL = False
 
 
-def prepare(loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, custom: CustomConfigSpec) -> nn.Module:
+def prepare(
+    loaded: Loaded,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    custom: CustomConfigSpec,
+    recovery: RecoverySpec | None = None,
+    max_batches: int | None = None,
+) -> nn.Module:
     """The prepared, not yet calibrated model of `loaded` (also how the cache rebuilds a calibrated one)."""
-    return steps.prepare(loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom)
+    calibration = [inputs for inputs, _ in loaded.data.calibration[:max_batches]]
+    return steps.prepare(
+        loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, recovery, calibration
+    )
 
 
 def calibrate(
@@ -44,8 +62,9 @@ def calibrate(
     mapping: QConfigMappingSpec,
     custom: CustomConfigSpec,
     spec: CalibrateSpec,
+    recovery: RecoverySpec | None = None,
 ) -> Calibrated:
-    prepared = prepare(loaded, backend, mapping, custom)
+    prepared = prepare(loaded, backend, mapping, custom, recovery, spec.max_batches)
     batches = loaded.data.calibration[: spec.max_batches]
     with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
@@ -70,16 +89,28 @@ def check(spec: PipelineSpec) -> None:
 def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | None = None) -> Calibrated:
     """Calibrate, or rebuild the calibrated model from the cache when its key has an entry."""
     if not spec.cache.enabled:
-        return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+        return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery)
     cache = CalibrationCache(Path(spec.cache.dir))
     batches = loaded.data.calibration[: spec.calibrate.max_batches]
     key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
     with cache.lock(key):
-        cached = cache.load(key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config))
+        cached = cache.load(
+            key,
+            lambda: prepare(
+                loaded,
+                spec.backend,
+                spec.qconfig_mapping,
+                spec.custom_config,
+                spec.recovery,
+                spec.calibrate.max_batches,
+            ),
+        )
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
             return Calibrated(cached, len(batches), sum(x.batch_size for x, _ in batches), True, key)
-        calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate)
+        calibrated = calibrate(
+            loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery
+        )
         if ctx is not None:
             ctx.check_stop()  # a swallowed signal must not leave an entry that a later run trusts
         entry = cache.store(key, calibrated.model, {"batches": calibrated.num_batches, "backend": spec.backend.engine})
@@ -101,6 +132,8 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     (out / "prepare_custom_config.yaml").write_text(custom_modules.custom_config_yaml(prepare_custom_config))
     torch.save(get_engine().observer_state(calibrated.model), out / "observer_state.pt")
     ctx.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
+    spec = ctx.spec
+    ctx.set_tags(steps.activation_settings(spec.recovery, spec.backend, spec.qconfig_mapping))
     return {
         metric_keys.CALIBRATIONS: 0.0 if calibrated.cache_hit else 1.0,  # a sweep or search sums them
         metric_keys.CACHE_HIT: float(calibrated.cache_hit),

@@ -210,6 +210,19 @@ def onnx_input_names(model: torch.nn.Module, example: ModelInputs) -> list[str]:
     return example.positional_names(model)
 
 
+def _dynamic_axes(names: list[str], values: tuple[Any, ...]) -> dict[str, dict[int, str]]:
+    """Every input's batch dimension is dynamic; an integer or bool input's other dimensions too (token
+    ids and masks padded per batch to different lengths)."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in zip(names, values, strict=True):
+        if not isinstance(value, torch.Tensor):
+            continue
+        axes[name] = {0: "batch"}
+        if not (value.is_floating_point() or value.is_complex()):
+            axes[name].update({dim: f"{name}_dim{dim}" for dim in range(1, value.dim())})
+    return axes
+
+
 def _export_onnx(
     lowered: Lowered, example: ModelInputs, check_inputs: ModelInputs, opset: int, path: Path
 ) -> torch.Tensor:
@@ -226,7 +239,7 @@ def _export_onnx(
             opset_version=opset,
             input_names=names,
             output_names=["output"],
-            dynamic_axes={**{name: {0: "batch"} for name in names}, "output": {0: "batch"}},
+            dynamic_axes={**_dynamic_axes(names, example.positional(lowered.model)), "output": {0: "batch"}},
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # An input the graph does not use is not a graph input (the exporter drops it).

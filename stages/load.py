@@ -168,6 +168,21 @@ def _describe(signature: list[tuple[str, tuple[int, ...], torch.dtype]]) -> str:
     return ", ".join(f"{name} {list(shape)} {str(dtype).removeprefix('torch.')}" for name, shape, dtype in signature)
 
 
+def _same_inputs(
+    found: list[tuple[str, tuple[int, ...], torch.dtype]], expected: list[tuple[str, tuple[int, ...], torch.dtype]]
+) -> bool:
+    """The same inputs with the same dtypes and per-sample shapes; integer and bool inputs (token ids and
+    masks padded per batch) may differ in their sizes, not in their number of dimensions."""
+    if [(name, dtype, len(shape)) for name, shape, dtype in found] != [
+        (name, dtype, len(shape)) for name, shape, dtype in expected
+    ]:
+        return False
+    return all(
+        shape == wanted or not (dtype.is_floating_point or dtype.is_complex)
+        for (_, shape, dtype), (_, wanted, _) in zip(found, expected, strict=True)
+    )
+
+
 def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSpec, data_spec: DataSpec) -> None:
     example = data.example_inputs
     expected = example.sample_signature()
@@ -176,12 +191,13 @@ def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSp
     for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
         for position, (inputs, _) in enumerate(batches):
             found = inputs.sample_signature()
-            if found != expected:
+            if not _same_inputs(found, expected):
                 raise ConfigError(
                     f"load: data={data_spec.name} {part} batch {position} has inputs ({_describe(found)}) per "
                     f"sample, but the example inputs have ({_describe(expected)}): every batch must have the same "
                     f"inputs with the same per-sample shapes and dtypes (calibrate and evaluate feed them all to "
-                    f"model={model_spec.name})."
+                    f"model={model_spec.name}); only integer and bool inputs (token ids, masks padded per batch) "
+                    f"may differ in length."
                 )
             sizes = {int(tensor.shape[0]) for tensor in inputs.tensors}
             if len(sizes) != 1:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
 
+from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import import_path, quantized_engine, resolve_import
 from pipeline.errors import ConfigError, closest, error_summary
 from pipeline.paths import use_python_path
@@ -209,9 +210,7 @@ def _quantized_input(value: Any, observer: Any) -> Any:
     return torch.quantize_per_tensor(value, float(scale), int(zero_point), observer.dtype)
 
 
-def check_contract(
-    prepared: nn.Module, example_inputs: tuple[torch.Tensor, ...], spec: CustomConfigSpec, engine: str
-) -> None:
+def check_contract(prepared: nn.Module, example_inputs: ModelInputs, spec: CustomConfigSpec, engine: str) -> None:
     """The rules torch relies on but checks late (at convert or lower, in long tracebacks), checked on a
     freshly prepared model, before calibration; a broken rule is a ConfigError naming the class and the rule:
     1. the observed class's from_float(float_module) keeps `.qconfig` (convert reads it);
@@ -256,7 +255,7 @@ def check_contract(
     ]
     try:
         with quantized_engine(engine), torch.no_grad():
-            dry(*example_inputs)
+            example_inputs.call(dry)
     finally:
         for hook in hooks:
             hook.remove()
