@@ -19,6 +19,11 @@ log = logging.getLogger("pipeline")
 schema.register()
 
 
+class JobExit(SystemExit):
+    """An exit status the job chose (bad input 2, a failed stage 1, a signal 130/143), as opposed to
+    Hydra refusing the command line before the job started."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
@@ -35,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
-        sys.exit(2)
+        raise JobExit(2) from None
     log.info(
         "backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",
         spec.backend.engine,
@@ -64,13 +69,13 @@ def main(cfg: DictConfig) -> float | None:
         log.error("Interrupted (%s): the MLflow run is marked KILLED; what finished is in %s.", reason, run_dir)
         if multirun:
             raise  # stops the sweep
-        sys.exit(143 if "SIGTERM" in reason else 130)  # the shell's 128 + signal number
+        raise JobExit(143 if "SIGTERM" in reason else 130) from None  # the shell's 128 + signal number
     except (ConfigError, runner.StageFailed) as error:
         log.error("%s %s", "Invalid input:" if isinstance(error, ConfigError) else "Failed:", error)
         log.debug("traceback", exc_info=True)
         if multirun:
             raise  # Hydra records this job as failed and runs the others
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        raise JobExit(2 if isinstance(error, ConfigError) else 1) from None
     log.info("%s", run_summary(spec, result, run_dir, multirun))
     return result.metrics.get(metric_keys.LOWERED_ACCURACY)
 
@@ -109,10 +114,12 @@ def cli() -> None:
         sys.exit(2)
     try:
         main()
+    except JobExit:
+        raise
     except SystemExit as done:
-        # Hydra sets its config just before calling main(): unset, the exit is Hydra refusing the command
-        # line or a config file (unknown option, key or value type).
-        if done.code == 1 and not HydraConfig.initialized():
+        # Not the job's own exit: Hydra refusing the command line or a config file (unknown option, key
+        # or value type) prints its message and exits 1.
+        if done.code == 1:
             for hint in filter(None, map(schema.unknown_key_hint, sys.argv[1:])):
                 print(hint, file=sys.stderr)
             if not {"-m", "--multirun"} & set(sys.argv[1:]):
