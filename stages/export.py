@@ -38,14 +38,14 @@ from pipeline.engine import introspect
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
-from pipeline.schema import ExportSpec
+from pipeline.schema import ExportSpec, skip_label
 from stages.types import ExportBundle, Loaded, Lowered, StageContext, write_json
 
 log = logging.getLogger(__name__)
 
 NAME = "export"
 CONSUMES = ("lowered", "loaded")
-USES: tuple[str, ...] = ()
+USES = ("searched_skip",)  # a search's winner tags the registered model
 PRODUCES = ("export_bundle",)
 READS = ("export", "backend")
 OPTIONAL = False
@@ -285,4 +285,24 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         for name in sorted(bundle.files)
     ]
     log.info("export: wrote %s", ", ".join(written))
+    if "torchscript" in bundle.files:
+        _log_model(bundle.files["torchscript"], ctx)
     return bundle.metrics
+
+
+def _log_model(torchscript: Path, ctx: StageContext) -> None:
+    """The TorchScript file as the run's tracking model (inputs positional, as it was traced), tagged for
+    the registry with what the search left float when a search ran."""
+    lowered, loaded = ctx.artifacts["lowered"], ctx.artifacts["loaded"]
+    example = loaded.data.example_inputs.map(lambda tensor: tensor[:2]).positional(lowered.model)
+    if not all(isinstance(value, torch.Tensor) for value in example):
+        log.info("export: the int8 model is not logged as a tracking model (an input is not a tensor: %s)", example)
+        return
+    with quantized_engine(lowered.engine), torch.no_grad():
+        output = lowered.model(*example)
+    if not isinstance(output, torch.Tensor):
+        log.info("export: the int8 model is not logged as a tracking model (its output is a %s)", type(output))
+        return
+    searched = ctx.artifacts.get("searched_skip")
+    tags = {"skip": f"searched:{skip_label(searched)}"} if searched else {}
+    ctx.log_model(torchscript, lowered.engine, [t.numpy() for t in example], output.numpy(), tags)
