@@ -13,7 +13,7 @@ from typing import Any
 from pipeline import metric_keys
 from pipeline.engine import custom_modules, get_engine, steps
 from pipeline.errors import ConfigError
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, SkipSpec
 from stages.types import Calibrated, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ NAME = "reference_convert"
 CONSUMES = ("calibrated",)
 USES = ("searched_skip",)
 PRODUCES = ("reference",)
-READS = ("backend", "qconfig_mapping", "skip", "custom_config")
+READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config")
 OPTIONAL = False
 
 
@@ -32,14 +32,16 @@ def reference_convert(
     mapping: QConfigMappingSpec,
     skip: SkipSpec,
     custom: CustomConfigSpec,
+    flow: EngineSpec | None = None,
 ) -> ReferenceModel:
-    engine = get_engine()
+    flow = flow or EngineSpec()
+    engine = get_engine(flow)
     unmatched = engine.unmatched_skip_entries(calibrated.model, skip)
     if unmatched and skip.strict:
         raise ConfigError(f"skip={skip.name} (skip.strict=true): " + " ".join(unmatched))
     for problem in unmatched:
         log.warning("skip=%s: %s", skip.name, problem)
-    conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
+    conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom, flow=flow)
     if conversion.left_float:
         log.info("skip=%s left %d nodes float: %s", skip.name, len(conversion.left_float), conversion.left_float)
     return conversion
@@ -49,7 +51,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
     skip = ctx.artifacts.get("searched_skip") or spec.skip
     reference = reference_convert(
-        ctx.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config
+        ctx.artifacts["calibrated"], spec.backend, spec.qconfig_mapping, skip, spec.custom_config, spec.engine
     )
     return {"reference": reference}
 

@@ -31,6 +31,7 @@ from pipeline.measure import measure_latency, quality_metrics
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
+    EngineSpec,
     EvaluateSpec,
     PipelineSpec,
     QConfigMappingSpec,
@@ -42,6 +43,8 @@ from pipeline.schema import (
 from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
+# The search converts one calibration with many skip-lists: FX only (pipeline.checks refuses it on pt2e).
+FLOW = EngineSpec(name="fx")
 
 NAME = "search"
 CONSUMES = ("loaded", "calibrated")
@@ -78,7 +81,7 @@ class SearchResult:
 
 
 def check(spec: PipelineSpec) -> None:
-    blocker = get_engine().numerics_blocker(spec.custom_config)
+    blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
     if blocker is not None:
         raise ConfigError(
             f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
@@ -129,9 +132,9 @@ def search(
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
+        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom, flow=FLOW)
         try:
-            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
+            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs, flow=FLOW)
         except steps.NothingQuantizedError:
             lowered = None
         if lowered is None:
@@ -172,7 +175,7 @@ def search(
     sensitivity: list[LayerSensitivity] = []
     skipped: list[str] = []
     if not first.meets and 0 in lowered_models:
-        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
+        sensitivity = get_engine(FLOW).layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
         log.info(
             "search: sensitivity (own output SQNR, worst first): %s",
             ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),

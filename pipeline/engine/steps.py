@@ -13,7 +13,7 @@ from pipeline.engine import UntraceableModule, get_engine
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import import_path
 from pipeline.errors import ConfigError, error_summary
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, SkipSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,17 @@ def prepare(
     backend: BackendSpec,
     mapping: QConfigMappingSpec,
     custom: CustomConfigSpec,
+    *,
+    flow: EngineSpec,
+    skip: SkipSpec | None = None,
 ) -> nn.Module:
-    """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one)."""
-    engine = get_engine()
+    """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one). `flow` is the
+    config's `engine` group; an engine that skips at prepare time (pt2e) gets `skip` folded into the mapping."""
+    engine = get_engine(flow)
+    if skip is not None and getattr(engine, "skips_at_prepare", False):
+        from pipeline.engine.pt2e import with_skip
+
+        mapping = with_skip(mapping, skip)
     try:
         prepared = engine.prepare(model, example_inputs, backend, mapping, custom)
     except Exception as error:
@@ -83,17 +91,23 @@ def not_traceable_error(model_name: str, custom_name: str, failed: UntraceableMo
 
 
 def convert_reference(
-    prepared: nn.Module, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
+    prepared: nn.Module,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    skip: SkipSpec,
+    custom: CustomConfigSpec,
+    *,
+    flow: EngineSpec,
 ) -> ReferenceConversion:
     """The reference model with the skip-list's entries left float, plus what lowering needs."""
-    return get_engine().convert_reference(prepared, backend, mapping, skip, custom)
+    return get_engine(flow).convert_reference(prepared, backend, mapping, skip, custom)
 
 
 def lower(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
+    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs, *, flow: EngineSpec
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
-    engine = get_engine()
+    engine = get_engine(flow)
     model = engine.lower(conversion.model, conversion.engine_state, backend.engine)
     counts = engine.count_nodes(model, example_inputs, backend.engine)
     if counts["quantized"] == 0:
