@@ -162,6 +162,7 @@ class ExportSpec:
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17
+    aot_inductor: bool = True  # engine=pt2e: also an AOTInductor package (.pt2, static batch), ~15 s to build
     # An exported file whose outputs (reloaded, on the first evaluation batch) disagree with the int8 torch
     # model below either bar is a warning naming the file and the figure (not an error: the file is written).
     min_sqnr_db: float = 30.0  # output SQNR of the file vs the int8 torch model

@@ -380,6 +380,8 @@ class CompiledProgram(nn.Module):
     below `min_sqnr_db` against it. Freezing is an inductor setting read while compiling, so every call
     runs under it."""
 
+    compiled_form = True  # pipeline.measure times it as it is (no TorchScript forms)
+
     def __init__(self, program: GraphModule, min_sqnr_db: float) -> None:
         super().__init__()
         self.program = program
@@ -473,6 +475,17 @@ def save_program(program: GraphModule, example: ModelInputs, path: Any) -> None:
     with contextlib.suppress(AttributeError):
         exported._example_inputs = None  # type: ignore[attr-defined]
     torch.export.save(exported, str(path))
+
+
+def save_aot_inductor(program: GraphModule, inputs: ModelInputs, path: Any) -> None:
+    """An AOTInductor package of the q/dq program with a static batch (inputs' batch size) and freezing: it
+    loads with plain torch (torch._inductor.aoti_load_package) and runs at that batch size only. A dynamic
+    batch with freezing gave wrong outputs on the digits net (issue 16), so the batch is static."""
+    import torch._inductor.config as inductor_config
+
+    exported = torch.export.export(program, inputs.positional(program))
+    with inductor_config.patch(freezing=True):
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
