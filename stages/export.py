@@ -267,7 +267,9 @@ def export_pt2e(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Pat
     pt2e.save_program(program, pt2e.export_example(loaded.data.example_inputs), path)
     record("pt2", path, reload_in_fresh_process("pt2", path, positional, out_dir))
 
-    if spec.aot_inductor:
+    if spec.aot_inductor and not getattr(lowered.model, "compile", True):
+        skipped["aot_inductor"] = f"inductor cannot compile this backend's q/dq program (backend={engine}; see lower)"
+    elif spec.aot_inductor:
         path = out_dir / f"compiled_{engine}_b{check_inputs.batch_size}.aoti.pt2"
         pt2e.save_aot_inductor(program, check_inputs, path)
         record("aot_inductor", path, reload_in_fresh_process("aot_inductor", path, positional, out_dir))

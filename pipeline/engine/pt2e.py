@@ -344,11 +344,13 @@ _WEIGHTED = ("aten.conv", "aten.linear", "aten.matmul", "aten.addmm")
 
 
 def float_weighted_ops(program: GraphModule) -> list[str]:
-    """conv / linear nodes of a converted program that no dequantize feeds: they run in float."""
+    """conv / linear nodes of a converted program whose weight no dequantize feeds: they run in float (their
+    input may still pass a quantize/dequantize pair: the quantizer shares the observer of the op before)."""
     found = []
     for node in program.graph.nodes:
         weighted = node.op == "call_function" and str(node.target).startswith(_WEIGHTED)
-        if weighted and not any(_is_glue(arg) for arg in node.all_input_nodes):
+        weight = node.args[1] if weighted and len(node.args) > 1 else None
+        if weighted and not (isinstance(weight, torch.fx.Node) and _is_glue(weight)):
             found.append(f"{_module_path(node) or node.name} ({node.name})")
     return found
 
@@ -368,6 +370,10 @@ class Pt2eConvertState:
 
     example: ModelInputs
     min_sqnr_db: float
+    # Inductor turns x86 q/dq patterns into oneDNN int8 kernels, which need uint8 activations: the XNNPACK
+    # quantizer's signed int8 activations fail there with or without freezing (quantized::packed_weights_conv2drelu,
+    # aten::quantized_max_pool2d), and XNNPACK's own kernels run in ExecuTorch, not here. qnnpack: no compile.
+    compile: bool = True
 
 
 class CompiledMismatchError(RuntimeError):
@@ -380,15 +386,19 @@ class CompiledProgram(nn.Module):
     below `min_sqnr_db` against it. Freezing is an inductor setting read while compiling, so every call
     runs under it."""
 
-    compiled_form = True  # pipeline.measure times it as it is (no TorchScript forms)
-
-    def __init__(self, program: GraphModule, min_sqnr_db: float) -> None:
+    def __init__(self, program: GraphModule, min_sqnr_db: float, compile: bool = True) -> None:
         super().__init__()
         self.program = program
+        self.compile = compile
         self.min_sqnr_db = min_sqnr_db
         self.checked: dict[tuple, float] = {}
         # Not a submodule: the compiled wrapper shares the program's weights.
         self.__dict__["compiled"] = torch.compile(program, dynamic=False)
+
+    @property
+    def compiled_form(self) -> str:
+        """The form's name in latency metrics; pipeline.measure times it as it is (no TorchScript forms)."""
+        return "compiled" if self.compile else "qdq_eager"
 
     @property
     def code(self) -> str:
@@ -398,7 +408,7 @@ class CompiledProgram(nn.Module):
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            out = self.__dict__["compiled"](*args, **kwargs)
+            out = self.__dict__["compiled"](*args, **kwargs) if self.compile else self.program(*args, **kwargs)
         key = tuple(tuple(value.shape) for value in [*args, *kwargs.values()] if isinstance(value, torch.Tensor))
         if key not in self.checked:
             from pipeline.measure import sqnr_db
@@ -417,7 +427,13 @@ class CompiledProgram(nn.Module):
 
 
 def lower(reference: GraphModule, state: Pt2eConvertState) -> CompiledProgram:
-    compiled = CompiledProgram(reference, state.min_sqnr_db)
+    if not state.compile:
+        log.warning(
+            "engine=pt2e, backend=qnnpack: inductor cannot compile the XNNPACK quantizer's signed int8 q/dq program "
+            "(its kernels need uint8 activations) and XNNPACK's kernels run in ExecuTorch, so 'lowered' is the q/dq "
+            "program run eagerly: its accuracy is what the XNNPACK kernels compute, its speed is not theirs."
+        )
+    compiled = CompiledProgram(reference, state.min_sqnr_db, state.compile)
     compiled(*state.example.positional(reference))  # compile now, at the example's shape, and check it
     return compiled
 
@@ -546,7 +562,7 @@ class Pt2eEngine:
         assert isinstance(prepared, GraphModule)
         origin: Pt2eOrigin = prepared.meta["pt2e_origin"]
         converted = convert(prepared)
-        state = Pt2eConvertState(origin.example, self.spec.min_compiled_sqnr_db)
+        state = Pt2eConvertState(origin.example, self.spec.min_compiled_sqnr_db, compile=backend.engine == "x86")
         return ReferenceConversion(converted, state, float_weighted_ops(converted))
 
     def lower(self, reference: nn.Module, engine_state: object, engine: str) -> nn.Module:
