@@ -6,9 +6,10 @@ key) and loads them, which gives a model identical to the calibrated one, per-ch
 included (tests/test_cache.py proves it).
 
 The key hashes only what changes calibration: the model's weights and code, the calibration data
-itself, the calibrate settings, the backend, the base qconfig mapping, the custom prepare config and
-the torch version. The skip-list, evaluation and export settings are not in it, so a sweep over
-skip-lists calibrates once.
+itself, the calibrate settings, the backend, the base qconfig mapping, the custom prepare config, the
+recovery options that act before calibration (activation bits and bounded-activation clamp as resolved
+for this CPU, SmoothQuant's alpha) and the torch version. The skip-list, bias correction, evaluation
+and export settings are not in it, so a sweep over skip-lists calibrates once.
 
 Writes are atomic: the entry is built in a temporary folder and renamed into place, so a killed run
 never leaves a half-written entry under a key. An entry that fails any check (manifest, checksum,
@@ -37,12 +38,12 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
-from pipeline.engine import get_engine
+from pipeline.engine import get_engine, recovery
 from pipeline.schema import EngineSpec, PipelineSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # bump when the entry layout or the meaning of the key changes
+FORMAT_VERSION = 3  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -83,6 +84,13 @@ def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[Mod
         "backend": asdict(spec.backend),
         "qconfig_mapping": _plain(spec.qconfig_mapping),
         "custom_prepare": _plain(spec.custom_config.prepare),
+        # recovery options that act before or during calibration, auto choices resolved for this CPU
+        # (bias correction acts after it, at reference convert, and is not here)
+        "recovery": {
+            "activation_bits": recovery.activation_bits(spec.recovery, spec.backend.engine),
+            "clamp_bounded": recovery.clamps_bounded(spec.recovery, spec.backend.engine),
+            "smoothquant_alpha": spec.recovery.smoothquant_alpha,
+        },
         # Which flow calibrated (fx and pt2e observers differ), and its settings.
         "engine": asdict(spec.engine),
     }

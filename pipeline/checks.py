@@ -338,6 +338,18 @@ def check_ranges(spec: PipelineSpec) -> None:
         low_open=True,
         why=" dB (int8 layers typically give 35-45 dB; 0 dB is noise as loud as the signal)",
     )
+    # Recovery.
+    recovery = spec.recovery
+    _check_in("recovery.activation_bits", str(recovery.activation_bits), ("auto", "7", "8"))
+    _check_in("recovery.bounded_activations", recovery.bounded_activations, ("auto", "on", "off"))
+    _check_int("recovery.bias_correction_samples", recovery.bias_correction_samples, 1)
+    _check_float(
+        "recovery.smoothquant_alpha",
+        recovery.smoothquant_alpha,
+        0.0,
+        1.0,
+        why=" (0 turns SmoothQuant off; 0.5 moves half the activation range, in log scale, into the weights)",
+    )
     # Diagnose.
     diagnose = spec.diagnose
     _check_int("diagnose.max_batches", diagnose.max_batches, 1)

@@ -31,7 +31,8 @@ class EngineSpec:
     """Which quantization flow runs the stages: FX graph mode (torch.ao) or PT2E (torch.export + torchao)."""
 
     name: str = "fx"  # fx | pt2e
-    # pt2e, backend=x86: activations on 7 bits (true) or 8 (false); null: 8 with VNNI, 7 without (as for FX).
+    # pt2e, backend=x86: activations on 7 bits (true) or 8 (false); null: recovery.activation_bits (auto: 8 with
+    # VNNI, 7 without, as for FX).
     reduce_range: bool | None = None
     # pt2e: a compiled form (torch.compile of the q/dq program, an AOTInductor package) whose outputs reach
     # less than this SQNR against the q/dq program is refused (compiled artifacts were seen to be wrong).
@@ -198,6 +199,21 @@ class DiagnoseSpec:
 
 
 @dataclass
+class RecoverySpec:
+    """Accuracy recovery: what the engine does beyond plain observers (conf/recovery/default.yaml)."""
+
+    # Activation bit width of uint8 activations: auto = 8, except 7 (reduce_range) on fbgemm/x86 when the
+    # CPU has no VNNI (its int8 dot product can overflow at 8 bits); 7 or 8 force it.
+    activation_bits: str = "auto"
+    # Conv/linear outputs feeding only ReLU6/hardtanh observe the clipped range: auto = on except on
+    # qnnpack (whose quantized ReLU6 is wrong anyway); on; off. qconfig_mapping=relu6_aware forces it on.
+    bounded_activations: str = "auto"
+    bias_correction: bool = True  # shift each int8 conv/linear's bias by its output-mean error on calibration data
+    bias_correction_samples: int = 256  # calibration samples (the first ones) bias correction runs in one batch
+    smoothquant_alpha: float = 0.5  # SmoothQuant migration strength for Linears after LayerNorm/Linear; 0: off
+
+
+@dataclass
 class InspectSpec:
     """Optional stage after load: module and node names, and what each skip/mapping entry matches."""
 
@@ -235,6 +251,7 @@ class PipelineSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     inspect: InspectSpec = field(default_factory=InspectSpec)
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
     cache: CacheSpec = MISSING
     # The stages to run, in pipeline order (conf/config.yaml lists the default); the registry checks them.
     stages: list[str] = MISSING

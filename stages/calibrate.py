@@ -1,7 +1,8 @@
 """Stage `calibrate`: prepare_fx with the base mapping, backend config and custom prepare config,
 then run the calibration batches through the observers.
 
-Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches, cache.*.
+Config keys read: backend.*, qconfig_mapping.*, custom_config.prepare, calibrate.max_batches, cache.*,
+recovery.* (those that act before calibration: activation_bits, bounded_activations, smoothquant_alpha).
 With cache.enabled, a calibration whose key (weights, code, calibration data and settings) was seen
 before is rebuilt from the cached observer state instead of run again.
 """
@@ -27,6 +28,7 @@ from pipeline.schema import (
     EngineSpec,
     PipelineSpec,
     QConfigMappingSpec,
+    RecoverySpec,
     SkipSpec,
 )
 from stages.types import Calibrated, Loaded, StageContext
@@ -37,7 +39,7 @@ NAME = "calibrate"
 CONSUMES = ("loaded",)
 USES: tuple[str, ...] = ()
 PRODUCES = ("calibrated",)
-READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config", "calibrate", "cache")
+READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config", "calibrate", "cache", "recovery")
 OPTIONAL = False
 
 
@@ -46,11 +48,14 @@ def prepare(
     backend: BackendSpec,
     mapping: QConfigMappingSpec,
     custom: CustomConfigSpec,
+    recovery: RecoverySpec | None = None,
+    max_batches: int | None = None,
     flow: EngineSpec | None = None,
     skip: SkipSpec | None = None,
 ) -> nn.Module:
     """The prepared, not yet calibrated model of `loaded` (also how the cache rebuilds a calibrated one).
-    `flow` is the engine group (default FX); pt2e applies `skip` here, at prepare time."""
+    `flow` is the engine group (None: FX); pt2e applies `skip` here, at prepare time."""
+    calibration = [inputs for inputs, _ in loaded.data.calibration[:max_batches]]
     return steps.prepare(
         loaded.model,
         loaded.data.example_inputs,
@@ -58,7 +63,9 @@ def prepare(
         backend,
         mapping,
         custom,
-        flow=flow or EngineSpec(),
+        recovery,
+        calibration,
+        flow=flow,
         skip=skip,
     )
 
@@ -69,10 +76,11 @@ def calibrate(
     mapping: QConfigMappingSpec,
     custom: CustomConfigSpec,
     spec: CalibrateSpec,
+    recovery: RecoverySpec | None = None,
     flow: EngineSpec | None = None,
     skip: SkipSpec | None = None,
 ) -> Calibrated:
-    prepared = prepare(loaded, backend, mapping, custom, flow, skip)
+    prepared = prepare(loaded, backend, mapping, custom, recovery, spec.max_batches, flow, skip)
     batches = loaded.data.calibration[: spec.max_batches]
     with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
@@ -96,7 +104,15 @@ def check(spec: PipelineSpec) -> None:
 
 def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | None = None) -> Calibrated:
     """Calibrate, or rebuild the calibrated model from the cache when its key has an entry."""
-    run = (spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.engine, spec.skip)
+    run = (
+        spec.backend,
+        spec.qconfig_mapping,
+        spec.custom_config,
+        spec.calibrate,
+        spec.recovery,
+        spec.engine,
+        spec.skip,
+    )
     if not spec.cache.enabled:
         return calibrate(loaded, *run)
     cache = CalibrationCache(Path(spec.cache.dir), spec.engine)
@@ -104,7 +120,17 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
     key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
     with cache.lock(key):
         cached = cache.load(
-            key, lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.engine, spec.skip)
+            key,
+            lambda: prepare(
+                loaded,
+                spec.backend,
+                spec.qconfig_mapping,
+                spec.custom_config,
+                spec.recovery,
+                spec.calibrate.max_batches,
+                spec.engine,
+                spec.skip,
+            ),
         )
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
@@ -132,6 +158,8 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     (out / "prepare_custom_config.yaml").write_text(custom_modules.custom_config_yaml(prepare_custom_config))
     torch.save(get_engine(ctx.spec.engine).observer_state(calibrated.model), out / "observer_state.pt")
     ctx.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
+    spec = ctx.spec
+    ctx.set_tags(steps.activation_settings(spec.recovery, spec.backend, spec.qconfig_mapping))
     return {
         metric_keys.CALIBRATIONS: 0.0 if calibrated.cache_hit else 1.0,  # a sweep or search sums them
         metric_keys.CACHE_HIT: float(calibrated.cache_hit),

@@ -31,10 +31,10 @@ from pipeline.measure import measure_latency, quality_metrics
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
-    EngineSpec,
     EvaluateSpec,
     PipelineSpec,
     QConfigMappingSpec,
+    RecoverySpec,
     SearchSpec,
     SkipSpec,
     skip_label,
@@ -43,14 +43,12 @@ from pipeline.schema import (
 from stages.types import Calibrated, Loaded, StageContext
 
 log = logging.getLogger(__name__)
-# The search converts one calibration with many skip-lists: FX only (pipeline.checks refuses it on pt2e).
-FLOW = EngineSpec(name="fx")
 
 NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config")
+READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -111,7 +109,11 @@ def search(
     evaluate_spec: EvaluateSpec,
     spec: SearchSpec,
     report_trial: Callable[[Trial], None] = lambda trial: None,
+    recovery: RecoverySpec | None = None,
+    calibration: list[Any] | None = None,
 ) -> SearchResult:
+    """With recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
+    reference_convert stage does, so the winner is scored as it will ship."""
     if spec.criterion == "accuracy" and not loaded.data.has_labels:
         raise ValueError("search.criterion='accuracy' needs labelled data; use search.criterion=sqnr.")
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
@@ -132,9 +134,11 @@ def search(
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom, flow=FLOW)
+        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
+        if recovery is not None and recovery.bias_correction and calibration:
+            steps.correct_bias(conversion, calibrated.model, calibration, recovery)
         try:
-            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs, flow=FLOW)
+            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
         except steps.NothingQuantizedError:
             lowered = None
         if lowered is None:
@@ -175,7 +179,7 @@ def search(
     sensitivity: list[LayerSensitivity] = []
     skipped: list[str] = []
     if not first.meets and 0 in lowered_models:
-        sensitivity = get_engine(FLOW).layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
+        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
         log.info(
             "search: sensitivity (own output SQNR, worst first): %s",
             ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),
@@ -231,6 +235,8 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.evaluate,
         spec.search,
         report_trial,
+        spec.recovery,
+        [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
     )
     return {"search": result, "searched_skip": result.skip_spec()}
 

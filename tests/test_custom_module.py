@@ -69,7 +69,9 @@ def test_experiment_preset_picks_model_data_and_custom_config_and_validates() ->
     assert (default.model.name, default.custom_config.name) == ("digits_cnn", "none")
     assert sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml")) == [
         "custom_module",
+        "mobile_digits",
         "none",
+        "outlier_transformer",
         "text_encoder",
     ]
 

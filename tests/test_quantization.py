@@ -162,6 +162,8 @@ NAMED_QCONFIGS = {
     "histogram_per_tensor": ("HistogramObserver", "MinMaxObserver", torch.per_tensor_symmetric),
     "histogram_per_channel": ("HistogramObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
     "backend_default": ("HistogramObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
+    "percentile_per_channel": ("PercentileObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
+    "mse_per_channel": ("MSEObserver", "PerChannelMinMaxObserver", torch.per_channel_symmetric),
 }
 
 
@@ -174,7 +176,8 @@ def test_named_qconfigs_follow_the_engine(name: str, engine: str) -> None:
     if name == "backend_default" and engine == "qnnpack":  # torch's qnnpack default: per-tensor weights
         weight_class, weight_scheme = "MinMaxObserver", torch.per_tensor_symmetric
     assert (type(activation).__name__, type(weight).__name__) == (activation_class, weight_class)
-    # fbgemm / x86 activations use 7 bits (reduce_range: no overflow without VNNI); qnnpack / onednn all 8.
+    # The library's own range (recovery.activation_bits rewrites it per CPU at prepare): fbgemm / x86
+    # activations use 7 bits (reduce_range: no overflow without VNNI); qnnpack / onednn all 8.
     assert (activation.quant_min, activation.quant_max) == ((0, 127) if engine in ("fbgemm", "x86") else (0, 255))
     assert activation.dtype == torch.quint8 and activation.qscheme == torch.per_tensor_affine
     assert (weight.dtype, weight.qscheme, weight.quant_min, weight.quant_max) == (torch.qint8, weight_scheme, -128, 127)

@@ -11,13 +11,13 @@ which only the engine that made it reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from pipeline.batch import ModelInputs
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
 if TYPE_CHECKING:
     from pipeline.engine.introspect import EntryMatch, NodeInfo
@@ -61,8 +61,24 @@ class Engine(Protocol):
         backend: BackendSpec,
         mapping: QConfigMappingSpec,
         custom: CustomConfigSpec,
+        recovery_spec: RecoverySpec | None = None,
     ) -> nn.Module:
-        """An observed copy of `model`, not yet calibrated (the float model stays untouched)."""
+        """An observed copy of `model`, not yet calibrated (the float model stays untouched). With a
+        recovery spec, its activation bit width; later reference converts of the model follow it."""
+        ...
+
+    def smooth_quant(
+        self, model: nn.Module, batches: list[Any], alpha: float, custom: CustomConfigSpec
+    ) -> tuple[nn.Module, dict[str, float]]:
+        """A function-preserving SmoothQuant-ed copy of the float model (or the model itself when nothing
+        applies), and the largest scale per producer module."""
+        ...
+
+    def correct_bias(
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+    ) -> dict[str, float]:
+        """Fold each quantized layer's output-mean error on calibration data into its bias, in the reference
+        model (in place, before lowering); returns the mean absolute shift per layer."""
         ...
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:

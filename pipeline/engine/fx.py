@@ -25,12 +25,16 @@ from torch.ao.quantization.quantize_fx import (
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
-from pipeline.engine import custom_modules, introspect, mappings, numerics, observers
+from pipeline.engine import custom_modules, introspect, mappings, numerics, observers, recovery
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.mappings import check_convert_mapping
 from pipeline.engine.qconfigs import get_backend_config, quantized_engine
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
+
+# prepared.meta key: the activation bit width the prepare-time mapping was built with (None: the library's
+# own), so every convert-time mapping of that model is built the same way (convert_fx compares them).
+ACTIVATION_BITS_META = "pipeline_activation_bits"
 
 # --------------------------------------------------------------------------------------------------
 # Models FX cannot trace
@@ -317,16 +321,38 @@ class FxEngine:
         backend: BackendSpec,
         mapping: QConfigMappingSpec,
         custom: CustomConfigSpec,
+        recovery_spec: RecoverySpec | None = None,
     ) -> GraphModule:
         prepare_custom_config, _ = custom_modules.build_custom_configs(custom)
+        bits = recovery.activation_bits(recovery_spec, backend.engine)
+        qconfig_mapping = mappings.build_qconfig_mapping(mapping, backend)
+        if bits is not None:
+            recovery.set_activation_bits(qconfig_mapping, bits)
         with quantized_engine(backend.engine):
-            return prepare(
+            prepared = prepare(
                 model,
-                mappings.build_qconfig_mapping(mapping, backend),
+                qconfig_mapping,
                 example_inputs,
                 get_backend_config(backend.backend_config),
                 prepare_custom_config,
             )
+        prepared.meta[ACTIVATION_BITS_META] = bits
+        return prepared
+
+    def smooth_quant(
+        self, model: nn.Module, batches: list[Any], alpha: float, custom: CustomConfigSpec
+    ) -> tuple[nn.Module, dict[str, float]]:
+        from torch.ao.quantization.fx.tracer import QuantizationTracer
+        from torch.ao.quantization.fx.utils import get_skipped_module_name_and_classes
+
+        prepare_custom_config, _ = custom_modules.build_custom_configs(custom)
+        tracer = QuantizationTracer(*get_skipped_module_name_and_classes(prepare_custom_config, False))
+        return recovery.smooth_quant(model, batches, alpha, tracer)
+
+    def correct_bias(
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+    ) -> dict[str, float]:
+        return recovery.correct_bias(conversion.model, prepared, batches, samples)
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
         return untraceable_module(error)
@@ -356,10 +382,14 @@ class FxEngine:
     ) -> ReferenceConversion:
         assert isinstance(prepared, GraphModule)
         _, convert_custom_config = custom_modules.build_custom_configs(custom)
+        convert_mapping = mappings.build_convert_mapping(mapping, skip, backend, prepared)
+        bits = prepared.meta.get(ACTIVATION_BITS_META)
+        if bits is not None:
+            recovery.set_activation_bits(convert_mapping, bits)
         with quantized_engine(backend.engine):
             return convert_reference(
                 prepared,
-                mappings.build_convert_mapping(mapping, skip, backend, prepared),
+                convert_mapping,
                 get_backend_config(backend.backend_config),
                 convert_custom_config,
             )

@@ -1,6 +1,7 @@
-"""Observers: the activation range each engine's int8 kernels take, and observers that record a
-clamped range (for conv / linear outputs that feed only ReLU6 / hardtanh), with the pass that puts
-them into a freshly prepared model."""
+"""Observers: the activation range each engine's int8 kernels take, range-choosing activation observers
+beyond torch's (percentile, MSE-minimising), and observers that record a clamped range (for conv /
+linear outputs that feed only ReLU6 / hardtanh), with the pass that puts them into a freshly prepared
+model."""
 
 from __future__ import annotations
 
@@ -20,6 +21,74 @@ from torch.fx import GraphModule
 
 def activation_range(engine: str) -> dict[str, int]:
     return {"quant_min": 0, "quant_max": 127} if engine in ("fbgemm", "x86") else {"quant_min": 0, "quant_max": 255}
+
+
+class PercentileObserver(HistogramObserver):
+    """A histogram observer whose range is the [100 - p, p] percentile interval of what it saw (p =
+    `percentile`, e.g. 99.99), instead of the histogram's L2 search: drops rare outliers outright. The
+    lower end stays the minimum when that is >= 0 (after ReLU). State: the histogram buffers."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        histogram = self.histogram.double()
+        total = histogram.sum()
+        if total <= 0:
+            return self.min_val, self.max_val
+        width = (self.max_val - self.min_val) / self.bins
+        cdf = histogram.cumsum(0) / total
+        target = torch.tensor(self.percentile / 100.0, dtype=cdf.dtype)
+        upper = min(int(torch.searchsorted(cdf, target)), self.bins - 1)
+        new_max = self.min_val + width * (upper + 1)
+        new_min = self.min_val
+        if self.min_val < 0:
+            lower = int(torch.searchsorted(cdf, torch.tensor(1.0 - self.percentile / 100.0, dtype=cdf.dtype)))
+            new_min = self.min_val + width * min(lower, upper)
+        return new_min, torch.maximum(new_max, new_min + width)
+
+    def extra_repr(self) -> str:
+        return f"percentile={self.percentile}, {super().extra_repr()}"
+
+
+class MSEObserver(HistogramObserver):
+    """A histogram observer whose range minimises the expected squared quantization error over the recorded
+    histogram (uniform rounding error inside the range, clipping error outside it), by a grid search over
+    `grid` candidate ends per side, each a fraction of the observed minimum / maximum. The histogram is
+    pooled to 256 bins for the search. State: the histogram buffers."""
+
+    def __init__(self, grid: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.grid = grid
+
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        histogram = self.histogram.double()
+        if histogram.sum() <= 0 or self.max_val <= self.min_val:
+            return self.min_val, self.max_val
+        pooled = 256 if self.bins % 256 == 0 else self.bins
+        histogram = histogram.reshape(pooled, -1).sum(1)
+        low, high = float(self.min_val), float(self.max_val)
+        width = (high - low) / pooled
+        centers = low + width * (torch.arange(pooled, dtype=torch.float64) + 0.5)
+        fractions = torch.linspace(1.0 / self.grid, 1.0, self.grid, dtype=torch.float64)
+        highs = fractions * high if high > 0 else torch.tensor([high], dtype=torch.float64)
+        lows = fractions * low if low < 0 else torch.tensor([low], dtype=torch.float64)
+        a = lows.clamp(max=0.0)[:, None, None]  # [L, 1, 1]: the range always holds 0
+        b = highs.clamp(min=0.0)[None, :, None]  # [1, H, 1]
+        step = (b - a) / float(self.quant_max - self.quant_min)
+        clipped = (centers - torch.minimum(torch.maximum(centers, a), b)) ** 2  # [L, H, bins]
+        error = ((clipped + (clipped == 0) * step**2 / 12.0) * histogram).sum(-1)  # [L, H]
+        i, j = divmod(int(error.argmin()), error.shape[1])
+        return (
+            torch.tensor(float(lows[i]), dtype=self.min_val.dtype),
+            torch.tensor(float(highs[j]), dtype=self.max_val.dtype),
+        )
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, {super().extra_repr()}"
 
 
 class _ObservesClamped:
@@ -49,6 +118,22 @@ class ClampedHistogramObserver(_ObservesClamped, HistogramObserver):
     """HistogramObserver over the clamped range (state: the histogram buffers)."""
 
 
+class ClampedPercentileObserver(_ObservesClamped, PercentileObserver):
+    """PercentileObserver over the clamped range."""
+
+
+class ClampedMSEObserver(_ObservesClamped, MSEObserver):
+    """MSEObserver over the clamped range."""
+
+
+_CLAMPED = {
+    HistogramObserver: ClampedHistogramObserver,
+    MinMaxObserver: ClampedMinMaxObserver,
+    PercentileObserver: ClampedPercentileObserver,
+    MSEObserver: ClampedMSEObserver,
+}
+
+
 def clamped_qconfig(qconfig: QConfig, clamp_min: float, clamp_max: float, engine: str) -> QConfig:
     """`qconfig` with its activation observer clamping to [clamp_min, clamp_max]: same observer kind and
     arguments (histogram or min-max, 7-bit range...), same weight observer. Meant for output observers
@@ -56,10 +141,8 @@ def clamped_qconfig(qconfig: QConfig, clamp_min: float, clamp_max: float, engine
     activation = qconfig.activation
     kind = activation.p.func if hasattr(activation, "p") else activation
     keywords = dict(activation.p.keywords) if hasattr(activation, "p") else {}
-    if kind is HistogramObserver:
-        clamped: type = ClampedHistogramObserver
-    elif kind is MinMaxObserver:
-        clamped = ClampedMinMaxObserver
+    if kind in _CLAMPED:
+        clamped: type = _CLAMPED[kind]
     else:  # another observer kind: min-max over the engine's activation range
         clamped, keywords = ClampedMinMaxObserver, {"dtype": torch.quint8, **activation_range(engine)}
     return QConfig(

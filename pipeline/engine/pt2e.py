@@ -45,6 +45,7 @@ from pipeline.schema import (
     ModuleNameRegexEntry,
     ObjectTypeEntry,
     QConfigMappingSpec,
+    RecoverySpec,
     SkipSpec,
 )
 
@@ -114,10 +115,13 @@ REFUSED_BACKENDS = {
 }
 
 
-def reduce_range(spec: EngineSpec) -> bool:
-    """7-bit activations: engine.reduce_range, or by CPU when null (8 bits need VNNI to be exact, as for FX)."""
+def reduce_range(spec: EngineSpec, bits: int | None = None) -> bool:
+    """7-bit activations: engine.reduce_range, else recovery.activation_bits (resolved: 7 or 8), else by CPU
+    (8 bits need VNNI to be exact, as for FX)."""
     if spec.reduce_range is not None:
         return spec.reduce_range
+    if bits is not None:
+        return bits == 7
     return not torch.cpu._is_vnni_supported()
 
 
@@ -224,7 +228,9 @@ def with_skip(mapping: QConfigMappingSpec, skip: SkipSpec) -> QConfigMappingSpec
     )
 
 
-def build_quantizer(model: nn.Module, backend: BackendSpec, mapping: QConfigMappingSpec, engine: EngineSpec) -> Any:
+def build_quantizer(
+    model: nn.Module, backend: BackendSpec, mapping: QConfigMappingSpec, engine: EngineSpec, bits: int | None = None
+) -> Any:
     """The backend's Quantizer with the mapping's entries; regex entries expanded against module names."""
     _, _, x86 = _torchao()
     names = [name for name, _ in model.named_modules() if name]
@@ -233,7 +239,7 @@ def build_quantizer(model: nn.Module, backend: BackendSpec, mapping: QConfigMapp
         if value is None:
             return None
         if backend.engine == "x86":
-            return x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range(engine))
+            return x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range(engine, bits))
         return _xnnpack().get_symmetric_quantization_config(is_per_channel=True)
 
     if backend.engine == "x86":
@@ -288,13 +294,18 @@ def export_program(model: nn.Module, example: ModelInputs) -> torch.export.Expor
 
 
 def prepare(
-    model: nn.Module, example_inputs: ModelInputs, backend: BackendSpec, mapping: QConfigMappingSpec, engine: EngineSpec
+    model: nn.Module,
+    example_inputs: ModelInputs,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    engine: EngineSpec,
+    bits: int | None = None,
 ) -> GraphModule:
     _, quantize_pt2e, _ = _torchao()
     example = export_example(example_inputs)
     float_model = copy.deepcopy(model).eval()
     exported = export_program(float_model, example).module()
-    quantizer = build_quantizer(float_model, backend, mapping, engine)
+    quantizer = build_quantizer(float_model, backend, mapping, engine, bits)
     with _quiet_import():
         prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
     prepared.meta["pt2e_origin"] = Pt2eOrigin(
@@ -529,8 +540,29 @@ class Pt2eEngine:
         backend: BackendSpec,
         mapping: QConfigMappingSpec,
         custom: CustomConfigSpec,
+        recovery_spec: RecoverySpec | None = None,
     ) -> GraphModule:
-        return prepare(model, example_inputs, backend, mapping, self.spec)
+        from pipeline.engine import recovery
+
+        bits = recovery.activation_bits(recovery_spec, backend.engine) if recovery_spec is not None else None
+        return prepare(model, example_inputs, backend, mapping, self.spec, bits)
+
+    def smooth_quant(
+        self, model: nn.Module, batches: list[Any], alpha: float, custom: CustomConfigSpec
+    ) -> tuple[nn.Module, dict[str, float]]:
+        # SmoothQuant rescales the float model's weights before capture: the same transform as for FX.
+        from pipeline.engine.fx import FxEngine
+
+        return FxEngine().smooth_quant(model, batches, alpha, custom)
+
+    def correct_bias(
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+    ) -> dict[str, float]:
+        log.info(
+            "recovery.bias_correction: not applied on engine=pt2e (it edits the biases of FX's reference modules; "
+            "a q/dq program's conv bias is a graph constant)"
+        )
+        return {}
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
         return None  # torch.export's own error names the line it could not capture

@@ -20,7 +20,7 @@ from torch.ao.quantization import (
     get_default_qconfig,
 )
 
-from pipeline.engine.observers import activation_range
+from pipeline.engine.observers import MSEObserver, PercentileObserver, activation_range
 from pipeline.errors import ConfigError, closest, error_summary
 from pipeline.schema import BackendSpec
 
@@ -54,6 +54,20 @@ QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
         "histogram activations, per-channel symmetric int8 weights: usually the most accurate",
         lambda engine: QConfig(
             activation=HistogramObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+    "percentile_per_channel": (
+        "99.99th-percentile activation range (rare outliers clipped), per-channel symmetric int8 weights",
+        lambda engine: QConfig(
+            activation=PercentileObserver.with_args(percentile=99.99, dtype=torch.quint8, **activation_range(engine)),
+            weight=default_per_channel_weight_observer,
+        ),
+    ),
+    "mse_per_channel": (
+        "activation range minimising the expected squared quantization error, per-channel int8 weights",
+        lambda engine: QConfig(
+            activation=MSEObserver.with_args(dtype=torch.quint8, **activation_range(engine)),
             weight=default_per_channel_weight_observer,
         ),
     ),

@@ -97,6 +97,13 @@ def _batches(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int)
     ]
 
 
+def upsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """8x8 digits bilinearly resized to size x size (8: unchanged), for models that want larger inputs."""
+    if size == images.shape[-1]:
+        return images
+    return nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def training_part() -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels that calibration and evaluation never see (the split digits_data uses)."""
     images, labels = _digits_tensors()
@@ -122,10 +129,12 @@ def fit(
 
 
 def digits_data(
-    seed: int = 0, calibration_size: int = 256, evaluation_size: int = 450, batch_size: int = 32
+    seed: int = 0, calibration_size: int = 256, evaluation_size: int = 450, batch_size: int = 32, image_size: int = 8
 ) -> DataBundle:
-    """Calibration and evaluation batches from the digits set (the training part is left out)."""
+    """Calibration and evaluation batches from the digits set (the training part is left out), resized to
+    image_size x image_size (bilinear; 8 is the original size)."""
     images, labels = _digits_tensors()
+    images = upsample(images, image_size)
     split = _split_indices(seed, calibration_size, evaluation_size)
     calibration = split["calibration"]
     evaluation = split["evaluation"]
