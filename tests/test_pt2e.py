@@ -126,11 +126,13 @@ def test_observer_state_keeps_metadata_and_reloads_bit_equal() -> None:
 
     spec = to_spec(compose_config(["engine=pt2e"]))
     loaded = load(spec.model, spec.data, spec.seed)
-    calibrated = calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.engine)
+    calibrated = calibrate(
+        loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery, spec.engine
+    )
     engine = get_engine(spec.engine)
     state = engine.observer_state(calibrated.model)
     assert getattr(state, "_metadata", None)
-    fresh = prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.engine)
+    fresh = prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.recovery, None, spec.engine)
     engine.load_observer_state(fresh, state)
     x = loaded.data.evaluation[0][0].args[0]
     with torch.no_grad():
