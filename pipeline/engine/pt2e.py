@@ -498,6 +498,12 @@ def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec, prefix: str = 
 def save_program(program: GraphModule, example: ModelInputs, path: Any) -> None:
     """The q/dq program as a stripped `.pt2`: re-exported from the converted module (so only the weights it
     uses travel, not the float ones) with a dynamic batch, without its example inputs."""
+    program = copy.deepcopy(program)
+    used = {str(node.target) for node in program.graph.nodes if node.op == "get_attr"}
+    # convert_pt2e leaves the float weights on the module; torch.export would lift every one of them.
+    for name in [n for n, _ in [*program.named_parameters(), *program.named_buffers()] if n not in used]:
+        owner, _, attribute = name.rpartition(".")
+        delattr(program.get_submodule(owner), attribute)
     exported = export_program(program, example)
     with contextlib.suppress(AttributeError):
         exported._example_inputs = None  # type: ignore[attr-defined]
