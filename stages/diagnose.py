@@ -192,7 +192,7 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
 def compute(ctx: StageContext) -> dict[str, Any]:
     """The diagnosis, or the reason the numeric suite cannot run on this model (a str)."""
     blocker = get_engine(ctx.spec.engine).numerics_blocker(ctx.spec.custom_config)
-    float_io = introspect.float_io_quantized_ops(ctx.artifacts["lowered"].model)
+    float_io = [] if blocker else introspect.float_io_quantized_ops(ctx.artifacts["lowered"].model)
     if blocker is None and float_io:
         blocker = (
             f"torch's FX numeric suite compares int8 activations, and the dynamic, float16 or weight-only ops of "
