@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.cache import cache_key
-from pipeline.engine.pt2e import torchao_available
+from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.errors import ConfigError
 from pipeline.validation import validate
 from tests.conftest import compose_config, to_spec

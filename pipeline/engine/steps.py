@@ -46,7 +46,7 @@ def prepare(
     flow = flow or EngineSpec()
     engine = get_engine(flow)
     if skip is not None and getattr(engine, "skips_at_prepare", False):
-        from pipeline.engine.pt2e import with_skip
+        from pipeline.engine.pt2e_quantizers import with_skip
 
         mapping = with_skip(mapping, skip)
     if recovery is not None and recovery.smoothquant_alpha > 0 and calibration:
