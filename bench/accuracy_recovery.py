@@ -16,35 +16,22 @@ Writes outputs/bench/accuracy_recovery.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from pipeline import metric_keys, runner, schema
-from pipeline.batch import ModelInputs
+from pipeline import metric_keys
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.engine.recovery import has_vnni
 from pipeline.measure import sqnr_db
-from pipeline.validation import validate
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+try:
+    from bench import _common as common
+except ModuleNotFoundError:  # python bench/accuracy_recovery.py: sys.path starts with bench/
+    import _common as common  # type: ignore[no-redef]
 
-MODELS = {
-    "mobile_digits": ["experiment=mobile_digits"],
-    "outlier_transformer": ["experiment=outlier_transformer"],
-    "digits_cnn": [],
-}
-BASELINE = [
-    "recovery.activation_bits=7",
-    "recovery.bounded_activations=off",
-    "recovery.bias_correction=false",
-    "recovery.smoothquant_alpha=0",
-]
+# The models that show the problems (text_encoder is in bench/peers.py).
+RECOVERY_MODELS = ["mobile_digits", "outlier_transformer", "digits_cnn"]
 # (label, overrides on top of the baseline, or on top of the defaults when `from_defaults`)
 ARMS: list[tuple[str, list[str], bool]] = [
     ("baseline (all off, 7-bit)", [], False),
@@ -58,75 +45,42 @@ ARMS: list[tuple[str, list[str], bool]] = [
     ("defaults + percentile", ["backend.default_qconfig=percentile_per_channel"], True),
     ("defaults + mse", ["backend.default_qconfig=mse_per_channel"], True),
 ]
-QUICK = [
-    "tracking=off",
-    "cache.enabled=false",
-    "diagnose.enabled=false",
-    "stages=[load,calibrate,reference_convert,lower,evaluate]",
-    "evaluate.latency.batch_sizes=[1]",
-    "evaluate.latency.forms=[eager,traced]",
-    "evaluate.latency.warmup=5",
-    "evaluate.latency.repeats=40",
-]
-
-
-def cosine(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Mean per-sample cosine similarity of the outputs."""
-    return torch.nn.functional.cosine_similarity(reference.flatten(1), approximation.flatten(1), dim=1).mean().item()
 
 
 def run_arm(overrides: list[str], out_dir: Path) -> dict[str, float]:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*QUICK, f"output_dir={out_dir}", *overrides])
-    spec = schema.from_config(cfg)
-    validate(spec)
-    start = time.perf_counter()
-    result = runner.run(spec, cfg, out_dir / "run")
-    seconds = time.perf_counter() - start
-    loaded, lowered, reference = (result.artifacts[name] for name in ("loaded", "lowered", "reference"))
-    inputs = ModelInputs.cat([x for x, _ in loaded.data.evaluation])
-    with torch.no_grad(), quantized_engine(spec.backend.engine):
+    run = common.run_pipeline(overrides, out_dir)
+    loaded, lowered, reference = (run.artifact(name) for name in ("loaded", "lowered", "reference"))
+    inputs = common.evaluation_inputs(loaded.data.evaluation)
+    with torch.no_grad(), quantized_engine(run.spec.backend.engine):
         float_out, int8_out, reference_out = (inputs.call(m) for m in (loaded.model, lowered.model, reference.model))
-    metrics = result.metrics
     return {
-        "float_accuracy": metrics.get(metric_keys.FLOAT_ACCURACY),
-        "accuracy": metrics.get(metric_keys.LOWERED_ACCURACY),
-        "agreement": metrics.get(metric_keys.LOWERED_AGREEMENT),
+        "float_accuracy": run.metric(metric_keys.FLOAT_ACCURACY),
+        "accuracy": run.metric(metric_keys.LOWERED_ACCURACY),
+        "agreement": run.metric(metric_keys.LOWERED_AGREEMENT),
         "sqnr_db": sqnr_db(float_out, int8_out),
-        "cosine": cosine(float_out, int8_out),
+        "cosine": common.cosine(float_out, int8_out),
         "lowered_vs_reference_db": sqnr_db(reference_out, int8_out),
-        "speedup_b1": metrics.get(metric_keys.speedup(1)),
-        "seconds": seconds,
+        "speedup_b1": run.metric(metric_keys.speedup(1)),
+        "seconds": run.seconds,
     }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=RECOVERY_MODELS, choices=list(common.MODELS))
     parser.add_argument("--backend", default="x86")
     args = parser.parse_args()
-    schema.register()
     torch.set_num_threads(1)
-    machine = {"cpu": cpu_model(), "vnni": has_vnni(), "torch": torch.__version__, "backend": args.backend}
-    print(
-        f"machine: {machine['cpu']}, VNNI {'yes' if machine['vnni'] else 'no'}, torch {machine['torch']}, "
-        f"backend={args.backend}, 1 thread for latency"
-    )
-    report: dict[str, object] = {"machine": machine, "models": {}}
+    info = common.machine(args.backend)
+    print(f"{common.machine_line(info)}, backend={args.backend}, 1 thread for latency")
+    report: dict[str, object] = {"machine": info, "models": {}}
     header = f"{'arm':<30}{'acc':>7}{'agree':>7}{'SQNR dB':>9}{'cosine':>8}{'int8 vs ref dB':>15}{'speedup':>9}"
     for model in args.models:
         rows = {}
         for label, overrides, from_defaults in ARMS:
             with tempfile.TemporaryDirectory() as folder:
-                base = [] if from_defaults else BASELINE
-                rows[label] = run_arm([*MODELS[model], f"backend={args.backend}", *base, *overrides], Path(folder))
+                base = [*common.MODELS[model], f"backend={args.backend}", *([] if from_defaults else common.BASELINE)]
+                rows[label] = run_arm([*base, *overrides], Path(folder))
         first = next(iter(rows.values()))
         print(f"\n{model}: float accuracy {first['float_accuracy']:.4f}")
         print(header)
@@ -136,9 +90,7 @@ def main() -> None:
                 f"{row['lowered_vs_reference_db']:>15.1f}{row['speedup_b1']:>9.2f}"
             )
         report["models"][model] = rows  # type: ignore[index]
-    out = Path("outputs/bench/accuracy_recovery.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    out = common.write_report("accuracy_recovery", report)
     print(f"\nwrote {out}")
 
 

@@ -199,6 +199,13 @@ def check_ranges(spec: PipelineSpec) -> None:
     ):
         _check_name(key, value)
     _check_name("tracking.run_name", spec.tracking.run_name, optional=True)
+    _check_name("tracking.register", spec.tracking.register, optional=True)
+    _check_name("tracking.register_alias", spec.tracking.register_alias)
+    if spec.tracking.register is not None and not spec.tracking.enabled:
+        raise ConfigError(
+            f"tracking.register='{spec.tracking.register}' needs MLflow, but tracking is off: register with "
+            f"tracking=sqlite (the default) or a tracking server, or drop tracking.register."
+        )
     # Mappings and skip-lists: names and import paths are resolved by validate; here the plain values.
     _check_in("qconfig_mapping.base", spec.qconfig_mapping.base, ("backend_default", "empty"))
     for owner, entries in (

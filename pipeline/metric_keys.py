@@ -102,3 +102,35 @@ def stage_seconds(stage: str) -> str:
 def export_metric(name: str) -> str:
     """`export/<name>`: e.g. a file's size or its agreement with the lowered model."""
     return f"export/{name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Headline keys: the few short params and metrics the MLflow run list and compare view make useful for
+# comparing conversions. They start with a capital letter because MLflow's UI orders param and metric
+# columns by code point (JavaScript's sort()), so capitals come before every grouped `eval/...` key and
+# every lowercase config param; its compare view pre-selects the first 3 params that differ (sorted),
+# and the first metric the runs share in the order the run logged them (see pipeline/tracking/headline.py).
+
+HEADLINE_MODEL = "Model"  # param: model.name
+HEADLINE_BACKEND = "Backend"  # param: backend.engine
+HEADLINE_MAPPING = "Mapping"  # param: qconfig_mapping.name
+HEADLINE_SKIP = "Skip"  # param: the skip-list label (schema.skip_label) or search=<strategy>
+HEADLINE_PARAMS: tuple[str, ...] = (HEADLINE_MODEL, HEADLINE_BACKEND, HEADLINE_MAPPING, HEADLINE_SKIP)
+
+HEADLINE_SQNR_DB = "SQNR dB"  # the int8 (lowered) model's output SQNR against float
+HEADLINE_INT8_ACCURACY = "Int8 accuracy"  # the task metric of the int8 (lowered) model, a fraction
+HEADLINE_FLOAT_ACCURACY = "Float accuracy"  # the task metric of the float model, a fraction
+HEADLINE_DELTA_POINTS = "Delta points"  # int8 minus float accuracy in percentage points (-0.22 = 0.22 points lost)
+HEADLINE_SPEEDUP = "Speedup"  # float / int8 latency at batch 1, fastest form each
+HEADLINE_SIZE_RATIO = "Size ratio"  # int8 / float serialized size
+
+# Headline metric -> the pipeline metric it shows (None: derived, see HEADLINE_DELTA_POINTS). The first is
+# logged first, so the compare view's parallel-coordinates plot opens on it.
+HEADLINE_METRICS: dict[str, str | None] = {
+    HEADLINE_SQNR_DB: LOWERED_SQNR_DB,
+    HEADLINE_INT8_ACCURACY: LOWERED_ACCURACY,
+    HEADLINE_FLOAT_ACCURACY: FLOAT_ACCURACY,
+    HEADLINE_DELTA_POINTS: None,
+    HEADLINE_SPEEDUP: speedup(1),
+    HEADLINE_SIZE_RATIO: SIZE_RATIO,
+}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,9 @@ class TrackingSpec:
     tracking_uri: str = MISSING
     artifact_location: str | None = MISSING  # null: the tracking server's default (its artifact proxy)
     experiment_name: str = "fx-ptq"
-    run_name: str | None = None
+    run_name: str | None = None  # null: the pipeline's name for the run (schema.run_label)
+    register: str | None = None  # a Model Registry name: register the run's model (a sweep's best, a search's winner)
+    register_alias: str = "candidate"  # the alias the registered version gets
 
 
 @dataclass
@@ -296,6 +299,22 @@ def skip_label(skip: SkipSpec, preset: SkipSpec | None = None) -> str:
     return f"custom-{hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
+def run_label(spec: PipelineSpec, skip: str) -> str:
+    """What distinguishes a run, for its MLflow run name and its folder: `digits_cnn x86 backend_default skip=add`
+    (`skip` is skip_label's text); with a search, `search=<strategy>` instead of the skip-list it searches for."""
+    search = spec.search.strategy if spec.search.enabled else None
+    return _label(spec.model.name, spec.backend.engine, spec.qconfig_mapping.name, search, skip)
+
+
+def _label(model: str, engine: str, mapping: str, search: str | None, skip: str) -> str:
+    return f"{model} {engine} {mapping} " + (f"search={search}" if search else f"skip={skip}")
+
+
+def folder_name(label: str) -> str:
+    """A run label as a folder name: spaces become underscores."""
+    return label.replace(" ", "_")
+
+
 def skip_preset(name: str, config_sources: Any) -> SkipSpec | None:
     """conf/skip/<name>.yaml from the first config source that has it (Hydra's search order), as a SkipSpec."""
     import importlib.resources
@@ -325,11 +344,22 @@ def _skip_label_resolver(skip: DictConfig, *, _root_: DictConfig) -> str:
     return skip_label(spec, preset)  # type: ignore[arg-type]
 
 
+def _run_label_resolver(*, _root_: DictConfig) -> str:
+    """`${run_label:}` in hydra.run.dir / hydra.sweep.subdir: run_label as a folder name."""
+    skip = _skip_label_resolver(_root_.skip, _root_=_root_)
+    model = OmegaConf.select(_root_, "model.name", default="model")
+    engine = OmegaConf.select(_root_, "backend.engine", default="backend")
+    mapping = OmegaConf.select(_root_, "qconfig_mapping.name", default="mapping")
+    search = OmegaConf.select(_root_, "search.strategy") if OmegaConf.select(_root_, "search.enabled") else None
+    return folder_name(_label(model, engine, mapping, search, skip))
+
+
 def register() -> None:
     """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`), and the
     `skip_label` resolver its run-folder names use."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
     OmegaConf.register_new_resolver("skip_label", _skip_label_resolver, replace=True)
+    OmegaConf.register_new_resolver("run_label", _run_label_resolver, replace=True)
     # ${pid:} in conf/config.yaml's run folder name: runs started in the same second get their own folder.
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
@@ -376,6 +406,45 @@ def unknown_key_hint(override: str) -> str | None:
             )
         spec_type = hints[segment]
     return None
+
+
+def group_options(group: str, config_dirs: list[Path]) -> list[str] | None:
+    """The options of config group `group` (its YAML files) across config_dirs; None if no folder has it."""
+    folders = [folder / group for folder in config_dirs if (folder / group).is_dir()]
+    if not folders:
+        return None
+    return sorted({path.stem for folder in folders for path in folder.glob("*.yaml")})
+
+
+def command_line_problems(argv: list[str], config_dirs: list[Path]) -> list[str]:
+    """For the overrides on a command line: an option a config group does not have (`backend=fbgem`),
+    with the group's options and a "did you mean", and a key the schema does not have (unknown_key_hint).
+    Sweep values (`backend=fbgemm,qnnpack`) are checked one by one; `+`/`~` overrides, hydra's own keys and
+    sweep functions (`choice(...)`) are left to Hydra. No config_dirs: nothing is checked."""
+    if not config_dirs:
+        return []
+    problems = []
+    for override in argv:
+        if override.startswith("-") or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        if key.startswith(("+", "~", "hydra")) or "/" in key:
+            continue
+        options = group_options(key, config_dirs)
+        if options is not None:
+            if not re.fullmatch(r"[\w.\-]+(,[\w.\-]+)*", value):
+                continue  # a sweep function, interpolation or quoting: Hydra parses it
+            for choice in value.split(","):
+                if choice not in options and choice != "null":
+                    problems.append(
+                        f"{key}={choice}: the config group '{key}' has no option '{choice}'.{closest(choice, options)}"
+                        f" Its options are {options} (conf/{key}/*.yaml, or your --config-dir)."
+                    )
+            continue
+        hint = unknown_key_hint(override)
+        if hint is not None:
+            problems.append(hint)
+    return problems
 
 
 def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:

@@ -310,12 +310,19 @@ def bisect(
     return order[:high] if high_met else None
 
 
+def trial_name(trial: Trial) -> str:
+    """A trial's MLflow run name, by what it left float: `trial 2: float hidden.1,hidden.2`."""
+    left = f"float {','.join(trial.skipped)}" if trial.skipped else "all int8"
+    name = f"trial {trial.number}: {left}"
+    return name if len(name) <= 120 else name[:117] + "..."
+
+
 def compute(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
 
     def report_trial(trial: Trial) -> None:
         ctx.log_child_run(
-            f"trial-{trial.number}",
+            trial_name(trial),
             {"trial": str(trial.number), "skip.module_name": str(trial.skipped)},
             {"skip": f"trial_{trial.number}", "search_trial": str(trial.number)},
             {**trial.metrics, metric_keys.SEARCH_SCORE: trial.score, metric_keys.SEARCH_MEETS: float(trial.meets)},
