@@ -171,6 +171,9 @@ class SearchSpec:
     max_trials: int | None = None
     requantize: bool = True  # after meeting the bar, try putting skipped layers back to int8
     fail_on_miss: bool = True  # no trial met the bar: the run still finishes, then the command exits 3
+    # Before skipping layers, when trial 0 misses: one trial with every recovery option at its default
+    # (re-calibrated when that changes calibration), kept when it scores higher.
+    recovery_phase: bool = True
     latency_tie: float = 0.05  # latencies within max(measured spread, this share) are a tie: fewer float layers win
 
 

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 NAME = "diagnose"
 CONSUMES = ("loaded", "calibrated", "lowered")
-USES: tuple[str, ...] = ("reference", "searched_skip")
+USES: tuple[str, ...] = ("reference", "searched_skip", "searched_calibration")
 PRODUCES = ("diagnosis",)
 READS = ("diagnose", "backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
 OPTIONAL = True
@@ -151,6 +151,11 @@ def _convert(calibrated_model: torch.nn.Module, setting: _Setting, skip: SkipSpe
         steps.correct_bias(conversion, calibrated_model, setting.calibration, setting.recovery)
     model, _ = steps.lower(conversion, setting.backend, loaded.data.example_inputs)
     return model
+
+
+def _skipped(verified: Verified) -> list[str]:
+    """The module names of a verified skip suggestion ("skip.module_name=[a, b]")."""
+    return verified.what.split("[", 1)[1].rstrip("]").split(", ")
 
 
 def verify_skip(
@@ -303,18 +308,22 @@ def diagnose(
                 verify_skip([layer.module_name], loaded, calibrated, setting, measure, before, spec.min_gain_db)
             )
         helping = [v for v in verified if v.helps and v.what.startswith("skip.")]
-        if len(helping) > 1:
-            names = [v.what.split("[", 1)[1].rstrip("]") for v in helping]
+        if len(helping) > 1:  # the layers that helped alone, together
+            names = [name for v in helping for name in _skipped(v)]
+            verified.append(verify_skip(names, loaded, calibrated, setting, measure, before, spec.min_gain_db))
+        elif not helping and len(candidates) > 1:
+            # None helped alone: a layer hurt by its int8 input (an outlier made upstream) needs its producer
+            # float too, so the candidates are also tried together.
+            names = [layer.module_name for layer in candidates]
             verified.append(verify_skip(names, loaded, calibrated, setting, measure, before, spec.min_gain_db))
     undone: list[str] = []
     if skip is not None and skip.module_name:
         kept_float = engine.float_outputs(lowered.model, list(skip.module_name), inputs, lowered.engine)
         undone = [name for name in skip.module_name if kept_float.get(name) is False]
     if spec.verify and setting is not None:
-        skipped = [
-            v.what.split("[", 1)[1].rstrip("]").split(", ") for v in verified if v.helps and v.what.startswith("skip.")
-        ]
-        suggested_names = list(dict.fromkeys(name for group in skipped for name in group))
+        skips = [v for v in verified if v.helps and v.what.startswith("skip.")]
+        best = max(skips, key=lambda v: (v.gain_db or 0.0, -len(_skipped(v))), default=None)
+        suggested_names = _skipped(best) if best is not None else []
     else:
         suggested_names = [layer.module_name for layer in candidates]
     suggested = SkipSpec(name="suggested", module_name=suggested_names)
@@ -531,16 +540,18 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
     artifacts = ctx.artifacts
     loaded: Loaded = artifacts["loaded"]
+    searched = artifacts.get("searched_calibration")  # the search switched recovery options
+    calibrated = searched.calibrated if searched else artifacts["calibrated"]
     setting = _Setting(
         spec.backend,
         spec.qconfig_mapping,
         spec.custom_config,
-        spec.recovery,
+        searched.recovery if searched else spec.recovery,
         [inputs for inputs, _ in loaded.data.calibration[: spec.calibrate.max_batches]],
     )
     skip = artifacts.get("searched_skip") or spec.skip
     diagnosis = diagnose(
-        loaded, artifacts["calibrated"], artifacts["lowered"], spec.diagnose, setting, skip, artifacts.get("reference")
+        loaded, calibrated, artifacts["lowered"], spec.diagnose, setting, skip, artifacts.get("reference")
     )
     log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
     if diagnosis.engine_problem:

@@ -50,14 +50,14 @@ from pipeline.schema import (
     skip_label,
     skip_yaml,
 )
-from stages.types import Calibrated, Loaded, StageContext
+from stages.types import Calibrated, Loaded, SearchedCalibration, StageContext
 
 log = logging.getLogger(__name__)
 
 NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
-PRODUCES = ("search", "searched_skip")
+PRODUCES = ("search", "searched_skip", "searched_calibration")
 READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
@@ -78,6 +78,7 @@ class Trial:
     metrics: dict[str, float] = field(default_factory=dict)
     latency_spread_ms: float = 0.0  # p90 - median of that form: the measurement's noise
     interval: tuple[float, float] | None = None  # 95% Wilson interval of an accuracy-like score
+    recovery_defaults: bool = False  # converted with the recovery phase's settings (the recovery defaults)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class SearchResult:
     met: bool
     samples: int = 0  # evaluation samples each trial is scored on
     max_trials: int = 0  # the budget the search ran with
+    calibration: SearchedCalibration | None = None  # the winner's, when the recovery phase switched settings
 
     @property
     def float_layers_searched(self) -> int:
@@ -190,12 +192,14 @@ def search(
         )
     trials: list[Trial] = []
     lowered_models: dict[int, torch.nn.Module] = {}
+    current: dict[str, Any] = {"calibrated": calibrated, "recovery": recovery}  # the recovery phase may switch
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
-        if recovery is not None and recovery.bias_correction and calibration:
-            steps.correct_bias(conversion, calibrated.model, calibration, recovery)
+        base, settings = current["calibrated"], current["recovery"]
+        conversion = steps.convert_reference(base.model, backend, mapping, skip, custom)
+        if settings is not None and settings.bias_correction and calibration:
+            steps.correct_bias(conversion, base.model, calibration, settings)
         try:
             lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
         except steps.NothingQuantizedError:
@@ -219,11 +223,11 @@ def search(
             score = metrics[
                 metric_keys.LOWERED_ACCURACY if spec.criterion == "accuracy" else metric_keys.LOWERED_SQNR_DB
             ]
-            if not trials:
-                lowered_models[0] = lowered  # trial 0's model: what the sensitivity is measured on
+            lowered_models[len(trials)] = lowered  # what the sensitivity is measured on (trial 0, or recovery's)
         metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
         interval = wilson_interval(score, samples) if proportion else None
         trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics, max(spread, 0.0), interval)
+        trial.recovery_defaults = current["recovery"] is not recovery
         trials.append(trial)
         log.info(
             "search trial %d: %d layers float, %s %.4g%s (bar %.4g: %s), %.3f ms",
@@ -242,10 +246,31 @@ def search(
     first = run_trial([])
     sensitivity: list[LayerSensitivity] = []
     budget = spec.max_trials or 1
-    if not first.meets and 0 in lowered_models:
+    switched: SearchedCalibration | None = None
+    defaults = _recovery_defaults(recovery)
+    if not first.meets and spec.recovery_phase and defaults is not None and (spec.max_trials or 2) > 1:
+        log.info("search: recovery phase: trial %d with the recovery defaults (%s)", len(trials), defaults)
+        previous = dict(current)
+        current["calibrated"] = _recalibrate(loaded, backend, mapping, custom, defaults, calibration or [])
+        current["recovery"] = defaults
+        tried = run_trial([])
+        if tried.score > first.score:
+            first = tried
+            switched = SearchedCalibration(current["calibrated"], defaults)
+            log.info("search: recovery phase: the defaults score higher (%.4g) and are kept", tried.score)
+        else:
+            current.update(previous)
+            log.info(
+                "search: recovery phase: the defaults score no higher (%.4g); kept the run's settings", tried.score
+            )
+    base_trial = first.number
+    lowered_models = {k: v for k, v in lowered_models.items() if k == base_trial}
+    if not first.meets and base_trial in lowered_models:
         engine = get_engine()
         bounds = engine.bounded_producers(loaded.model, custom)
-        ranked = engine.layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine, bounds)
+        ranked = engine.layer_sensitivity(
+            current["calibrated"].model, lowered_models[base_trial], inputs, backend.engine, bounds
+        )
         # Only layers a skip-list leaves float: modules with weights (a ReLU6 or pooling module left float is
         # re-quantized by lowering); all of them when no layer has weights (custom modules only).
         sensitivity = [layer for layer in ranked if layer.has_weight] or ranked
@@ -289,7 +314,38 @@ def search(
             winner.score,
             len(winner.skipped),
         )
-    return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing), samples, budget)
+    searched = switched if switched is not None and winner.recovery_defaults else None
+    return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing), samples, budget, searched)
+
+
+def _recovery_defaults(recovery: RecoverySpec | None) -> RecoverySpec | None:
+    """Every recovery option at its default (conf/recovery/default.yaml), when the run turned any off."""
+    if recovery is None:
+        return None
+    defaults = replace(
+        RecoverySpec(),
+        bias_correction_samples=recovery.bias_correction_samples,
+        smoothquant_alpha=recovery.smoothquant_alpha or RecoverySpec().smoothquant_alpha,
+    )
+    return None if defaults == recovery else defaults
+
+
+def _recalibrate(
+    loaded: Loaded,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    custom: CustomConfigSpec,
+    recovery: RecoverySpec,
+    calibration: list[Any],
+) -> Calibrated:
+    """A calibration with other recovery settings (those acting before calibration need one)."""
+    prepared = steps.prepare(
+        loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, recovery, calibration
+    )
+    with quantized_engine(backend.engine), torch.no_grad():
+        for inputs in calibration:
+            ModelInputs.wrap(inputs).call(prepared)
+    return Calibrated(prepared, len(calibration), sum(ModelInputs.wrap(x).batch_size for x in calibration))
 
 
 def bisect(
@@ -347,7 +403,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
             f"{len(result.winner.skipped)} layers float)"
             + ("; exit code 3 (search.fail_on_miss=true)" if spec.search.fail_on_miss else "")
         )
-    return {"search": result, "searched_skip": result.skip_spec()}
+    return {"search": result, "searched_skip": result.skip_spec(), "searched_calibration": result.calibration}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -359,6 +415,7 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
             "skip": f"searched:{skip_label(result.skip_spec())}",
             "search_winner_trial": str(result.winner.number),
             "search_met": str(result.met).lower(),
+            "search_recovery": "defaults" if result.calibration is not None else "run",
         }
     )
     return {
@@ -406,6 +463,7 @@ def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
                     trial.meets,
                     f"{trial.latency_ms:.4f}",
                     f"{trial.latency_spread_ms:.4f}",
+                    "defaults" if trial.recovery_defaults else "run",
                     " ".join(trial.skipped),
                 ]
             )

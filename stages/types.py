@@ -108,6 +108,15 @@ class Lowered:
     node_counts: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SearchedCalibration:
+    """The search's recovery phase found other recovery settings better: the calibration made with them,
+    which reference_convert (and diagnose) then use instead of the `calibrated` artifact and recovery.*."""
+
+    calibrated: Calibrated
+    recovery: Any  # a RecoverySpec (pipeline.schema)
+
+
 @dataclass
 class EvaluationReport:
     """Output of `evaluate`: flat metric names (as logged to MLflow) and a few per-form details."""
