@@ -5,8 +5,9 @@ pipeline in-process (load -> calibrate -> reference_convert -> lower -> evaluate
 for: the old defaults with every recovery option off ("baseline": 7-bit activations on x86, histogram
 observers), each option alone on top of it, the new defaults (conf/recovery/default.yaml as resolved on
 this CPU), and the new defaults with each alternative observer; then the search's winner (search=greedy,
-a one-point accuracy bar) from the new defaults and from the baseline (where its recovery phase may switch
-to the defaults first), with its trial count. Prints accuracy, top-1 agreement with float, output SQNR and
+a one-point accuracy bar) from the new defaults, from the baseline (where its recovery phase may switch
+to the defaults first) and from the baseline with skips only (search.recovery_phase=false), with its
+trial count. Prints accuracy, top-1 agreement with float, output SQNR and
 cosine against float, the lowered model's SQNR against its reference model (int8 kernels vs their float
 simulation: exactness of 8-bit activations), the batch-1 speedup, and the search's trials / float layers.
 deep_mlp (98 Linears, four activation outliers, SmoothQuant off) shows the search's trial count on ~100 layers.
@@ -51,6 +52,7 @@ ARMS: list[tuple[str, list[str], bool]] = [
     ("defaults + mse", ["backend.default_qconfig=mse_per_channel"], True),
     ("search winner (defaults)", SEARCH, True),
     ("search winner (baseline)", SEARCH, False),
+    ("search, skips only (baseline)", [*SEARCH, "search.recovery_phase=false"], False),
 ]
 
 

@@ -212,7 +212,9 @@ def module_numerics(
             )
             has_weight = int8_weight is not None
             logged.append(LoggedOutput(name, name, kind, cumulative, has_weight, kernel, quantized))
-            if quantized:
+            # Layers: what a skip-list leaves float (modules with weights, custom modules). Pooling, ReLU6 and
+            # the like run on int8 tensors between int8 neighbours: lowering re-quantizes them if skipped.
+            if quantized and (has_weight or not type(module).__module__.startswith("torch.")):
                 layers.append(
                     LayerDiagnostics(
                         name, kind, cumulative if own is None else own, cumulative, weight, kernel, clip, has_weight
