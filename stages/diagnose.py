@@ -40,7 +40,7 @@ from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.engine.recovery import clamps_bounded, has_vnni
+from pipeline.engine.recovery import activation_bits, clamps_bounded, has_vnni
 from pipeline.measure import sqnr_db
 from pipeline.schema import (
     BackendSpec,
@@ -330,7 +330,8 @@ def diagnose(
     diagnosis = Diagnosis(
         layers, first_sqnr, bool(faults), "", suggested, logged, before[0], faults, wide, verified, undone
     )
-    diagnosis.text = explain(diagnosis, bounds, lowered.engine, spec, skip)
+    bits = activation_bits(setting.recovery, lowered.engine) if setting is not None else None
+    diagnosis.text = explain(diagnosis, bounds, lowered.engine, spec, skip, bits)
     return diagnosis
 
 
@@ -340,6 +341,7 @@ def explain(
     engine: str,
     spec: DiagnoseSpec,
     skip: SkipSpec | None,
+    bits: int | None = None,
 ) -> str:
     """diagnosis.txt: plain words first, then each suggestion with its measured gain."""
     parts = [f"Output SQNR of the int8 model against float: {diagnosis.output_sqnr_db:.1f} dB."]
@@ -357,7 +359,7 @@ def explain(
                 f"help (lowering runs them in int8 again), and no skip-list of sensitive layers fixes it. Use "
                 f"another backend (backend=x86 or fbgemm), or ReLU instead of ReLU6 in the model."
             )
-        elif engine in ("x86", "fbgemm", "onednn") and not has_vnni():
+        elif engine in ("x86", "fbgemm", "onednn") and not has_vnni() and bits != 7:
             parts.append(
                 f"ENGINE FAULT: {worst.module_name} ({worst.quantized_type}) computes {worst.kernel_sqnr_db:.1f} dB "
                 f"against its own float simulation on the same int8 input: on a CPU without VNNI, 8-bit activations "

@@ -249,7 +249,7 @@ def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
     assert logged_convert[CONVERT_KEY] == {"static": {OBSERVED: QUANTIZED}}
     # Diagnose compares same-named modules by forward hooks, so the custom module is diagnosed like the rest
     # (torch's numeric suite, which re-traces the model, could not step around it).
-    assert metrics["diagnose/failed"] == 0.0 and metrics["diagnose/layers"] >= 5
+    assert metrics["diagnose/failed"] == 0.0 and metrics["diagnose/layers"] >= 4
     with (run_dir / "diagnose" / "layers.csv").open() as file:
         kinds = {row["module_name"]: row["op_type"] for row in csv.DictReader(file)}
     assert kinds["limiter"] == "QuantizedPeakLimiter"

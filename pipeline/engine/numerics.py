@@ -142,6 +142,24 @@ def _recording(model: nn.Module, names: list[str]) -> Iterator[dict[str, tuple[t
             handle.remove()
 
 
+def _without_observers(prepared: GraphModule) -> GraphModule:
+    """A copy of the calibrated model whose observers pass values through without recording them (running
+    the calibrated model itself would update its observers with whatever it is fed)."""
+    import copy
+
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    twin = copy.deepcopy(prepared)
+    for module in twin.modules():
+        if isinstance(module, ObserverBase | FakeQuantizeBase):
+            module.forward = _identity  # type: ignore[method-assign]
+    return twin
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _weight(module: nn.Module) -> torch.Tensor | None:
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
@@ -180,6 +198,7 @@ def module_numerics(
     """Per quantized module (worst own SQNR first) and every compared module in execution order."""
     bounds = bounds or {}
     names = compared_modules(lowered, prepared)
+    prepared = _without_observers(prepared)  # a copy: the calibration must not learn the evaluation batches
     with quantized_engine(engine), torch.no_grad():
         with _recording(lowered, names) as int8_seen:
             inputs.call(lowered)
