@@ -11,14 +11,46 @@ MODELS: tuple[str, ...] = ("float", "reference", "lowered")
 
 
 def eval_metric(model: str, name: str) -> str:
-    """`eval/<model>/<name>`: name is accuracy, sqnr_db or agreement."""
+    """`eval/<model>/<name>`: name is one of quality_metric_names (accuracy, sqnr_db, cosine_mean ...)."""
     return f"eval/{model}/{name}"
 
 
 ACCURACY = "accuracy"
 SQNR_DB = "sqnr_db"
 AGREEMENT = "agreement"
-QUALITY_METRICS: tuple[str, ...] = (ACCURACY, SQNR_DB, AGREEMENT)
+COSINE_MEAN = "cosine_mean"  # per-sample cosine similarity of the outputs against float, mean over samples
+COSINE_MIN = "cosine_min"  # ... and the worst sample
+CUSTOM = "custom"  # evaluate.custom_metric's value
+QUALITY_METRICS: tuple[str, ...] = (ACCURACY, SQNR_DB, AGREEMENT)  # the figures every labelled run logs
+
+
+def top_k_accuracy(k: int) -> str:
+    """The `topk` metric's name: top5_accuracy for evaluate.top_k=5."""
+    return f"top{k}_accuracy"
+
+
+def quality_metric_names(top_k: int) -> tuple[str, ...]:
+    """Every per-model quality figure evaluate can log, in display order."""
+    return (ACCURACY, top_k_accuracy(top_k), SQNR_DB, AGREEMENT, COSINE_MEAN, COSINE_MIN, CUSTOM)
+
+
+# evaluate.metrics choices (auto: accuracy, sqnr, agreement and cosine with labels; sqnr and cosine without)
+EVALUATE_METRICS: tuple[str, ...] = ("auto", "accuracy", "topk", "sqnr", "agreement", "cosine", "custom")
+# search.criterion choices; higher is better for each
+SEARCH_CRITERIA: tuple[str, ...] = ("accuracy", "topk", "sqnr", "agreement", "cosine", "custom")
+
+
+def criterion_metric(criterion: str, top_k: int) -> str:
+    """The per-model figure a search criterion (or evaluate.metrics entry) is judged by."""
+    return {
+        "accuracy": ACCURACY,
+        "topk": top_k_accuracy(top_k),
+        "sqnr": SQNR_DB,
+        "agreement": AGREEMENT,
+        "cosine": COSINE_MEAN,
+        "custom": CUSTOM,
+    }[criterion]
+
 
 FLOAT_ACCURACY = eval_metric("float", ACCURACY)
 LOWERED_ACCURACY = eval_metric("lowered", ACCURACY)
@@ -65,6 +97,8 @@ def node_count(kind: str) -> str:
 
 
 QUANTIZED_NODES = node_count("quantized")
+# Mapping entries whose nodes the backend left float although they name a qconfig (lower/ignored_mapping_entries.json).
+IGNORED_MAPPING_ENTRIES = "lower/ignored_mapping_entries"
 
 SEARCH_TRIALS = "search/trials"
 SEARCH_MET = "search/met"

@@ -24,6 +24,20 @@ from pipeline.errors import ConfigError, closest
 
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
+FLOWS: tuple[str, ...] = ("fx", "pt2e")  # engine.name: torch.ao's FX flow, torchao's PT2E flow
+
+
+@dataclass
+class EngineSpec:
+    """Which quantization flow runs the stages: FX graph mode (torch.ao) or PT2E (torch.export + torchao)."""
+
+    name: str = "fx"  # fx | pt2e
+    # pt2e, backend=x86: activations on 7 bits (true) or 8 (false); null: recovery.activation_bits (auto: 8 with
+    # VNNI, 7 without, as for FX).
+    reduce_range: bool | None = None
+    # pt2e: a compiled form (torch.compile of the q/dq program, an AOTInductor package) whose outputs reach
+    # less than this SQNR against the q/dq program is refused (compiled artifacts were seen to be wrong).
+    min_compiled_sqnr_db: float = 35.0
 
 
 @dataclass
@@ -141,6 +155,13 @@ class EvaluateSpec:
     models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
     max_batches: int | None = None  # null: the whole evaluation part
     latency: LatencySpec = field(default_factory=LatencySpec)
+    # Quality metrics (metric_keys.EVALUATE_METRICS): auto = accuracy, sqnr, agreement, cosine with labels
+    # and trained weights; sqnr, cosine without. Also accuracy, topk, sqnr, agreement, cosine, custom.
+    metrics: list[str] = field(default_factory=lambda: ["auto"])
+    top_k: int = 5  # the topk metric's k
+    # `module.function` taking (float_outputs, int8_outputs, labels or None) and returning a float; it may
+    # live in a folder of model.python_path. Logged as eval/<model>/custom.
+    custom_metric: str | None = None
 
 
 @dataclass
@@ -150,6 +171,7 @@ class ExportSpec:
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17
+    aot_inductor: bool = True  # engine=pt2e: also an AOTInductor package (.pt2, static batch), ~15 s to build
     # An exported file whose outputs (reloaded, on the first evaluation batch) disagree with the int8 torch
     # model below either bar is a warning naming the file and the figure (not an error: the file is written).
     min_sqnr_db: float = 30.0  # output SQNR of the file vs the int8 torch model
@@ -162,10 +184,14 @@ class SearchSpec:
 
     enabled: bool = False  # search=greedy turns it on
     strategy: str = "greedy"  # greedy
-    criterion: str = "accuracy"  # accuracy (needs labels) | sqnr (output SQNR vs float; for unlabeled data)
-    max_drop: float = 0.01  # accuracy criterion: the largest accepted drop below float
+    # accuracy | topk (need labels) | agreement (argmax vs float) | sqnr | cosine (mean per-sample cosine
+    # vs float) | custom (evaluate.custom_metric, higher is better)
+    criterion: str = "accuracy"
+    max_drop: float = 0.01  # accuracy, topk, agreement: the largest accepted drop below float (agreement: 1.0)
     drop_mode: str = "absolute"  # absolute (0.01 = one point) | relative (0.01 = 1% of float accuracy)
     min_sqnr_db: float = 30.0  # sqnr criterion: the lowest accepted output SQNR
+    min_cosine: float = 0.99  # cosine criterion: the lowest accepted mean cosine similarity
+    min_value: float = 0.0  # custom criterion: the lowest accepted value of evaluate.custom_metric
     # conversions tried, the fully quantized one included; null: 2*ceil(log2(layers))+4, enough for a
     # bisection over the sensitivity order and some put-backs
     max_trials: int | None = None
@@ -234,6 +260,7 @@ class TrackingSpec:
 @dataclass
 class PipelineSpec:
     backend: BackendSpec = MISSING
+    engine: EngineSpec = field(default_factory=EngineSpec)
     qconfig_mapping: QConfigMappingSpec = MISSING
     skip: SkipSpec = MISSING
     custom_config: CustomConfigSpec = MISSING

@@ -37,7 +37,7 @@ import torch
 
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
-from pipeline.engine import get_engine, steps
+from pipeline.engine import get_engine, introspect, steps
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.engine.recovery import activation_bits, clamps_bounded, has_vnni
@@ -539,8 +539,19 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:
+    """The diagnosis, or the reason it cannot run on this model (a str)."""
     spec = ctx.spec
     artifacts = ctx.artifacts
+    blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
+    float_io = [] if blocker else introspect.float_io_quantized_ops(artifacts["lowered"].model)
+    if blocker is None and float_io:
+        blocker = (
+            f"diagnose compares int8 activations, and the dynamic, float16 or weight-only ops of "
+            f"qconfig_mapping={spec.qconfig_mapping.name} have none ({', '.join(float_io[:2])})"
+        )
+    if blocker is not None:
+        log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
+        return {"diagnosis": f"Skipped: {blocker}."}
     loaded: Loaded = artifacts["loaded"]
     searched = artifacts.get("searched_calibration")  # the search switched recovery options
     calibrated = searched.calibrated if searched else artifacts["calibrated"]
@@ -566,8 +577,12 @@ def compute(ctx: StageContext) -> dict[str, Any]:
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """layers.csv, layers.png, diagnosis.txt, suggestions.csv and suggested_skip.yaml."""
-    diagnosis: Diagnosis = produced["diagnosis"]
+    """layers.csv, layers.png, diagnosis.txt, suggestions.csv and suggested_skip.yaml (only diagnosis.txt
+    when skipped)."""
+    diagnosis: Diagnosis | str = produced["diagnosis"]
+    if isinstance(diagnosis, str):
+        (ctx.out_dir / "diagnosis.txt").write_text(diagnosis + "\n")
+        return {metric_keys.DIAGNOSE_SKIPPED: 1.0}
     write_outputs(diagnosis, ctx.spec.diagnose, ctx.out_dir)
     helping = [v.gain_db for v in diagnosis.verified if v.helps and v.gain_db is not None]
     return {

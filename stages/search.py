@@ -1,5 +1,6 @@
-"""Stage `search` (optional: search=greedy sets search.enabled=true): the fastest skip-list that meets an
-accuracy (or SQNR) bar, re-converting one calibrated model for every trial.
+"""Stage `search` (optional: search=greedy sets search.enabled=true): the fastest skip-list that meets a
+bar on search.criterion (accuracy, top-k, agreement, SQNR, cosine similarity or evaluate.custom_metric;
+higher is better for each), re-converting one calibrated model for every trial.
 
 Trial 0 is the fully quantized model. If it misses the bar, the layers a skip-list can leave float (the
 modules with weights the lowered graph calls) are ranked by measured sensitivity (each layer's own output
@@ -15,8 +16,8 @@ search.fail_on_miss (default), exit code 3 once the run has finished.
 Accuracy-like scores (accuracy, agreement) come with a 95% Wilson interval; when one evaluation sample
 moves the score by more than a quarter of search.max_drop, a warning says the bar rests on a few samples.
 
-Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, backend.*, qconfig_mapping.*,
-custom_config.convert.
+Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, evaluate.metrics, evaluate.top_k,
+evaluate.custom_metric, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path, data.python_path.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys
+from pipeline import measure, metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.errors import ConfigError
-from pipeline.measure import measure_latency, quality_metrics
+from pipeline.measure import measure_latency, metric_plan, quality_metrics, resolve_custom_metric
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -58,7 +59,7 @@ NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip", "searched_calibration")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate")
+READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "model", "data")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -72,7 +73,7 @@ PROPORTIONS = ("accuracy", "agreement", "topk")  # criteria whose score is a sha
 class Trial:
     number: int
     skipped: list[str]  # module names left float
-    score: float  # accuracy or SQNR, as the criterion says
+    score: float  # the criterion's value (accuracy, SQNR, mean cosine ...)
     meets: bool
     latency_ms: float  # the fastest deployable form at the first evaluate.latency batch size
     metrics: dict[str, float] = field(default_factory=dict)
@@ -102,11 +103,19 @@ class SearchResult:
 
 
 def check(spec: PipelineSpec) -> None:
-    if spec.search.criterion == "accuracy" and not spec.model.trained:
+    blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
+    if blocker is not None:
         raise ConfigError(
-            "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
-            "use search.criterion=sqnr with search.min_sqnr_db."
+            f"search.strategy='{spec.search.strategy}' ranks layers by per-layer numerics, but {blocker}. "
+            f"Use search=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
         )
+    if spec.search.criterion in ("accuracy", "topk") and not spec.model.trained:
+        raise ConfigError(
+            f"search.criterion='{spec.search.criterion}' needs a trained model (model.trained=false means random "
+            f"weights); use search.criterion=cosine with search.min_cosine, or sqnr with search.min_sqnr_db."
+        )
+    if spec.search.criterion == "custom" and spec.evaluate.custom_metric is not None:
+        resolve_custom_metric(spec.evaluate.custom_metric, [*spec.model.python_path, *spec.data.python_path])
 
 
 def wilson_interval(score: float, samples: int, z: float = 1.96) -> tuple[float, float]:
@@ -142,8 +151,11 @@ def pick_winner(trials: list[Trial], latency_tie: float) -> Trial:
 
 
 def _bar(spec: SearchSpec, float_score: float) -> float:
-    if spec.criterion == "sqnr":
-        return spec.min_sqnr_db
+    """The lowest accepted score: a fixed bar (sqnr, cosine, custom) or a drop below float (accuracy, topk,
+    agreement; float agrees with itself, 1.0)."""
+    fixed = {"sqnr": spec.min_sqnr_db, "cosine": spec.min_cosine, "custom": spec.min_value}
+    if spec.criterion in fixed:
+        return fixed[spec.criterion]
     if spec.drop_mode == "relative":
         return float_score * (1.0 - spec.max_drop)
     return float_score - spec.max_drop
@@ -158,13 +170,25 @@ def search(
     evaluate_spec: EvaluateSpec,
     spec: SearchSpec,
     report_trial: Callable[[Trial], None] = lambda trial: None,
+    python_path: list[str] | None = None,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
 ) -> SearchResult:
-    """With recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
+    """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
+    recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
     reference_convert stage does, so the winner is scored as it will ship."""
-    if spec.criterion == "accuracy" and not loaded.data.has_labels:
-        raise ValueError("search.criterion='accuracy' needs labelled data; use search.criterion=sqnr.")
+    if spec.criterion in ("accuracy", "topk") and not loaded.data.has_labels:
+        raise ValueError(
+            f"search.criterion='{spec.criterion}' needs labelled data; use search.criterion=cosine or sqnr."
+        )
+    plan = metric_plan(
+        [*evaluate_spec.metrics, spec.criterion],
+        evaluate_spec.top_k,
+        evaluate_spec.custom_metric,
+        list(python_path or []),
+        loaded.has_accuracy,
+    )
+    score_key = metric_keys.eval_metric("lowered", metric_keys.criterion_metric(spec.criterion, evaluate_spec.top_k))
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
     inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
@@ -172,9 +196,7 @@ def search(
     size = latency_spec.batch_sizes[0]
     with torch.no_grad():
         float_outputs = inputs.call(loaded.model)
-    float_score = (
-        (float_outputs.argmax(1) == labels).float().mean().item() if spec.criterion == "accuracy" else float("inf")
-    )
+    float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
@@ -215,14 +237,12 @@ def search(
             form = fastest[f"lowered/b{size}"]
             spread = timing[metric_keys.form_latency_ms("lowered", form, size, "p90")] - latency
             metrics = {
-                **quality_metrics("lowered", outputs, float_outputs, labels),
+                **quality_metrics("lowered", outputs, float_outputs, labels, plan),
                 metric_keys.latency_ms("lowered", size): latency,
                 metric_keys.speedup(size): float_ms / latency,
                 metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
             }
-            score = metrics[
-                metric_keys.LOWERED_ACCURACY if spec.criterion == "accuracy" else metric_keys.LOWERED_SQNR_DB
-            ]
+            score = metrics[score_key]
             lowered_models[len(trials)] = lowered  # what the sensitivity is measured on (trial 0, or recovery's)
         metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
         interval = wilson_interval(score, samples) if proportion else None
@@ -393,6 +413,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.evaluate,
         spec.search,
         report_trial,
+        [*spec.model.python_path, *spec.data.python_path],
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
     )
