@@ -568,11 +568,9 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     )
     log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
     if diagnosis.engine_problem:
-        ctx.warn(
-            "diagnose: engine fault: " + next(line for line in diagnosis.text.splitlines() if "ENGINE FAULT" in line)
-        )
+        ctx.warn(next(line for line in diagnosis.text.splitlines() if "ENGINE FAULT" in line))
     if diagnosis.undone:
-        ctx.warn(f"diagnose: skip={skip.name} entries undone by lowering (still int8): {', '.join(diagnosis.undone)}")
+        ctx.warn(f"skip={skip.name} entries undone by lowering (still int8): {', '.join(diagnosis.undone)}")
     return {"diagnosis": diagnosis}
 
 
