@@ -15,6 +15,9 @@ from pipeline import metric_keys, schema
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline")
+# Exit code of a run whose search missed its bar (search.fail_on_miss=true): it finished, but the model
+# it converted, evaluated and exported is the closest trial, not one that meets the bar.
+SEARCH_MISSED_EXIT = 3
 
 schema.register()
 
@@ -77,6 +80,13 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra records this job as failed and runs the others
         raise JobExit(2 if isinstance(error, ConfigError) else 1) from None
     log.info("%s", run_summary(spec, result, run_dir, multirun))
+    if result.metrics.get(metric_keys.SEARCH_MET) == 0.0 and spec.search.fail_on_miss and not multirun:
+        log.error(
+            "search: no trial met the bar (see %s); the run finished with the closest trial. Exit code 3 "
+            "(search.fail_on_miss=false exits 0).",
+            run_dir / "search" / "trials.csv",
+        )
+        raise JobExit(SEARCH_MISSED_EXIT)
     return result.metrics.get(metric_keys.LOWERED_ACCURACY)
 
 

@@ -359,7 +359,8 @@ def check_ranges(spec: PipelineSpec) -> None:
             )
     # Search.
     search = spec.search
-    _check_int("search.max_trials", search.max_trials, 1)
+    _check_int("search.max_trials", search.max_trials, 1, none_means="2*ceil(log2(layers))+4")
+    _check_float("search.latency_tie", search.latency_tie, 0.0, 1.0, why=" (a share of the faster latency)")
     if search.drop_mode == "absolute":
         why = " (absolute: 0.01 accepts one point of accuracy below float; 1 would accept any model)"
     else:
@@ -403,9 +404,10 @@ def check_ranges(spec: PipelineSpec) -> None:
     diagnose = spec.diagnose
     _check_int("diagnose.max_batches", diagnose.max_batches, 1)
     _check_int("diagnose.max_skip", diagnose.max_skip, 1)
-    for key in ("first_layer_db", "skip_below_db"):
+    for key in ("kernel_db", "skip_below_db"):
         _check_float(f"diagnose.{key}", getattr(diagnose, key), -MAX_SQNR_DB, MAX_SQNR_DB, why=" dB")
-    _check_float("diagnose.later_margin_db", diagnose.later_margin_db, 0.0, MAX_SQNR_DB, why=" dB")
+    _check_float("diagnose.min_gain_db", diagnose.min_gain_db, 0.0, MAX_SQNR_DB, why=" dB")
+    _check_float("diagnose.wide_range_ratio", diagnose.wide_range_ratio, 1.0, 1e6, low_open=True, why=" (x the clip)")
     # Folders written to.
     if spec.cache.enabled and "calibrate" in stages:
         check_writable_folder("cache.dir", spec.cache.dir)

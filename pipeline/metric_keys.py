@@ -117,6 +117,10 @@ DIAGNOSE_WORST_LAYER_SQNR_DB = "diagnose/worst_layer_sqnr_db"
 DIAGNOSE_FIRST_LAYER_SQNR_DB = "diagnose/first_layer_sqnr_db"
 DIAGNOSE_ENGINE_PROBLEM = "diagnose/engine_problem"
 DIAGNOSE_SUGGESTED_SKIP = "diagnose/suggested_skip"
+DIAGNOSE_WIDE_RANGES = "diagnose/wide_ranges"  # outputs feeding ReLU6/hardtanh observed far wider than the clip
+DIAGNOSE_VERIFIED = "diagnose/verified_suggestions"  # suggestions re-converted and measured
+DIAGNOSE_BEST_GAIN_DB = "diagnose/best_gain_db"  # output SQNR gain of the best verified fix (0: none helped)
+DIAGNOSE_UNDONE_SKIPS = "diagnose/undone_skips"  # the run's skip entries that lowering left int8
 
 
 def stage_failed(stage: str) -> str:

@@ -192,8 +192,15 @@ class SearchSpec:
     min_sqnr_db: float = 30.0  # sqnr criterion: the lowest accepted output SQNR
     min_cosine: float = 0.99  # cosine criterion: the lowest accepted mean cosine similarity
     min_value: float = 0.0  # custom criterion: the lowest accepted value of evaluate.custom_metric
-    max_trials: int = 20  # conversions tried, the fully quantized one included
+    # conversions tried, the fully quantized one included; null: 2*ceil(log2(layers))+4, enough for a
+    # bisection over the sensitivity order and some put-backs
+    max_trials: int | None = None
     requantize: bool = True  # after meeting the bar, try putting skipped layers back to int8
+    fail_on_miss: bool = True  # no trial met the bar: the run still finishes, then the command exits 3
+    # Before skipping layers, when trial 0 misses: one trial with every recovery option at its default
+    # (re-calibrated when that changes calibration), kept when it scores higher.
+    recovery_phase: bool = True
+    latency_tie: float = 0.05  # latencies within max(measured spread, this share) are a tie: fewer float layers win
 
 
 @dataclass
@@ -201,13 +208,14 @@ class DiagnoseSpec:
     """Per-layer numeric-suite report after `lower`: table, chart, plain-words diagnosis, suggested skip-list."""
 
     enabled: bool = True
-    max_batches: int = 2  # evaluation batches fed through the numeric suite's loggers
-    # The error "starts at the first layer" (a kernel or engine fault) when the first layer's cumulative
-    # SQNR is below first_layer_db and no later op is more than later_margin_db worse.
-    first_layer_db: float = 15.0
-    later_margin_db: float = 6.0
-    skip_below_db: float = 30.0  # suggested skip-list: layers whose own SQNR is below this ...
-    max_skip: int = 3  # ... at most this many, worst first
+    max_batches: int = 2  # evaluation batches compared (and verified on); full=true: all
+    kernel_db: float = 25.0  # an int8 kernel below this against its own float simulation = an engine fault
+    skip_below_db: float = 30.0  # skip candidates: layers whose own SQNR is below this ...
+    max_skip: int = 3  # ... at most this many, worst first, each verified
+    verify: bool = True  # re-convert from the calibration with each suggestion and measure its gain
+    min_gain_db: float = 1.0  # a suggestion raising output SQNR by less than this is not presented as a fix
+    wide_range_ratio: float = 2.0  # an output feeding ReLU6/hardtanh observed over this many times the clip: wide
+    full: bool = False  # true: every evaluation batch and every candidate below skip_below_db (slow)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 with the skip-list's entries set to None), keeping what the lowering needs.
 
 Config keys read: backend.*, qconfig_mapping.*, skip.*, custom_config.convert, recovery.bias_correction*.
-When the search ran, its winning skip-list (the `searched_skip` artifact) replaces skip.*. Bias
+When the search ran, its winning skip-list (the `searched_skip` artifact) replaces skip.*, and when its
+recovery phase switched recovery options, its calibration and settings (`searched_calibration`) replace
+the calibrate stage's and recovery.*. Bias
 correction (recovery.bias_correction) shifts the reference model's biases here, before lowering, on the
 calibration data.
 """
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 NAME = "reference_convert"
 CONSUMES = ("calibrated", "loaded")
-USES = ("searched_skip",)
+USES = ("searched_skip", "searched_calibration")
 PRODUCES = ("reference",)
 READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
 OPTIONAL = False
@@ -57,15 +59,18 @@ def reference_convert(
 def compute(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
     skip = ctx.artifacts.get("searched_skip") or spec.skip
+    searched = ctx.artifacts.get("searched_calibration")  # the search switched recovery options
+    calibrated = searched.calibrated if searched else ctx.artifacts["calibrated"]
+    recovery = searched.recovery if searched else spec.recovery
     loaded: Loaded = ctx.artifacts["loaded"]
     calibration = [inputs for inputs, _ in loaded.data.calibration[: spec.calibrate.max_batches]]
     reference = reference_convert(
-        ctx.artifacts["calibrated"],
+        calibrated,
         spec.backend,
         spec.qconfig_mapping,
         skip,
         spec.custom_config,
-        spec.recovery,
+        recovery,
         calibration,
         spec.engine,
     )

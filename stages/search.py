@@ -2,10 +2,19 @@
 bar on search.criterion (accuracy, top-k, agreement, SQNR, cosine similarity or evaluate.custom_metric;
 higher is better for each), re-converting one calibrated model for every trial.
 
-Trial 0 is the fully quantized model. If it misses the bar, layers return to float one at a time in
-order of measured sensitivity (each layer's own output SQNR, worst first) until the bar is met; then
-each skipped layer but the last is tried back in int8 and stays int8 if the bar still holds. The
-winner is the fastest trial that meets the bar (or, if none does, the one closest to it).
+Trial 0 is the fully quantized model. If it misses the bar, the layers a skip-list can leave float (the
+modules with weights the lowered graph calls) are ranked by measured sensitivity (each layer's own output
+SQNR, worst first, after the ReLU6/hardtanh clip where there is one), and a bisection over that order finds
+the smallest prefix whose layers left float meet the bar: about log2(layers) trials, so the default
+search.max_trials (null) is 2*ceil(log2(layers))+4. Then each skipped layer but the last is tried back in
+int8 and stays int8 if the bar still holds. The winner is the fastest trial that meets the bar, where
+latencies within the measured noise (the p90-median spread, at least search.latency_tie of the faster
+one) tie and the trial with fewer float layers wins; if none meets it, the one closest to it, and the
+miss is loud: a WARNING, a line in the run's warnings summary, the tag search_met=false and, with
+search.fail_on_miss (default), exit code 3 once the run has finished.
+
+Accuracy-like scores (accuracy, agreement) come with a 95% Wilson interval; when one evaluation sample
+moves the score by more than a quarter of search.max_drop, a warning says the bar rests on a few samples.
 
 Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, evaluate.metrics, evaluate.top_k,
 evaluate.custom_metric, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path, data.python_path.
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,19 +51,22 @@ from pipeline.schema import (
     skip_label,
     skip_yaml,
 )
-from stages.types import Calibrated, Loaded, StageContext
+from stages.types import Calibrated, Loaded, SearchedCalibration, StageContext
 
 log = logging.getLogger(__name__)
 
 NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
-PRODUCES = ("search", "searched_skip")
+PRODUCES = ("search", "searched_skip", "searched_calibration")
 READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "model", "data")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
 FAILURE_IS_FATAL = True
+
+
+PROPORTIONS = ("accuracy", "agreement", "topk")  # criteria whose score is a share of samples
 
 
 @dataclass
@@ -64,6 +77,9 @@ class Trial:
     meets: bool
     latency_ms: float  # the fastest deployable form at the first evaluate.latency batch size
     metrics: dict[str, float] = field(default_factory=dict)
+    latency_spread_ms: float = 0.0  # p90 - median of that form: the measurement's noise
+    interval: tuple[float, float] | None = None  # 95% Wilson interval of an accuracy-like score
+    recovery_defaults: bool = False  # converted with the recovery phase's settings (the recovery defaults)
 
 
 @dataclass
@@ -74,6 +90,13 @@ class SearchResult:
     float_score: float
     bar: float
     met: bool
+    samples: int = 0  # evaluation samples each trial is scored on
+    max_trials: int = 0  # the budget the search ran with
+    calibration: SearchedCalibration | None = None  # the winner's, when the recovery phase switched settings
+
+    @property
+    def float_layers_searched(self) -> int:
+        return len(self.sensitivity)
 
     def skip_spec(self, name: str = "searched") -> SkipSpec:
         return SkipSpec(name=name, module_name=list(self.winner.skipped))
@@ -83,7 +106,7 @@ def check(spec: PipelineSpec) -> None:
     blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
     if blocker is not None:
         raise ConfigError(
-            f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
+            f"search.strategy='{spec.search.strategy}' ranks layers by per-layer numerics, but {blocker}. "
             f"Use search=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
         )
     if spec.search.criterion in ("accuracy", "topk") and not spec.model.trained:
@@ -93,6 +116,38 @@ def check(spec: PipelineSpec) -> None:
         )
     if spec.search.criterion == "custom" and spec.evaluate.custom_metric is not None:
         resolve_custom_metric(spec.evaluate.custom_metric, [*spec.model.python_path, *spec.data.python_path])
+
+
+def wilson_interval(score: float, samples: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (accuracy, agreement) measured on `samples` samples."""
+    if samples <= 0:
+        return (0.0, 1.0)
+    p = min(max(score, 0.0), 1.0)
+    denominator = 1.0 + z * z / samples
+    centre = (p + z * z / (2 * samples)) / denominator
+    half = z * math.sqrt(p * (1 - p) / samples + z * z / (4 * samples * samples)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def default_max_trials(layers: int) -> int:
+    """2*ceil(log2(layers))+4: a bisection over the sensitivity order plus put-backs and trial 0."""
+    return 2 * math.ceil(math.log2(max(layers, 2))) + 4
+
+
+def pick_winner(trials: list[Trial], latency_tie: float) -> Trial:
+    """The fastest trial meeting the bar, where a latency within the measured noise of the fastest (its
+    p90-median spread, at least `latency_tie` of it) is a tie, won by fewer float layers; with no trial
+    meeting the bar, the best score."""
+    passing = [trial for trial in trials if trial.meets]
+    if not passing:
+        return max(trials, key=lambda trial: trial.score)
+    fastest = min(passing, key=lambda trial: trial.latency_ms)
+
+    def ties(trial: Trial) -> bool:
+        noise = max(fastest.latency_spread_ms, trial.latency_spread_ms, latency_tie * fastest.latency_ms)
+        return trial.latency_ms <= fastest.latency_ms + noise
+
+    return min((trial for trial in passing if ties(trial)), key=lambda trial: (len(trial.skipped), trial.latency_ms))
 
 
 def _bar(spec: SearchSpec, float_score: float) -> float:
@@ -145,26 +200,42 @@ def search(
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
+    samples = inputs.batch_size
+    proportion = spec.criterion in PROPORTIONS
+    if proportion and spec.drop_mode == "absolute" and 1.0 / samples > spec.max_drop / 4:
+        log.warning(
+            "search: scored on %d evaluation samples, so one sample moves %s by %.2f points against an accepted "
+            "drop of %.2f (search.max_drop): the bar rests on a few samples. Use more evaluation data (data.*, "
+            "evaluate.max_batches=null); each trial's 95%% Wilson interval is in trials.csv.",
+            samples,
+            spec.criterion,
+            100.0 / samples,
+            100.0 * spec.max_drop,
+        )
     trials: list[Trial] = []
     lowered_models: dict[int, torch.nn.Module] = {}
+    current: dict[str, Any] = {"calibrated": calibrated, "recovery": recovery}  # the recovery phase may switch
 
     def run_trial(skipped: list[str]) -> Trial:
         skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
-        if recovery is not None and recovery.bias_correction and calibration:
-            steps.correct_bias(conversion, calibrated.model, calibration, recovery)
+        base, settings = current["calibrated"], current["recovery"]
+        conversion = steps.convert_reference(base.model, backend, mapping, skip, custom)
+        if settings is not None and settings.bias_correction and calibration:
+            steps.correct_bias(conversion, base.model, calibration, settings)
         try:
             lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
         except steps.NothingQuantizedError:
             lowered = None
         if lowered is None:
             # Everything float: it meets any bar at float speed; score it as float.
-            score, latency, metrics = float_score, float_ms, {}
+            score, latency, metrics, spread = float_score, float_ms, {}, 0.0
         else:
             with quantized_engine(backend.engine), torch.no_grad():
                 outputs = inputs.call(lowered)
-            timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
+            timing, fastest = measure_latency({"lowered": lowered}, inputs, latency_spec)
             latency = timing[metric_keys.latency_ms("lowered", size)]
+            form = fastest[f"lowered/b{size}"]
+            spread = timing[metric_keys.form_latency_ms("lowered", form, size, "p90")] - latency
             metrics = {
                 **quality_metrics("lowered", outputs, float_outputs, labels, plan),
                 metric_keys.latency_ms("lowered", size): latency,
@@ -172,16 +243,19 @@ def search(
                 metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
             }
             score = metrics[score_key]
-            lowered_models[len(trials)] = lowered
+            lowered_models[len(trials)] = lowered  # what the sensitivity is measured on (trial 0, or recovery's)
         metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
-        trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics)
+        interval = wilson_interval(score, samples) if proportion else None
+        trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics, max(spread, 0.0), interval)
+        trial.recovery_defaults = current["recovery"] is not recovery
         trials.append(trial)
         log.info(
-            "search trial %d: %d layers float, %s %.4g (bar %.4g: %s), %.3f ms",
+            "search trial %d: %d layers float, %s %.4g%s (bar %.4g: %s), %.3f ms",
             trial.number,
             len(skipped),
             spec.criterion,
             score,
+            f" [95% CI {interval[0]:.3f}-{interval[1]:.3f}]" if interval else "",
             bar,
             "meets" if trial.meets else "misses",
             latency,
@@ -191,42 +265,125 @@ def search(
 
     first = run_trial([])
     sensitivity: list[LayerSensitivity] = []
-    skipped: list[str] = []
-    if not first.meets and 0 in lowered_models:
-        sensitivity = get_engine().layer_sensitivity(calibrated.model, lowered_models[0], inputs, backend.engine)
-        log.info(
-            "search: sensitivity (own output SQNR, worst first): %s",
-            ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity),
+    budget = spec.max_trials or 1
+    switched: SearchedCalibration | None = None
+    defaults = _recovery_defaults(recovery)
+    if not first.meets and spec.recovery_phase and defaults is not None and (spec.max_trials or 2) > 1:
+        log.info("search: recovery phase: trial %d with the recovery defaults (%s)", len(trials), defaults)
+        previous = dict(current)
+        current["calibrated"] = _recalibrate(loaded, backend, mapping, custom, defaults, calibration or [])
+        current["recovery"] = defaults
+        tried = run_trial([])
+        if tried.score > first.score:
+            first = tried
+            switched = SearchedCalibration(current["calibrated"], defaults)
+            log.info("search: recovery phase: the defaults score higher (%.4g) and are kept", tried.score)
+        else:
+            current.update(previous)
+            log.info(
+                "search: recovery phase: the defaults score no higher (%.4g); kept the run's settings", tried.score
+            )
+    base_trial = first.number
+    lowered_models = {k: v for k, v in lowered_models.items() if k == base_trial}
+    if not first.meets and base_trial in lowered_models:
+        engine = get_engine()
+        bounds = engine.bounded_producers(loaded.model, custom)
+        ranked = engine.layer_sensitivity(
+            current["calibrated"].model, lowered_models[base_trial], inputs, backend.engine, bounds
         )
-        met = False
-        for layer in sensitivity:
-            if len(trials) >= spec.max_trials:
-                break
-            skipped.append(layer.module_name)
-            if run_trial(skipped).meets:
-                met = True
-                break
-        if met and spec.requantize:
+        # Only layers a skip-list leaves float: modules with weights (a ReLU6 or pooling module left float is
+        # re-quantized by lowering); all of them when no layer has weights (custom modules only).
+        sensitivity = [layer for layer in ranked if layer.has_weight] or ranked
+        budget = spec.max_trials or default_max_trials(len(sensitivity))
+        log.info(
+            "search: %d layers ranked by sensitivity (own output SQNR, worst first), at most %d trials%s: %s",
+            len(sensitivity),
+            budget,
+            "" if spec.max_trials else " (search.max_trials=null: 2*ceil(log2(layers))+4)",
+            ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity[:10])
+            + (" ..." if len(sensitivity) > 10 else ""),
+        )
+        order = [layer.module_name for layer in sensitivity]
+        skipped = bisect(order, run_trial, lambda: len(trials) < budget)
+        if skipped is not None and spec.requantize:
             for name in list(skipped[:-1]):
-                if len(trials) >= spec.max_trials:
+                if len(trials) >= budget:
                     break
                 candidate = [s for s in skipped if s != name]
                 if run_trial(candidate).meets:
                     skipped = candidate
     passing = [trial for trial in trials if trial.meets]
-    winner = (
-        min(passing, key=lambda trial: (trial.latency_ms, len(trial.skipped)))
-        if passing
-        else max(trials, key=lambda trial: trial.score)
+    winner = pick_winner(trials, spec.latency_tie)
+    if passing:
+        log.info(
+            "search: winner is trial %d of %d, %d layers float: %s",
+            winner.number,
+            len(trials),
+            len(winner.skipped),
+            winner.skipped,
+        )
+    else:
+        log.warning(
+            "search: NO trial met the bar %.4g in %d trials (search.max_trials=%s); the closest, trial %d (%s %.4g, "
+            "%d layers float), goes on. Raise search.max_trials or search.max_drop, or change the recovery options.",
+            bar,
+            len(trials),
+            spec.max_trials if spec.max_trials else f"null -> {budget}",
+            winner.number,
+            spec.criterion,
+            winner.score,
+            len(winner.skipped),
+        )
+    searched = switched if switched is not None and winner.recovery_defaults else None
+    return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing), samples, budget, searched)
+
+
+def _recovery_defaults(recovery: RecoverySpec | None) -> RecoverySpec | None:
+    """Every recovery option at its default (conf/recovery/default.yaml), when the run turned any off."""
+    if recovery is None:
+        return None
+    defaults = replace(
+        RecoverySpec(),
+        bias_correction_samples=recovery.bias_correction_samples,
+        smoothquant_alpha=recovery.smoothquant_alpha or RecoverySpec().smoothquant_alpha,
     )
-    log.info(
-        "search: winner is trial %d (%s), %d layers float: %s",
-        winner.number,
-        "meets the bar" if winner.meets else "NO trial met the bar; closest",
-        len(winner.skipped),
-        winner.skipped,
+    return None if defaults == recovery else defaults
+
+
+def _recalibrate(
+    loaded: Loaded,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    custom: CustomConfigSpec,
+    recovery: RecoverySpec,
+    calibration: list[Any],
+) -> Calibrated:
+    """A calibration with other recovery settings (those acting before calibration need one)."""
+    prepared = steps.prepare(
+        loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, recovery, calibration
     )
-    return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing))
+    with quantized_engine(backend.engine), torch.no_grad():
+        for inputs in calibration:
+            ModelInputs.wrap(inputs).call(prepared)
+    return Calibrated(prepared, len(calibration), sum(ModelInputs.wrap(x).batch_size for x in calibration))
+
+
+def bisect(
+    order: list[str], run_trial: Callable[[list[str]], Trial], budget_left: Callable[[], bool]
+) -> list[str] | None:
+    """The smallest prefix of `order` (most sensitive first) whose layers left float meet the bar, by
+    bisection (assuming more float layers never hurt): about log2(len(order)) trials. None when the budget
+    ran out before a prefix met the bar, or when even the whole order left float misses it."""
+    low, high, high_met = 0, len(order), False  # prefix `low` misses (trial 0); prefix `high` is assumed to meet
+    while high - low > 1 and budget_left():
+        middle = (low + high) // 2
+        if run_trial(order[:middle]).meets:
+            high, high_met = middle, True
+        else:
+            low = middle
+    if not high_met and high - low <= 1 and budget_left():
+        high_met = run_trial(order[:high]).meets
+    return order[:high] if high_met else None
 
 
 def trial_name(trial: Trial) -> str:
@@ -260,7 +417,14 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
     )
-    return {"search": result, "searched_skip": result.skip_spec()}
+    if not result.met:
+        ctx.warn(
+            f"no trial met the bar ({spec.search.criterion} {result.bar:.4g}) in {len(result.trials)} "
+            f"trials; the run goes on with the closest (trial {result.winner.number}, {result.winner.score:.4g}, "
+            f"{len(result.winner.skipped)} layers float)"
+            + ("; exit code 3 (search.fail_on_miss=true)" if spec.search.fail_on_miss else "")
+        )
+    return {"search": result, "searched_skip": result.skip_spec(), "searched_calibration": result.calibration}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -268,7 +432,12 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     result: SearchResult = produced["search"]
     write_outputs(result, ctx.spec.search.criterion, ctx.out_dir)
     ctx.set_tags(
-        {"skip": f"searched:{skip_label(result.skip_spec())}", "search_winner_trial": str(result.winner.number)}
+        {
+            "skip": f"searched:{skip_label(result.skip_spec())}",
+            "search_winner_trial": str(result.winner.number),
+            "search_met": str(result.met).lower(),
+            "search_recovery": "defaults" if result.calibration is not None else "run",
+        }
     )
     return {
         metric_keys.SEARCH_TRIALS: float(len(result.trials)),
@@ -290,15 +459,32 @@ def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
 
     with (out / "trials.csv").open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["trial", "float_layers", criterion, "meets_bar", "latency_ms", "skipped"])
+        writer.writerow(
+            [
+                "trial",
+                "float_layers",
+                criterion,
+                "ci95_low",
+                "ci95_high",
+                "meets_bar",
+                "latency_ms",
+                "latency_spread_ms",
+                "skipped",
+            ]
+        )
         for trial in result.trials:
+            low, high = trial.interval or (None, None)
             writer.writerow(
                 [
                     trial.number,
                     len(trial.skipped),
                     f"{trial.score:.6g}",
+                    "" if low is None else f"{low:.4f}",
+                    "" if high is None else f"{high:.4f}",
                     trial.meets,
                     f"{trial.latency_ms:.4f}",
+                    f"{trial.latency_spread_ms:.4f}",
+                    "defaults" if trial.recovery_defaults else "run",
                     " ".join(trial.skipped),
                 ]
             )
@@ -309,7 +495,8 @@ def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
             writer.writerow([layer.module_name, layer.quantized_type, f"{layer.sqnr_db:.3f}"])
     header = (
         f"Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
-        f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}.\n"
+        f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}, "
+        f"{result.samples} evaluation samples.\n"
         f"Copy to conf/skip/searched.yaml and run with skip=searched.\n"
     )
     (out / "searched_skip.yaml").write_text(skip_yaml(result.skip_spec(), header))

@@ -109,6 +109,15 @@ class Lowered:
     ignored_entries: list[str] = field(default_factory=list)  # mapping entries the backend left float
 
 
+@dataclass(frozen=True)
+class SearchedCalibration:
+    """The search's recovery phase found other recovery settings better: the calibration made with them,
+    which reference_convert (and diagnose) then use instead of the `calibrated` artifact and recovery.*."""
+
+    calibrated: Calibrated
+    recovery: Any  # a RecoverySpec (pipeline.schema)
+
+
 @dataclass
 class EvaluationReport:
     """Output of `evaluate`: flat metric names (as logged to MLflow) and a few per-form details."""

@@ -13,8 +13,14 @@ from pipeline.errors import ConfigError
 from pipeline.validation import validate
 from tests.conftest import compose_config, to_spec
 
-# Recovery off: SmoothQuant fixes the MLP's outlier, and the search needs a miss.
-RECOVERY_OFF = ["recovery.activation_bits=7", "recovery.bias_correction=false", "recovery.smoothquant_alpha=0"]
+# Recovery off: SmoothQuant fixes the MLP's outlier, and the search needs a miss (its recovery phase, which
+# would switch SmoothQuant back on, off too).
+RECOVERY_OFF = [
+    "recovery.activation_bits=7",
+    "recovery.bias_correction=false",
+    "recovery.smoothquant_alpha=0",
+    "search.recovery_phase=false",
+]
 FAST_SEARCH = ["model=outlier_mlp", "search=greedy", "stages=[load,calibrate]", "tracking=off", *RECOVERY_OFF]
 USER_METRIC = """
 import torch

@@ -180,4 +180,4 @@ def test_diagnose_skips_a_dynamic_model_with_the_reason(run_pipeline) -> None:
     stages = "stages=[load,calibrate,reference_convert,lower,diagnose]"
     _, _, run_dir = run_pipeline([*TOKENS, "diagnose.enabled=true", stages, "qconfig_mapping=dynamic"])
     text = (run_dir / "diagnose" / "diagnosis.txt").read_text()
-    assert text.startswith("Skipped: torch's FX numeric suite compares int8 activations") and "hidden" in text
+    assert text.startswith("Skipped: diagnose compares int8 activations") and "hidden" in text

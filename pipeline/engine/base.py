@@ -133,19 +133,46 @@ class Engine(Protocol):
         ...
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        """Why per-layer numerics cannot run on models with this custom config, or None."""
+        """Why per-layer numerics (module_numerics, layer_sensitivity) cannot run for this engine and
+        custom config, or None (FX: always None, custom modules included)."""
+        ...
+
+    def module_numerics(
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        reference: nn.Module | None = None,
+        bounds: dict[str, tuple[float, float]] | None = None,
+    ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
+        """Per quantized module (worst own SQNR first): own, cumulative, weight and kernel SQNR (the int8
+        kernel against `reference`'s same-named module on the same input), compared after the clip for the
+        modules in `bounds`; and every compared module's cumulative SQNR in execution order. Works on models
+        with custom or non-traceable modules (same-named modules, by forward hooks)."""
         ...
 
     def layer_sensitivity(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[LayerSensitivity]:
         """Each quantized layer's own output SQNR on float inputs, worst first."""
         ...
 
-    def layer_diagnostics(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
-    ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
-        """Own, cumulative and weight SQNR per layer, and every logged op's cumulative SQNR in order."""
+    def bounded_producers(self, model: nn.Module, custom: CustomConfigSpec) -> dict[str, tuple[float, float]]:
+        """Conv/linear modules of the float model whose output goes only into ReLU6/hardtanh, with the clip."""
+        ...
+
+    def float_outputs(self, model: nn.Module, names: list[str], inputs: ModelInputs, engine: str) -> dict[str, bool]:
+        """For each named module the lowered model calls: True when its output is float (it stayed float)."""
+        ...
+
+    def observed_output_ranges(self, prepared: nn.Module, names: list[str]) -> dict[str, tuple[float, float]]:
+        """The calibrated [min, max] of each named module's output observer."""
         ...
 
     def unmatched_skip_entries(self, prepared: nn.Module, skip: SkipSpec, prefix: str = "skip") -> list[str]:

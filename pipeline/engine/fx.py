@@ -451,19 +451,42 @@ class FxEngine:
         custom_modules.check_contract(prepared, example_inputs, custom, engine)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        return numerics.numeric_suite_blocker(custom)
+        return None  # forward hooks on same-named modules: custom and non-traceable modules included
 
-    def layer_sensitivity(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
-    ) -> list[numerics.LayerSensitivity]:
-        assert isinstance(prepared, GraphModule) and isinstance(lowered, GraphModule)
-        return numerics.layer_sensitivity(prepared, lowered, inputs, engine)
-
-    def layer_diagnostics(
-        self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str
+    def module_numerics(
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        reference: nn.Module | None = None,
+        bounds: dict[str, tuple[float, float]] | None = None,
     ) -> tuple[list[numerics.LayerDiagnostics], list[numerics.LoggedOutput]]:
         assert isinstance(prepared, GraphModule) and isinstance(lowered, GraphModule)
-        return numerics.layer_diagnostics(prepared, lowered, inputs, engine)
+        return numerics.module_numerics(prepared, lowered, inputs, engine, reference, bounds)
+
+    def layer_sensitivity(
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        bounds: dict[str, tuple[float, float]] | None = None,
+    ) -> list[numerics.LayerSensitivity]:
+        assert isinstance(prepared, GraphModule) and isinstance(lowered, GraphModule)
+        return numerics.layer_sensitivity(prepared, lowered, inputs, engine, bounds)
+
+    def bounded_producers(self, model: nn.Module, custom: CustomConfigSpec) -> dict[str, tuple[float, float]]:
+        prepare_custom_config, _ = custom_modules.build_custom_configs(custom)
+        return observers.bounded_activation_producers(model, prepare_custom_config)
+
+    def float_outputs(self, model: nn.Module, names: list[str], inputs: ModelInputs, engine: str) -> dict[str, bool]:
+        assert isinstance(model, GraphModule)
+        return numerics.float_outputs(model, names, inputs, engine)
+
+    def observed_output_ranges(self, prepared: nn.Module, names: list[str]) -> dict[str, tuple[float, float]]:
+        assert isinstance(prepared, GraphModule)
+        return numerics.observed_output_ranges(prepared, names)
 
     def unmatched_skip_entries(self, prepared: nn.Module, skip: SkipSpec, prefix: str = "skip") -> list[str]:
         assert isinstance(prepared, GraphModule)

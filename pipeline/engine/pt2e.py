@@ -407,17 +407,41 @@ class Pt2eEngine:
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
         return (
-            "engine=pt2e: the per-layer report is built on FX's numeric suite (own and weight SQNR per layer); "
-            "torchao's numeric debugger gives cumulative per-node SQNR only and is not wired in yet"
+            "engine=pt2e: the per-layer report compares same-named modules of FX GraphModules by forward hooks; "
+            "a pt2e program has no modules to hook (torchao's numeric debugger, per-node, is not wired in yet)"
         )
 
-    def layer_sensitivity(self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str) -> list:
+    def layer_sensitivity(
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        bounds: dict[str, tuple[float, float]] | None = None,
+    ) -> list:
         raise ConfigError(
             "per-layer sensitivity (search) needs engine=fx; " + (self.numerics_blocker(CustomConfigSpec()) or "")
         )
 
-    def layer_diagnostics(self, prepared: nn.Module, lowered: nn.Module, inputs: ModelInputs, engine: str) -> tuple:
+    def module_numerics(
+        self,
+        prepared: nn.Module,
+        lowered: nn.Module,
+        inputs: ModelInputs,
+        engine: str,
+        reference: nn.Module | None = None,
+        bounds: dict[str, tuple[float, float]] | None = None,
+    ) -> tuple:
         raise ConfigError(self.numerics_blocker(CustomConfigSpec()) or "")
+
+    def bounded_producers(self, model: nn.Module, custom: CustomConfigSpec) -> dict[str, tuple[float, float]]:
+        return {}
+
+    def float_outputs(self, model: nn.Module, names: list[str], inputs: ModelInputs, engine: str) -> dict[str, bool]:
+        return {}
+
+    def observed_output_ranges(self, prepared: nn.Module, names: list[str]) -> dict[str, tuple[float, float]]:
+        return {}
 
     def unmatched_skip_entries(self, prepared: nn.Module, skip: SkipSpec, prefix: str = "skip") -> list[str]:
         assert isinstance(prepared, GraphModule)
