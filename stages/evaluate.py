@@ -1,12 +1,16 @@
 """Stage `evaluate`: task metric, SQNR and agreement against float, serialized size, and latency of
 each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see pipeline/measure.py.
 
-Config keys read: evaluate.models, evaluate.max_batches, evaluate.latency.*, backend.engine.
+The float reference's latency is kept in the latency cache (<cache.dir>/latency/, with cache.enabled), so a
+sweep or repeated runs time it once.
+
+Config keys read: evaluate.models, evaluate.max_batches, evaluate.latency.*, backend.engine, cache.*.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +19,7 @@ from torch import nn
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.measure import measure_latency, quality_metrics, serialized_bytes
+from pipeline.measure import LatencyCache, measure_latency, quality_metrics, serialized_bytes
 from pipeline.schema import EvaluateSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
 
@@ -25,7 +29,7 @@ NAME = "evaluate"
 CONSUMES = ("loaded",)
 USES = ("reference", "lowered")
 PRODUCES = ("evaluation",)
-READS = ("evaluate", "backend")
+READS = ("evaluate", "backend", "cache")
 OPTIONAL = False
 
 
@@ -34,8 +38,10 @@ def evaluate(
     candidates: dict[str, nn.Module],
     engine: str,
     spec: EvaluateSpec,
+    latency_cache: LatencyCache | None = None,
 ) -> EvaluationReport:
-    """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's."""
+    """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's.
+    With `latency_cache`, the float model's latency is read from it when its key is there."""
     models = {"float": loaded.model, **candidates}
     models = {name: model for name, model in models.items() if name in spec.models}
     batches = loaded.data.evaluation[: spec.max_batches]
@@ -64,14 +70,21 @@ def evaluate(
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
             pool = ModelInputs.cat([inputs for inputs, _ in batches])
-            latency, fastest = measure_latency(deployable, pool, spec.latency)
+            latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
-    return {"evaluation": evaluate(ctx.artifacts["loaded"], candidates, ctx.spec.backend.engine, ctx.spec.evaluate)}
+    spec = ctx.spec
+    cache = LatencyCache(latency_cache_dir(spec.cache.dir)) if spec.cache.enabled else None
+    return {"evaluation": evaluate(ctx.artifacts["loaded"], candidates, spec.backend.engine, spec.evaluate, cache)}
+
+
+def latency_cache_dir(cache_dir: str) -> Path:
+    """The latency cache's folder: next to the calibration cache's entries."""
+    return Path(cache_dir) / "latency"
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -89,12 +102,22 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         speedup = report.metrics.get(metric_keys.speedup(size))
         if speedup is not None:
             log.info(
-                "latency batch %d: float %.3f ms (%s), lowered %.3f ms (%s), speedup %.2fx",
+                "latency batch %d: float %s (%s), lowered %s (%s), speedup %.2fx [%.2f, %.2f]",
                 size,
-                report.metrics[metric_keys.latency_ms("float", size)],
+                _with_interval(report.metrics, "float", size),
                 report.fastest_form[f"float/b{size}"],
-                report.metrics[metric_keys.latency_ms("lowered", size)],
+                _with_interval(report.metrics, "lowered", size),
                 report.fastest_form[f"lowered/b{size}"],
                 speedup,
+                report.metrics.get(metric_keys.speedup_ci(size, "low"), speedup),
+                report.metrics.get(metric_keys.speedup_ci(size, "high"), speedup),
             )
     return report.metrics
+
+
+def _with_interval(metrics: dict[str, float], model: str, size: int) -> str:
+    """e.g. "0.412 ms [0.405, 0.420]": the median and its 95% interval."""
+    median = metrics[metric_keys.latency_ms(model, size)]
+    low = metrics.get(metric_keys.latency_ci_ms(model, size, "low"), median)
+    high = metrics.get(metric_keys.latency_ci_ms(model, size, "high"), median)
+    return f"{median:.3f} ms [{low:.3f}, {high:.3f}]"

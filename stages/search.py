@@ -27,7 +27,7 @@ from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.errors import ConfigError
-from pipeline.measure import measure_latency, quality_metrics
+from pipeline.measure import LatencyCache, measure_latency, quality_metrics
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -48,7 +48,7 @@ NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate")
+READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "cache")
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -111,6 +111,7 @@ def search(
     report_trial: Callable[[Trial], None] = lambda trial: None,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
+    latency_cache: LatencyCache | None = None,
 ) -> SearchResult:
     """With recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
     reference_convert stage does, so the winner is scored as it will ship."""
@@ -126,7 +127,7 @@ def search(
     float_score = (
         (float_outputs.argmax(1) == labels).float().mean().item() if spec.criterion == "accuracy" else float("inf")
     )
-    float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
+    float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
     trials: list[Trial] = []
@@ -237,6 +238,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         report_trial,
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
+        LatencyCache(Path(spec.cache.dir) / "latency") if spec.cache.enabled else None,
     )
     return {"search": result, "searched_skip": result.skip_spec()}
 

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.paths",
             "pipeline.metric_keys",
             "pipeline.progress",
+            "pipeline.machine",
         ),
     ),
     ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure")),
