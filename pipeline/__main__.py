@@ -19,6 +19,11 @@ log = logging.getLogger("pipeline")
 schema.register()
 
 
+class JobExit(SystemExit):
+    """An exit status the job chose (bad input 2, a failed stage 1, a signal 130/143), as opposed to
+    Hydra refusing the command line before the job started."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from pipeline import runner  # heavy imports (torch, mlflow) after Hydra has parsed the command line
@@ -35,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         log.error("Invalid config: %s", error)
         log.debug("traceback", exc_info=True)
-        sys.exit(2)
+        raise JobExit(2) from None
     log.info(
         "backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",
         spec.backend.engine,
@@ -58,31 +63,63 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: the MLflow run is marked KILLED.
-        result = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags)
+        result = runner.run(spec, cfg, run_dir, log_file, parent_run_id, job_tags, register=not multirun)
     except KeyboardInterrupt as interrupt:
         reason = str(interrupt) or "SIGINT"
         log.error("Interrupted (%s): the MLflow run is marked KILLED; what finished is in %s.", reason, run_dir)
         if multirun:
             raise  # stops the sweep
-        sys.exit(143 if "SIGTERM" in reason else 130)  # the shell's 128 + signal number
+        raise JobExit(143 if "SIGTERM" in reason else 130) from None  # the shell's 128 + signal number
     except (ConfigError, runner.StageFailed) as error:
         log.error("%s %s", "Invalid input:" if isinstance(error, ConfigError) else "Failed:", error)
         log.debug("traceback", exc_info=True)
         if multirun:
             raise  # Hydra records this job as failed and runs the others
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        raise JobExit(2 if isinstance(error, ConfigError) else 1) from None
+    log.info("%s", run_summary(spec, result, run_dir, multirun))
     return result.metrics.get(metric_keys.LOWERED_ACCURACY)
+
+
+def run_summary(spec: schema.PipelineSpec, result: object, run_dir: Path, multirun: bool) -> str:
+    """The closing summary of a run: its headline params and metrics, its folder, and how to open it in
+    MLflow's UI (a sweep's own summary follows its last job)."""
+    from pipeline.tracking import headline
+
+    params = dict(result.params)  # type: ignore[attr-defined]
+    metrics = headline.headline_metrics(result.metrics)  # type: ignore[attr-defined]
+    links = []
+    run_id, experiment_id = result.run_id, result.experiment_id  # type: ignore[attr-defined]
+    if run_id and experiment_id:
+        links.append(("this run", headline.run_url(spec.tracking.tracking_uri, experiment_id, run_id)))
+        if not multirun:
+            view = headline.experiment_url(spec.tracking.tracking_uri, experiment_id, headline.HEADLINE_VIEW)
+            links.append(("all runs, headline columns", view))
+    if result.registered:  # type: ignore[attr-defined]
+        links.append(("registered as", result.registered))  # type: ignore[attr-defined]
+    title = f"done: {schema.run_label(spec, params[metric_keys.HEADLINE_SKIP])}"
+    uri = spec.tracking.tracking_uri if links else None
+    header = [*params, *metrics]
+    return headline.summary(title, header, [[*params.values(), *metrics.values()]], str(run_dir), uri, links)
 
 
 def cli() -> None:
     """main(), with Hydra's own config errors exiting 2 like every other bad input (Hydra prints them
-    and exits 1). A sweep keeps Hydra's status: 1 says some job failed, whatever the cause."""
+    and exits 1). A sweep keeps Hydra's status: 1 says some job failed, whatever the cause. An unknown
+    group option or key on the command line is refused before Hydra sees it, with the valid ones and a
+    "did you mean" (Hydra would say "Could not find 'backend/fbgem'", or advise `+` for a typo'd key)."""
+    problems = schema.command_line_problems(sys.argv[1:], _config_dirs(sys.argv[1:]))
+    if problems:
+        for problem in problems:
+            print(f"Invalid config: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
+    except JobExit:
+        raise
     except SystemExit as done:
-        # Hydra sets its config just before calling main(): unset, the exit is Hydra refusing the command
-        # line or a config file (unknown option, key or value type).
-        if done.code == 1 and not HydraConfig.initialized():
+        # Not the job's own exit: Hydra refusing the command line or a config file (unknown option, key
+        # or value type) prints its message and exits 1.
+        if done.code == 1:
             for hint in filter(None, map(schema.unknown_key_hint, sys.argv[1:])):
                 print(hint, file=sys.stderr)
             if not {"-m", "--multirun"} & set(sys.argv[1:]):
@@ -114,6 +151,23 @@ def exit_now(code: object) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(status)
+
+
+def _config_dirs(argv: list[str]) -> list[Path]:
+    """The folders config groups come from: the shipped conf/, --config-dir (-cd) and hydra.searchpath."""
+    folders = [Path(__file__).resolve().parent / "conf"]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            folders.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            folders.append(Path(arg.split("=", 1)[1]))
+        elif arg.startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                if entry.startswith("file://"):
+                    folders.append(Path(entry.removeprefix("file://")))
+        elif arg.startswith("--config-path") or arg.startswith("-cp") or "pkg://" in arg:
+            return []  # a config tree we do not read: leave the checks to Hydra
+    return folders
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,31 +37,16 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
+from pipeline.digest import model_code as _model_code
+from pipeline.digest import tensor_digest as _tensor_digest
 from pipeline.engine import get_engine, recovery
-from pipeline.schema import PipelineSpec
+from pipeline.schema import EngineSpec, PipelineSpec
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
-
-
-def _tensor_digest(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().contiguous().cpu()
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-
-
-def _model_code(model: nn.Module) -> str:
-    """Source of every module class the model uses: editing forward() must invalidate the entry."""
-    sources = []
-    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
-        try:
-            sources.append(inspect.getsource(cls))
-        except (OSError, TypeError):
-            sources.append(f"{cls.__module__}.{cls.__qualname__}")
-    return "\n".join(sources)
 
 
 def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[ModelInputs | torch.Tensor]) -> str:
@@ -91,7 +75,11 @@ def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[Mod
             "clamp_bounded": recovery.clamps_bounded(spec.recovery, spec.backend.engine),
             "smoothquant_alpha": spec.recovery.smoothquant_alpha,
         },
+        # Which flow calibrated (fx and pt2e observers differ), and its settings.
+        "engine": asdict(spec.engine),
     }
+    if spec.engine.name == "pt2e":  # pt2e's skip-lists apply at prepare time: each is its own calibration
+        settings["skip"] = {k: v for k, v in _plain(spec.skip).items() if k not in ("name", "strict")}  # type: ignore[union-attr]
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -105,8 +93,9 @@ def _plain(value: object) -> object:
 
 
 class CalibrationCache:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, flow: EngineSpec | None = None) -> None:
         self.directory = directory
+        self.flow = flow or EngineSpec()  # the engine whose observer state the entries hold
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -147,7 +136,7 @@ class CalibrationCache:
                 raise ValueError("mismatched " + ", ".join(problems))
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
-            get_engine().load_observer_state(prepared, state)
+            get_engine(self.flow).load_observer_state(prepared, state)
         except Exception as error:  # any failure means: do not trust it, rebuild it
             log.warning(
                 "cache: entry %s is corrupt or incompatible (%s: %s); removing it and calibrating again",
@@ -165,7 +154,7 @@ class CalibrationCache:
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory))
         try:
             state_path = temporary / STATE_FILE
-            torch.save(get_engine().observer_state(prepared), state_path)
+            torch.save(get_engine(self.flow).observer_state(prepared), state_path)
             manifest = {
                 "key": key,
                 "format": FORMAT_VERSION,

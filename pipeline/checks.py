@@ -12,10 +12,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError, closest
+from pipeline.metric_keys import EVALUATE_METRICS, SEARCH_CRITERIA
 from pipeline.paths import describe_path, is_torch_file, path_status
 from pipeline.schema import (
     BACKEND_CONFIGS,
     ENGINES,
+    FLOWS,
     PipelineSpec,
     is_tracking_server,
 )
@@ -26,7 +28,11 @@ def check(spec: PipelineSpec) -> None:
     order, paths): raise ConfigError. pipeline.validation.validate runs these first, then the checks
     that need the engine or a stage."""
     check_ranges(spec)
+    _check_in("engine.name", spec.engine.name, FLOWS)
+    _check_float("engine.min_compiled_sqnr_db", spec.engine.min_compiled_sqnr_db, 0.0, 200.0)
     _check_in("backend.engine", spec.backend.engine, ENGINES)
+    if spec.engine.name == "pt2e":
+        check_pt2e_stages(spec)
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
     if spec.export.torchscript not in ("trace", "script", "none"):
         raise ConfigError(
@@ -38,7 +44,9 @@ def check(spec: PipelineSpec) -> None:
     for position, model in enumerate(spec.evaluate.models):
         _check_in(f"evaluate.models[{position}]", model, ("float", "reference", "lowered"))
     _check_in("search.strategy", spec.search.strategy, ("greedy",))
-    _check_in("search.criterion", spec.search.criterion, ("accuracy", "sqnr"))
+    for position, metric in enumerate(spec.evaluate.metrics):
+        _check_in(f"evaluate.metrics[{position}]", metric, EVALUATE_METRICS)
+    _check_in("search.criterion", spec.search.criterion, SEARCH_CRITERIA)
     _check_in("search.drop_mode", spec.search.drop_mode, ("absolute", "relative"))
     uri = spec.tracking.tracking_uri
     if spec.tracking.enabled and spec.tracking.artifact_location is None and not is_tracking_server(uri):
@@ -53,6 +61,21 @@ def check(spec: PipelineSpec) -> None:
         ("custom_config.python_path", spec.custom_config.python_path),
     ):
         check_python_path(key, folders)
+
+
+def check_pt2e_stages(spec: PipelineSpec) -> None:
+    """engine=pt2e runs without the stages built on FX-only machinery (convert-time skip-lists, FX node names)."""
+    if spec.search.enabled or "search" in spec.stages:
+        raise ConfigError(
+            "search=greedy with engine=pt2e: the skip search converts one calibrated model with many skip-lists, "
+            "and pt2e's skip-lists exist only at prepare time (each would need its own calibration). Use engine=fx "
+            "for the search, or sweep skip-lists on pt2e: python -m pipeline -m engine=pt2e skip=none,first_last."
+        )
+    if spec.inspect.enabled or "inspect" in spec.stages:
+        raise ConfigError(
+            "inspect with engine=pt2e: the inspect stage lists FX node names and what FX mapping entries match; "
+            "pt2e's names are torch.export's aten nodes. Run it with engine=fx (module names are the same)."
+        )
 
 
 def check_python_path(key: str, folders: list[str]) -> None:
@@ -83,6 +106,7 @@ NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux's NAME_MAX and PATH_MAX
 MAX_BATCH_SIZE = 65536  # latency inputs are the evaluation data repeated to this size, in memory
 MAX_LATENCY_RUNS = 100_000  # warm-up and timed runs per model, form and batch size
 MAX_LATENCY_BUDGET_S = 3600.0  # seconds of timing per model, form and batch size
+MAX_TOP_K = 1000  # evaluate.top_k (capped at the number of outputs when measured)
 MAX_SQNR_DB = 100.0  # int8 layers give 35-45 dB; float32 rounding alone gives ~140 dB
 # QDQ export of quantized models needs QuantizeLinear with an axis (per-channel weights): opset 13.
 ONNX_MIN_QUANTIZED_OPSET = 13
@@ -182,6 +206,10 @@ def _check_list(key: str, values: list, *, empty_ok: bool = True, why: str = "")
         raise ConfigError(f"{key}={list(values)} lists {repeated} more than once; list each once.")
 
 
+def _search_on(spec: PipelineSpec) -> set[str]:
+    return {"search"} if spec.search.enabled else set()
+
+
 def check_ranges(spec: PipelineSpec) -> None:
     """Every field of every *Spec in its valid range (names, counts, thresholds, files and folders),
     raising a one-paragraph ConfigError that names the key, the value and what is valid."""
@@ -201,6 +229,13 @@ def check_ranges(spec: PipelineSpec) -> None:
     ):
         _check_name(key, value)
     _check_name("tracking.run_name", spec.tracking.run_name, optional=True)
+    _check_name("tracking.register", spec.tracking.register, optional=True)
+    _check_name("tracking.register_alias", spec.tracking.register_alias)
+    if spec.tracking.register is not None and not spec.tracking.enabled:
+        raise ConfigError(
+            f"tracking.register='{spec.tracking.register}' needs MLflow, but tracking is off: register with "
+            f"tracking=sqlite (the default) or a tracking server, or drop tracking.register."
+        )
     # Mappings and skip-lists: names and import paths are resolved by validate; here the plain values.
     _check_in("qconfig_mapping.base", spec.qconfig_mapping.base, ("backend_default", "empty"))
     for owner, entries in (
@@ -277,6 +312,26 @@ def check_ranges(spec: PipelineSpec) -> None:
                 f"evaluate.models={list(spec.evaluate.models)} names no model that stages={list(spec.stages)} "
                 f"produce ({sorted(produced)}), so evaluate would measure nothing; list one of them."
             )
+    _check_list("evaluate.metrics", spec.evaluate.metrics, empty_ok=False, why="list at least one, e.g. [auto]")
+    _check_int("evaluate.top_k", spec.evaluate.top_k, 1, MAX_TOP_K)
+    custom_needed = [
+        key
+        for key, used in (
+            ("evaluate.metrics lists custom", "custom" in spec.evaluate.metrics),
+            ("search.criterion=custom", spec.search.criterion == "custom" and "search" in stages | _search_on(spec)),
+        )
+        if used
+    ]
+    if spec.evaluate.custom_metric is None and custom_needed:
+        raise ConfigError(
+            f"{' and '.join(custom_needed)}, but evaluate.custom_metric=null names no function; set it to "
+            f"module.function, e.g. evaluate.custom_metric=my_metrics.recall_at_1 (a function "
+            f"fn(float_outputs, int8_outputs, labels) -> float, in a folder of model.python_path)."
+        )
+    if spec.evaluate.custom_metric is not None and not str(spec.evaluate.custom_metric).strip():
+        raise ConfigError(
+            "evaluate.custom_metric='' is empty; give module.function (e.g. my_metrics.recall_at_1), or null."
+        )
     latency = spec.evaluate.latency
     if latency.enabled:
         cpus = os.cpu_count() or 1
@@ -323,6 +378,20 @@ def check_ranges(spec: PipelineSpec) -> None:
         low_open=True,
         why=" dB (int8 layers typically give 35-45 dB; 0 dB is noise as loud as the signal)",
     )
+    _check_float(
+        "search.min_cosine",
+        search.min_cosine,
+        -1.0,
+        1.0,
+        low_open=True,
+        why=" (the mean cosine similarity of outputs against float; 1 = identical, int8 layers give ~0.99)",
+    )
+    if not math.isfinite(search.min_value):
+        raise ConfigError(
+            f"search.min_value={search.min_value} is not a finite number; give the lowest accepted value of "
+            f"evaluate.custom_metric (the custom criterion's bar)."
+        )
+
     # Recovery.
     recovery = spec.recovery
     _check_in("recovery.activation_bits", str(recovery.activation_bits), ("auto", "7", "8"))

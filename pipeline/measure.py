@@ -1,5 +1,6 @@
-"""Measurements shared by the stages that score a model (evaluate, search, export): SQNR, accuracy and
-agreement against float, serialized size, and latency of each deployable form.
+"""Measurements shared by the stages that score a model (evaluate, search, export): the quality metrics
+(accuracy, top-k, SQNR, agreement, cosine, a user's function; evaluate.metrics picks them), serialized
+size, and latency of each deployable form.
 
 Which form is fastest depends on threads and batch size (one int8 model ran 12x faster frozen at one
 thread yet slower frozen at sixteen), so every form is measured and the fastest is recorded.
@@ -60,7 +61,10 @@ def _threads(count: int) -> Iterator[None]:
 
 
 def _deployable_forms(model: nn.Module, example: ModelInputs, forms: list[str]) -> dict[str, Callable]:
-    """Each form as a callable taking the positional tuple of `example` (tracing takes positionals only)."""
+    """Each form as a callable taking the positional tuple of `example` (tracing takes positionals only).
+    A model that names its own form (pt2e's compiled model: `compiled_form = "compiled"`) is its only form."""
+    if form := getattr(model, "compiled_form", None):
+        return {form: model}
     built: dict[str, Callable] = {}
     if "eager" in forms:
         built["eager"] = model
@@ -163,14 +167,14 @@ class LatencyCache:
         self.misses = 0
 
     def key(self, model: nn.Module, pool: ModelInputs, spec: LatencySpec) -> str:
-        from pipeline.cache import _model_code, _tensor_digest
+        from pipeline.digest import model_code, tensor_digest
         from pipeline.machine import cpu_model
 
         digest = hashlib.sha256()
         for name, value in sorted(model.state_dict().items()):
             digest.update(name.encode())
-            _tensor_digest(digest, value)
-        digest.update(_model_code(model).encode())
+            tensor_digest(digest, value)
+        digest.update(model_code(model).encode())
         shapes = [(name, str(t.dtype), tuple(t.shape[1:])) for name, t in pool.named()]
         settings = {"shapes": shapes, "latency": asdict(spec), "torch": torch.__version__, "cpu": cpu_model()}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -289,17 +293,180 @@ def speedup_metrics(metrics: dict[str, float], size: int) -> dict[str, float]:
     return figures
 
 
+# --------------------------------------------------------------------------------------------------
+# Quality metrics: functions of OUTPUT tensors only (float outputs, the quantized model's outputs, labels),
+# so they do not care how a model's inputs are fed.
+
+
+def cosine_per_sample(reference: torch.Tensor, approximation: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each sample's flattened output with float's ([N]); 1.0 where both are zero."""
+    a = reference.reshape(reference.shape[0], -1).double()
+    b = approximation.reshape(approximation.shape[0], -1).double()
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    both_zero = (a.abs().sum(1) == 0) & (b.abs().sum(1) == 0)
+    return torch.where(both_zero, torch.ones_like(cosine), cosine)
+
+
+def top_k_accuracy(outputs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose label is among the k highest outputs (k capped at the number of classes)."""
+    k = min(k, outputs.shape[1])
+    return (outputs.topk(k, dim=1).indices == labels.unsqueeze(1)).any(1).float().mean().item()
+
+
+CustomMetric = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], float]
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    """Which quality metrics a run computes (evaluate.metrics resolved for this run's data)."""
+
+    names: tuple[str, ...]  # from metric_keys.EVALUATE_METRICS, without auto
+    top_k: int = 5
+    custom: CustomMetric | None = None
+    custom_path: str = ""
+
+
+def resolve_metric_names(requested: list[str], labelled: bool, has_custom: bool) -> tuple[str, ...]:
+    """evaluate.metrics for this run: `auto` is accuracy, sqnr, agreement and cosine when accuracy means
+    something (labels and trained weights), else sqnr and cosine (argmax agreement means little for
+    embeddings or regression outputs); plus custom when evaluate.custom_metric is set. accuracy and topk
+    are dropped (with a warning) when there are no labels."""
+    names: list[str] = []
+    for name in requested:
+        if name == "auto":
+            expanded = ["accuracy", "sqnr", "agreement", "cosine"] if labelled else ["sqnr", "cosine"]
+            names += expanded + (["custom"] if has_custom else [])
+        elif name in ("accuracy", "topk") and not labelled:
+            log.warning(
+                "evaluate.metrics: %s needs labelled data and trained weights; this run has none: skipped", name
+            )
+        else:
+            names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def metric_plan(
+    requested: list[str], top_k: int, custom_metric: str | None, python_path: list[str], labelled: bool
+) -> MetricPlan:
+    custom = resolve_custom_metric(custom_metric, python_path) if custom_metric else None
+    return MetricPlan(resolve_metric_names(requested, labelled, custom is not None), top_k, custom, custom_metric or "")
+
+
+def _call_custom(
+    plan: MetricPlan, float_outputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor | None
+) -> float:
+    assert plan.custom is not None
+    try:
+        value = plan.custom(float_outputs, outputs, labels)
+        return float(value)
+    except Exception as error:
+        raise RuntimeError(
+            f"evaluate.custom_metric='{plan.custom_path}' failed on outputs of shape {tuple(outputs.shape)}: "
+            f"{type(error).__name__}: {error}. It is called as fn(float_outputs, int8_outputs, labels or None) "
+            f"and must return a float (higher is better when it is a search criterion)."
+        ) from error
+
+
 def quality_metrics(
-    name: str, outputs: torch.Tensor, float_outputs: torch.Tensor | None, labels: torch.Tensor | None
+    name: str,
+    outputs: torch.Tensor,
+    float_outputs: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    plan: MetricPlan | None = None,
 ) -> dict[str, float]:
-    """accuracy (with labels), and SQNR and argmax agreement against float (for a model other than float)."""
+    """The plan's metrics of model `name`: accuracy / top-k with labels (any model), and against float
+    (a model other than float): SQNR, argmax agreement, cosine mean and minimum, the custom metric.
+    No plan: accuracy (with labels), SQNR and agreement."""
+    if plan is None:
+        plan = MetricPlan(("accuracy", "sqnr", "agreement") if labels is not None else ("sqnr", "agreement"))
     metrics: dict[str, float] = {}
     if labels is not None:
-        metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY)] = (
-            (outputs.argmax(1) == labels).float().mean().item()
-        )
-    if name != "float" and float_outputs is not None:
+        if "accuracy" in plan.names:
+            metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY)] = top_k_accuracy(outputs, labels, 1)
+        if "topk" in plan.names:
+            metrics[metric_keys.eval_metric(name, metric_keys.top_k_accuracy(plan.top_k))] = top_k_accuracy(
+                outputs, labels, plan.top_k
+            )
+    if name == "float" or float_outputs is None:
+        return metrics
+    if "sqnr" in plan.names:
         metrics[metric_keys.eval_metric(name, metric_keys.SQNR_DB)] = sqnr_db(float_outputs, outputs)
+    if "agreement" in plan.names:
         agreement = (outputs.argmax(1) == float_outputs.argmax(1)).float().mean().item()
         metrics[metric_keys.eval_metric(name, metric_keys.AGREEMENT)] = agreement
+    if "cosine" in plan.names:
+        cosine = cosine_per_sample(float_outputs, outputs)
+        metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MEAN)] = cosine.mean().item()
+        metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MIN)] = cosine.min().item()
+    if "custom" in plan.names and plan.custom is not None:
+        metrics[metric_keys.eval_metric(name, metric_keys.CUSTOM)] = _call_custom(plan, float_outputs, outputs, labels)
     return metrics
+
+
+def float_score(criterion: str, float_outputs: torch.Tensor, labels: torch.Tensor | None, plan: MetricPlan) -> float:
+    """The float model's own value of a search criterion: its accuracy / top-k, 1.0 for agreement and
+    cosine (float against itself), inf for SQNR, the custom metric of float against float."""
+    if criterion in ("accuracy", "topk"):
+        assert labels is not None
+        return top_k_accuracy(float_outputs, labels, 1 if criterion == "accuracy" else plan.top_k)
+    if criterion == "custom":
+        return _call_custom(plan, float_outputs, float_outputs, labels)
+    return float("inf") if criterion == "sqnr" else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate.custom_metric: a user's function by import path, resolved at start-up
+
+
+def resolve_custom_metric(path: str, python_path: list[str]) -> CustomMetric:
+    """Import `module.function` with `python_path` (model.python_path, data.python_path) at the front of
+    sys.path, and check it takes (float_outputs, int8_outputs, labels); else one-paragraph ConfigError."""
+    import importlib
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from pipeline.errors import ConfigError, closest
+
+    key = "evaluate.custom_metric"
+    contract = "a function fn(float_outputs, int8_outputs, labels) -> float (labels is None without labels)"
+    module_name, _, attribute = str(path).rpartition(".")
+    if not module_name or not attribute:
+        raise ConfigError(
+            f"{key}='{path}' is not an import path; write module.function, e.g. {key}=my_metrics.embedding_recall "
+            f"with my_metrics.py in a folder listed in model.python_path. It must be {contract}."
+        )
+    folders = [str(Path(folder).resolve()) for folder in python_path]
+    for folder in reversed(folders):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or module_name
+        raise ConfigError(
+            f"{key}='{path}': no module '{missing}' was found in model.python_path / data.python_path "
+            f"{python_path or '(empty)'} nor on sys.path. If '{module_name.split('.')[0]}.py' is your own file, add "
+            f"its folder, e.g. model.python_path=[path/to/folder] (relative to where you run). It must be {contract}."
+        ) from None
+    except Exception as error:
+        raise ConfigError(
+            f"{key}='{path}': importing '{module_name}' raised {type(error).__name__}: {error}"
+        ) from error
+    function = getattr(module, attribute, None)
+    if function is None:
+        names = [name for name in dir(module) if not name.startswith("_") and callable(getattr(module, name))]
+        raise ConfigError(
+            f"{key}='{path}': module '{module_name}' ({getattr(module, '__file__', '?')}) has no '{attribute}'."
+            f"{closest(attribute, names)} It must be {contract}."
+        )
+    if not callable(function):
+        raise ConfigError(f"{key}='{path}' is a {type(function).__name__}, not a function; it must be {contract}.")
+    try:
+        inspect.signature(function).bind(None, None, None)
+    except TypeError:
+        raise ConfigError(f"{key}='{path}' does not take three arguments; it must be {contract}.") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): it is called anyway
+    return function

@@ -11,14 +11,46 @@ MODELS: tuple[str, ...] = ("float", "reference", "lowered")
 
 
 def eval_metric(model: str, name: str) -> str:
-    """`eval/<model>/<name>`: name is accuracy, sqnr_db or agreement."""
+    """`eval/<model>/<name>`: name is one of quality_metric_names (accuracy, sqnr_db, cosine_mean ...)."""
     return f"eval/{model}/{name}"
 
 
 ACCURACY = "accuracy"
 SQNR_DB = "sqnr_db"
 AGREEMENT = "agreement"
-QUALITY_METRICS: tuple[str, ...] = (ACCURACY, SQNR_DB, AGREEMENT)
+COSINE_MEAN = "cosine_mean"  # per-sample cosine similarity of the outputs against float, mean over samples
+COSINE_MIN = "cosine_min"  # ... and the worst sample
+CUSTOM = "custom"  # evaluate.custom_metric's value
+QUALITY_METRICS: tuple[str, ...] = (ACCURACY, SQNR_DB, AGREEMENT)  # the figures every labelled run logs
+
+
+def top_k_accuracy(k: int) -> str:
+    """The `topk` metric's name: top5_accuracy for evaluate.top_k=5."""
+    return f"top{k}_accuracy"
+
+
+def quality_metric_names(top_k: int) -> tuple[str, ...]:
+    """Every per-model quality figure evaluate can log, in display order."""
+    return (ACCURACY, top_k_accuracy(top_k), SQNR_DB, AGREEMENT, COSINE_MEAN, COSINE_MIN, CUSTOM)
+
+
+# evaluate.metrics choices (auto: accuracy, sqnr, agreement and cosine with labels; sqnr and cosine without)
+EVALUATE_METRICS: tuple[str, ...] = ("auto", "accuracy", "topk", "sqnr", "agreement", "cosine", "custom")
+# search.criterion choices; higher is better for each
+SEARCH_CRITERIA: tuple[str, ...] = ("accuracy", "topk", "sqnr", "agreement", "cosine", "custom")
+
+
+def criterion_metric(criterion: str, top_k: int) -> str:
+    """The per-model figure a search criterion (or evaluate.metrics entry) is judged by."""
+    return {
+        "accuracy": ACCURACY,
+        "topk": top_k_accuracy(top_k),
+        "sqnr": SQNR_DB,
+        "agreement": AGREEMENT,
+        "cosine": COSINE_MEAN,
+        "custom": CUSTOM,
+    }[criterion]
+
 
 FLOAT_ACCURACY = eval_metric("float", ACCURACY)
 LOWERED_ACCURACY = eval_metric("lowered", ACCURACY)
@@ -84,6 +116,8 @@ def node_count(kind: str) -> str:
 
 
 QUANTIZED_NODES = node_count("quantized")
+# Mapping entries whose nodes the backend left float although they name a qconfig (lower/ignored_mapping_entries.json).
+IGNORED_MAPPING_ENTRIES = "lower/ignored_mapping_entries"
 
 SEARCH_TRIALS = "search/trials"
 SEARCH_MET = "search/met"
@@ -117,3 +151,35 @@ def stage_seconds(stage: str) -> str:
 def export_metric(name: str) -> str:
     """`export/<name>`: e.g. a file's size or its agreement with the lowered model."""
     return f"export/{name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Headline keys: the few short params and metrics the MLflow run list and compare view make useful for
+# comparing conversions. They start with a capital letter because MLflow's UI orders param and metric
+# columns by code point (JavaScript's sort()), so capitals come before every grouped `eval/...` key and
+# every lowercase config param; its compare view pre-selects the first 3 params that differ (sorted),
+# and the first metric the runs share in the order the run logged them (see pipeline/tracking/headline.py).
+
+HEADLINE_MODEL = "Model"  # param: model.name
+HEADLINE_BACKEND = "Backend"  # param: backend.engine
+HEADLINE_MAPPING = "Mapping"  # param: qconfig_mapping.name
+HEADLINE_SKIP = "Skip"  # param: the skip-list label (schema.skip_label) or search=<strategy>
+HEADLINE_PARAMS: tuple[str, ...] = (HEADLINE_MODEL, HEADLINE_BACKEND, HEADLINE_MAPPING, HEADLINE_SKIP)
+
+HEADLINE_SQNR_DB = "SQNR dB"  # the int8 (lowered) model's output SQNR against float
+HEADLINE_INT8_ACCURACY = "Int8 accuracy"  # the task metric of the int8 (lowered) model, a fraction
+HEADLINE_FLOAT_ACCURACY = "Float accuracy"  # the task metric of the float model, a fraction
+HEADLINE_DELTA_POINTS = "Delta points"  # int8 minus float accuracy in percentage points (-0.22 = 0.22 points lost)
+HEADLINE_SPEEDUP = "Speedup"  # float / int8 latency at batch 1, fastest form each
+HEADLINE_SIZE_RATIO = "Size ratio"  # int8 / float serialized size
+
+# Headline metric -> the pipeline metric it shows (None: derived, see HEADLINE_DELTA_POINTS). The first is
+# logged first, so the compare view's parallel-coordinates plot opens on it.
+HEADLINE_METRICS: dict[str, str | None] = {
+    HEADLINE_SQNR_DB: LOWERED_SQNR_DB,
+    HEADLINE_INT8_ACCURACY: LOWERED_ACCURACY,
+    HEADLINE_FLOAT_ACCURACY: FLOAT_ACCURACY,
+    HEADLINE_DELTA_POINTS: None,
+    HEADLINE_SPEEDUP: speedup(1),
+    HEADLINE_SIZE_RATIO: SIZE_RATIO,
+}

@@ -23,11 +23,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import metric_keys, registry
+from pipeline import metric_keys, registry, schema
 from pipeline.errors import ConfigError, error_summary
 from pipeline.machine import machine_tags
 from pipeline.schema import PipelineSpec
 from pipeline.tracking import Tracker, make_tracker, run_tags
+from pipeline.tracking import headline as headline_
 from stages.types import StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class RunResult:
 
     artifacts: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # the headline params (metric_keys.HEADLINE_PARAMS)
+    run_id: str | None = None  # the MLflow run (None: tracking off)
+    experiment_id: str | None = None
+    model_uri: str | None = None  # the int8 model logged to MLflow
+    registered: str | None = None  # models:/<name>@<alias> when tracking.register registered it
     warnings: list[str] = field(default_factory=list)  # "<stage>: text", in order; also <run dir>/warnings.txt
 
 
@@ -158,15 +164,26 @@ def run(
     log_file: Path | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    register: bool = True,
 ) -> RunResult:
-    """Run the planned stages of a validated spec in registry order."""
+    """Run the planned stages of a validated spec in registry order. The MLflow run is named by what
+    distinguishes it (schema.run_label, with the `skip` tag of extra_tags as the skip-list's label); with
+    tracking.register set and `register` (a sweep's job: False, the sweep registers its best), the
+    exported model goes into the Model Registry."""
     stages = registry.plan(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(spec.tracking)
+    tags = {**run_tags(spec), **(extra_tags or {})}
+    result = RunResult(params=headline_.headline_params(spec, tags["skip"]))
     # The store first: an unreachable one is a ConfigError before anything is written.
-    tracker.start(
-        OmegaConf.to_container(resolved, resolve=True), {**run_tags(spec), **(extra_tags or {})}, parent_run_id
-    )
+    config = OmegaConf.to_container(resolved, resolve=True)
+    tracker.start({**result.params, **config}, tags, parent_run_id, run_name=schema.run_label(spec, tags["skip"]))
+    result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id
+    if parent_run_id is None:
+        tracker.share_view(headline_.HEADLINE_VIEW)
+    first = headline_.first_headline_metric(spec)
+    if first is not None:
+        tracker.log_metrics({first: float("nan")})  # a placeholder, replaced when evaluate measures it
     config_file = run_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(resolved, resolve=True))
     tracker.log_artifacts(config_file)
@@ -174,11 +191,22 @@ def run(
     tracker.log_artifacts(run_dir / "machine.json")
 
     def log_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:
-        child = tracker.child(params, {**run_tags(spec), **tags}, run_name=name)
-        child.log_metrics(metrics)
+        child = tracker.child(
+            {**result.params, metric_keys.HEADLINE_SKIP: name, **params}, {**run_tags(spec), **tags}, run_name=name
+        )
+        child.log_metrics({**headline_.headline_metrics(metrics), **metrics})
         child.end("FINISHED")
 
-    result = RunResult()
+    def log_model(path: Path, engine: str, example: list[Any], output: Any, model_tags: dict[str, str]) -> None:
+        result.model_uri = tracker.log_model(path, engine, example, output)
+        if register and result.model_uri is not None and spec.tracking.register:
+            version_tags = {"backend": spec.backend.engine, "skip": result.params[metric_keys.HEADLINE_SKIP]}
+            version_tags |= {
+                "run": str(result.run_id),
+                "metric": _metric_tag(headline_.headline_metrics(result.metrics)),
+            }
+            result.registered = tracker.register_model(result.model_uri, version_tags | model_tags)
+
     stop = StopRequest()
     failed_optional: list[str] = []  # stages whose failure is not fatal (FAILURE_IS_FATAL = False) that raised
     current, status = None, "FAILED"
@@ -189,7 +217,15 @@ def run(
                 current = stage.NAME
                 out = run_dir / stage.NAME  # made before write: a stage killed mid-compute leaves no folder
                 ctx = StageContext(
-                    spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run, _warner(stage, result)
+                    spec,
+                    out,
+                    result.artifacts,
+                    stop.check,
+                    tracker.set_tags,
+                    log_child_run,
+                    _warner(stage, result),
+                    tracker.log_dataset,
+                    log_model,
                 )
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
@@ -204,7 +240,7 @@ def run(
                 seconds = time.perf_counter() - start
                 metrics[metric_keys.stage_seconds(stage.NAME)] = seconds
                 result.metrics.update(metrics)
-                tracker.log_metrics(metrics)
+                tracker.log_metrics({**headline_.headline_metrics(metrics), **metrics})
                 tracker.log_artifacts(out, stage.NAME)
                 log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage.NAME, seconds)
             stop.check()
@@ -231,3 +267,13 @@ def run(
                 tracker.log_artifacts(log_file)
             tracker.end(status)
     return result
+
+
+def _metric_tag(headline: dict[str, float]) -> str:
+    """The registered version's `metric` tag: its task metric (or SQNR) and the delta, in one line."""
+    parts = [
+        f"{key}={headline_.format_value(headline[key])}"
+        for key in (metric_keys.HEADLINE_INT8_ACCURACY, metric_keys.HEADLINE_DELTA_POINTS, metric_keys.HEADLINE_SQNR_DB)
+        if key in headline
+    ]
+    return ", ".join(parts) or "none"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,20 @@ from pipeline.errors import ConfigError, closest
 
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
+FLOWS: tuple[str, ...] = ("fx", "pt2e")  # engine.name: torch.ao's FX flow, torchao's PT2E flow
+
+
+@dataclass
+class EngineSpec:
+    """Which quantization flow runs the stages: FX graph mode (torch.ao) or PT2E (torch.export + torchao)."""
+
+    name: str = "fx"  # fx | pt2e
+    # pt2e, backend=x86: activations on 7 bits (true) or 8 (false); null: recovery.activation_bits (auto: 8 with
+    # VNNI, 7 without, as for FX).
+    reduce_range: bool | None = None
+    # pt2e: a compiled form (torch.compile of the q/dq program, an AOTInductor package) whose outputs reach
+    # less than this SQNR against the q/dq program is refused (compiled artifacts were seen to be wrong).
+    min_compiled_sqnr_db: float = 35.0
 
 
 @dataclass
@@ -143,6 +158,13 @@ class EvaluateSpec:
     models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
     max_batches: int | None = None  # null: the whole evaluation part
     latency: LatencySpec = field(default_factory=LatencySpec)
+    # Quality metrics (metric_keys.EVALUATE_METRICS): auto = accuracy, sqnr, agreement, cosine with labels
+    # and trained weights; sqnr, cosine without. Also accuracy, topk, sqnr, agreement, cosine, custom.
+    metrics: list[str] = field(default_factory=lambda: ["auto"])
+    top_k: int = 5  # the topk metric's k
+    # `module.function` taking (float_outputs, int8_outputs, labels or None) and returning a float; it may
+    # live in a folder of model.python_path. Logged as eval/<model>/custom.
+    custom_metric: str | None = None
 
 
 @dataclass
@@ -155,6 +177,7 @@ class ExportSpec:
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17
+    aot_inductor: bool = True  # engine=pt2e: also an AOTInductor package (.pt2, static batch), ~15 s to build
     # An exported file whose outputs (reloaded, on the first evaluation batch) disagree with the int8 torch
     # model below either bar is a warning naming the file and the figure (not an error: the file is written).
     min_sqnr_db: float = 30.0  # output SQNR of the file vs the int8 torch model
@@ -167,10 +190,14 @@ class SearchSpec:
 
     enabled: bool = False  # search=greedy turns it on
     strategy: str = "greedy"  # greedy
-    criterion: str = "accuracy"  # accuracy (needs labels) | sqnr (output SQNR vs float; for unlabeled data)
-    max_drop: float = 0.01  # accuracy criterion: the largest accepted drop below float
+    # accuracy | topk (need labels) | agreement (argmax vs float) | sqnr | cosine (mean per-sample cosine
+    # vs float) | custom (evaluate.custom_metric, higher is better)
+    criterion: str = "accuracy"
+    max_drop: float = 0.01  # accuracy, topk, agreement: the largest accepted drop below float (agreement: 1.0)
     drop_mode: str = "absolute"  # absolute (0.01 = one point) | relative (0.01 = 1% of float accuracy)
     min_sqnr_db: float = 30.0  # sqnr criterion: the lowest accepted output SQNR
+    min_cosine: float = 0.99  # cosine criterion: the lowest accepted mean cosine similarity
+    min_value: float = 0.0  # custom criterion: the lowest accepted value of evaluate.custom_metric
     max_trials: int = 20  # conversions tried, the fully quantized one included
     requantize: bool = True  # after meeting the bar, try putting skipped layers back to int8
 
@@ -223,12 +250,15 @@ class TrackingSpec:
     tracking_uri: str = MISSING
     artifact_location: str | None = MISSING  # null: the tracking server's default (its artifact proxy)
     experiment_name: str = "fx-ptq"
-    run_name: str | None = None
+    run_name: str | None = None  # null: the pipeline's name for the run (schema.run_label)
+    register: str | None = None  # a Model Registry name: register the run's model (a sweep's best, a search's winner)
+    register_alias: str = "candidate"  # the alias the registered version gets
 
 
 @dataclass
 class PipelineSpec:
     backend: BackendSpec = MISSING
+    engine: EngineSpec = field(default_factory=EngineSpec)
     qconfig_mapping: QConfigMappingSpec = MISSING
     skip: SkipSpec = MISSING
     custom_config: CustomConfigSpec = MISSING
@@ -297,6 +327,22 @@ def skip_label(skip: SkipSpec, preset: SkipSpec | None = None) -> str:
     return f"custom-{hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
+def run_label(spec: PipelineSpec, skip: str) -> str:
+    """What distinguishes a run, for its MLflow run name and its folder: `digits_cnn x86 backend_default skip=add`
+    (`skip` is skip_label's text); with a search, `search=<strategy>` instead of the skip-list it searches for."""
+    search = spec.search.strategy if spec.search.enabled else None
+    return _label(spec.model.name, spec.backend.engine, spec.qconfig_mapping.name, search, skip)
+
+
+def _label(model: str, engine: str, mapping: str, search: str | None, skip: str) -> str:
+    return f"{model} {engine} {mapping} " + (f"search={search}" if search else f"skip={skip}")
+
+
+def folder_name(label: str) -> str:
+    """A run label as a folder name: spaces become underscores."""
+    return label.replace(" ", "_")
+
+
 def skip_preset(name: str, config_sources: Any) -> SkipSpec | None:
     """conf/skip/<name>.yaml from the first config source that has it (Hydra's search order), as a SkipSpec."""
     import importlib.resources
@@ -326,11 +372,22 @@ def _skip_label_resolver(skip: DictConfig, *, _root_: DictConfig) -> str:
     return skip_label(spec, preset)  # type: ignore[arg-type]
 
 
+def _run_label_resolver(*, _root_: DictConfig) -> str:
+    """`${run_label:}` in hydra.run.dir / hydra.sweep.subdir: run_label as a folder name."""
+    skip = _skip_label_resolver(_root_.skip, _root_=_root_)
+    model = OmegaConf.select(_root_, "model.name", default="model")
+    engine = OmegaConf.select(_root_, "backend.engine", default="backend")
+    mapping = OmegaConf.select(_root_, "qconfig_mapping.name", default="mapping")
+    search = OmegaConf.select(_root_, "search.strategy") if OmegaConf.select(_root_, "search.enabled") else None
+    return folder_name(_label(model, engine, mapping, search, skip))
+
+
 def register() -> None:
     """Register the schema so config.yaml's defaults list can extend it (`- pipeline_schema`), and the
     `skip_label` resolver its run-folder names use."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineSpec)
     OmegaConf.register_new_resolver("skip_label", _skip_label_resolver, replace=True)
+    OmegaConf.register_new_resolver("run_label", _run_label_resolver, replace=True)
     # ${pid:} in conf/config.yaml's run folder name: runs started in the same second get their own folder.
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
@@ -377,6 +434,45 @@ def unknown_key_hint(override: str) -> str | None:
             )
         spec_type = hints[segment]
     return None
+
+
+def group_options(group: str, config_dirs: list[Path]) -> list[str] | None:
+    """The options of config group `group` (its YAML files) across config_dirs; None if no folder has it."""
+    folders = [folder / group for folder in config_dirs if (folder / group).is_dir()]
+    if not folders:
+        return None
+    return sorted({path.stem for folder in folders for path in folder.glob("*.yaml")})
+
+
+def command_line_problems(argv: list[str], config_dirs: list[Path]) -> list[str]:
+    """For the overrides on a command line: an option a config group does not have (`backend=fbgem`),
+    with the group's options and a "did you mean", and a key the schema does not have (unknown_key_hint).
+    Sweep values (`backend=fbgemm,qnnpack`) are checked one by one; `+`/`~` overrides, hydra's own keys and
+    sweep functions (`choice(...)`) are left to Hydra. No config_dirs: nothing is checked."""
+    if not config_dirs:
+        return []
+    problems = []
+    for override in argv:
+        if override.startswith("-") or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        if key.startswith(("+", "~", "hydra")) or "/" in key:
+            continue
+        options = group_options(key, config_dirs)
+        if options is not None:
+            if not re.fullmatch(r"[\w.\-]+(,[\w.\-]+)*", value):
+                continue  # a sweep function, interpolation or quoting: Hydra parses it
+            for choice in value.split(","):
+                if choice not in options and choice != "null":
+                    problems.append(
+                        f"{key}={choice}: the config group '{key}' has no option '{choice}'.{closest(choice, options)}"
+                        f" Its options are {options} (conf/{key}/*.yaml, or your --config-dir)."
+                    )
+            continue
+        hint = unknown_key_hint(override)
+        if hint is not None:
+            problems.append(hint)
+    return problems
 
 
 def _reject_unknown_keys(node: Any, spec_type: type, prefix: str) -> None:

@@ -1,10 +1,12 @@
-"""Stage `evaluate`: task metric, SQNR and agreement against float, serialized size, and latency of
-each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see pipeline/measure.py.
+"""Stage `evaluate`: the quality metrics evaluate.metrics chooses (accuracy, top-k, SQNR, agreement,
+cosine similarity, a user's function; `auto` = sqnr and cosine for unlabeled data), serialized size, and
+latency of each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see
+pipeline/measure.py.
 
 The float reference's latency is kept in the latency cache (<cache.dir>/latency/, with cache.enabled), so a
 sweep or repeated runs time it once.
 
-Config keys read: evaluate.models, evaluate.max_batches, evaluate.latency.*, backend.engine, cache.*.
+Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric), cache.*.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from torch import nn
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.measure import LatencyCache, measure_latency, quality_metrics, serialized_bytes
-from pipeline.schema import EvaluateSpec
+from pipeline.measure import (
+    LatencyCache,
+    measure_latency,
+    metric_plan,
+    quality_metrics,
+    resolve_custom_metric,
+    serialized_bytes,
+)
+from pipeline.schema import EvaluateSpec, PipelineSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -29,7 +38,7 @@ NAME = "evaluate"
 CONSUMES = ("loaded",)
 USES = ("reference", "lowered")
 PRODUCES = ("evaluation",)
-READS = ("evaluate", "backend", "cache")
+READS = ("evaluate", "backend", "model", "data", "cache")
 OPTIONAL = False
 
 
@@ -38,10 +47,13 @@ def evaluate(
     candidates: dict[str, nn.Module],
     engine: str,
     spec: EvaluateSpec,
+    python_path: list[str] | None = None,
     latency_cache: LatencyCache | None = None,
 ) -> EvaluationReport:
     """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's.
-    With `latency_cache`, the float model's latency is read from it when its key is there."""
+    `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
+    `latency_cache`, the float model's latency is read from it when its key is there."""
+    plan = metric_plan(spec.metrics, spec.top_k, spec.custom_metric, list(python_path or []), loaded.has_accuracy)
     models = {"float": loaded.model, **candidates}
     models = {name: model for name, model in models.items() if name in spec.models}
     batches = loaded.data.evaluation[: spec.max_batches]
@@ -54,7 +66,7 @@ def evaluate(
         outputs = {name: torch.cat([inputs.call(model) for inputs, _ in batches]) for name, model in models.items()}
         labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
         for name, logits in outputs.items():
-            metrics.update(quality_metrics(name, logits, outputs.get("float"), labels))
+            metrics.update(quality_metrics(name, logits, outputs.get("float"), labels, plan))
         if metric_keys.LOWERED_ACCURACY in metrics and metric_keys.FLOAT_ACCURACY in metrics:
             metrics[metric_keys.ACCURACY_DELTA] = (
                 metrics[metric_keys.LOWERED_ACCURACY] - metrics[metric_keys.FLOAT_ACCURACY]
@@ -75,11 +87,19 @@ def evaluate(
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
 
 
+def check(spec: PipelineSpec) -> None:
+    """evaluate.custom_metric imports (through model.python_path and data.python_path) and takes three arguments."""
+    if spec.evaluate.custom_metric is not None:
+        resolve_custom_metric(spec.evaluate.custom_metric, [*spec.model.python_path, *spec.data.python_path])
+
+
 def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
     spec = ctx.spec
+    python_path = [*spec.model.python_path, *spec.data.python_path]
     cache = LatencyCache(latency_cache_dir(spec.cache.dir)) if spec.cache.enabled else None
-    return {"evaluation": evaluate(ctx.artifacts["loaded"], candidates, spec.backend.engine, spec.evaluate, cache)}
+    loaded = ctx.artifacts["loaded"]
+    return {"evaluation": evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, cache)}
 
 
 def latency_cache_dir(cache_dir: str) -> Path:
@@ -93,7 +113,7 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     report: EvaluationReport = produced["evaluation"]
     write_json(out / "metrics.json", report.metrics)
     write_json(out / "fastest_form.json", report.fastest_form)
-    for key in metric_keys.QUALITY_METRICS:
+    for key in metric_keys.quality_metric_names(ctx.spec.evaluate.top_k):
         figures = {name: report.metrics.get(metric_keys.eval_metric(name, key)) for name in metric_keys.MODELS}
         shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items() if value is not None)
         if shown:

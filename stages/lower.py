@@ -1,6 +1,10 @@
 """Stage `lower`: the reference model lowered to the backend's quantized operators, by the same pass
 convert_fx runs after its own reference conversion (so the result equals convert_fx's).
 
+A mapping entry whose nodes the BackendConfig left float (it silently drops qconfigs with dtypes it has
+no config for, e.g. dynamic int8 on Conv2d or float16 on onednn) is a warning naming the entry, a metric
+and ignored_mapping_entries.json.
+
 Config keys read: backend.engine, backend.backend_config, qconfig_mapping.name, skip.name.
 """
 
@@ -15,7 +19,7 @@ from torch import nn
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import steps
-from pipeline.schema import BackendSpec
+from pipeline.schema import BackendSpec, EngineSpec
 from stages.types import Lowered, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -24,12 +28,14 @@ NAME = "lower"
 CONSUMES = ("reference", "loaded")
 USES: tuple[str, ...] = ()
 PRODUCES = ("lowered",)
-READS = ("backend",)
+READS = ("engine", "backend")
 OPTIONAL = False
 
 
-def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs) -> Lowered:
-    model, counts = steps.lower(reference, backend, example_inputs)
+def lower(
+    reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs, flow: EngineSpec | None = None
+) -> Lowered:
+    model, counts, ignored = steps.lower_with_report(reference, backend, example_inputs, flow=flow or EngineSpec())
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,
@@ -37,7 +43,7 @@ def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: Model
         counts["float"],
         counts["quantize_dequantize"],
     )
-    return Lowered(model=model, engine=backend.engine, node_counts=counts)
+    return Lowered(model=model, engine=backend.engine, node_counts=counts, ignored_entries=ignored)
 
 
 def module_listing(model: nn.Module) -> str:
@@ -53,15 +59,23 @@ def module_listing(model: nn.Module) -> str:
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:
-    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, ctx.artifacts["loaded"].data.example_inputs)}
+    loaded = ctx.artifacts["loaded"]
+    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, loaded.data.example_inputs, ctx.spec.engine)}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """lowered_graph.py (the int8 model's FX code), lowered_model.txt (its module tree and module types)
-    and node_counts.json."""
+    """lowered_graph.py (the int8 model's FX code), lowered_model.txt (its module tree and module types),
+    node_counts.json and, when there are any, ignored_mapping_entries.json (the mapping entries the backend
+    left float, also logged as warnings; the metric counts them in every run)."""
     out = ctx.out_dir
     lowered: Lowered = produced["lowered"]
     (out / "lowered_graph.py").write_text(lowered.model.code)
     (out / "lowered_model.txt").write_text(module_listing(lowered.model))
     write_json(out / "node_counts.json", lowered.node_counts)
-    return {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}
+    if lowered.ignored_entries:  # only when there is something to see
+        write_json(out / "ignored_mapping_entries.json", lowered.ignored_entries)
+    for line in lowered.ignored_entries:  # a warning, repeated in the run's summary (warnings.txt)
+        ctx.warn(f"lower: {line}")
+    metrics = {metric_keys.node_count(kind): float(count) for kind, count in lowered.node_counts.items()}
+    metrics[metric_keys.IGNORED_MAPPING_ENTRIES] = float(len(lowered.ignored_entries))
+    return metrics

@@ -1,13 +1,14 @@
-"""Stage `search` (optional: search=greedy sets search.enabled=true): the fastest skip-list that meets an
-accuracy (or SQNR) bar, re-converting one calibrated model for every trial.
+"""Stage `search` (optional: search=greedy sets search.enabled=true): the fastest skip-list that meets a
+bar on search.criterion (accuracy, top-k, agreement, SQNR, cosine similarity or evaluate.custom_metric;
+higher is better for each), re-converting one calibrated model for every trial.
 
 Trial 0 is the fully quantized model. If it misses the bar, layers return to float one at a time in
 order of measured sensitivity (each layer's own output SQNR, worst first) until the bar is met; then
 each skipped layer but the last is tried back in int8 and stays int8 if the bar still holds. The
 winner is the fastest trial that meets the bar (or, if none does, the one closest to it).
 
-Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, backend.*, qconfig_mapping.*,
-custom_config.convert.
+Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, evaluate.metrics, evaluate.top_k,
+evaluate.custom_metric, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path, data.python_path.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys
+from pipeline import measure, metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.errors import ConfigError
-from pipeline.measure import LatencyCache, measure_latency, quality_metrics
+from pipeline.measure import LatencyCache, measure_latency, metric_plan, quality_metrics, resolve_custom_metric
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -48,7 +49,18 @@ NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "cache")
+READS = (
+    "search",
+    "evaluate",
+    "backend",
+    "qconfig_mapping",
+    "custom_config",
+    "recovery",
+    "calibrate",
+    "model",
+    "data",
+    "cache",
+)
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -59,7 +71,7 @@ FAILURE_IS_FATAL = True
 class Trial:
     number: int
     skipped: list[str]  # module names left float
-    score: float  # accuracy or SQNR, as the criterion says
+    score: float  # the criterion's value (accuracy, SQNR, mean cosine ...)
     meets: bool
     latency_ms: float  # the fastest deployable form at the first evaluate.latency batch size
     metrics: dict[str, float] = field(default_factory=dict)
@@ -79,22 +91,27 @@ class SearchResult:
 
 
 def check(spec: PipelineSpec) -> None:
-    blocker = get_engine().numerics_blocker(spec.custom_config)
+    blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
     if blocker is not None:
         raise ConfigError(
             f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "
             f"Use search=none and sweep skip-lists instead (python -m pipeline -m skip=...)."
         )
-    if spec.search.criterion == "accuracy" and not spec.model.trained:
+    if spec.search.criterion in ("accuracy", "topk") and not spec.model.trained:
         raise ConfigError(
-            "search.criterion='accuracy' needs a trained model (model.trained=false means random weights); "
-            "use search.criterion=sqnr with search.min_sqnr_db."
+            f"search.criterion='{spec.search.criterion}' needs a trained model (model.trained=false means random "
+            f"weights); use search.criterion=cosine with search.min_cosine, or sqnr with search.min_sqnr_db."
         )
+    if spec.search.criterion == "custom" and spec.evaluate.custom_metric is not None:
+        resolve_custom_metric(spec.evaluate.custom_metric, [*spec.model.python_path, *spec.data.python_path])
 
 
 def _bar(spec: SearchSpec, float_score: float) -> float:
-    if spec.criterion == "sqnr":
-        return spec.min_sqnr_db
+    """The lowest accepted score: a fixed bar (sqnr, cosine, custom) or a drop below float (accuracy, topk,
+    agreement; float agrees with itself, 1.0)."""
+    fixed = {"sqnr": spec.min_sqnr_db, "cosine": spec.min_cosine, "custom": spec.min_value}
+    if spec.criterion in fixed:
+        return fixed[spec.criterion]
     if spec.drop_mode == "relative":
         return float_score * (1.0 - spec.max_drop)
     return float_score - spec.max_drop
@@ -109,14 +126,26 @@ def search(
     evaluate_spec: EvaluateSpec,
     spec: SearchSpec,
     report_trial: Callable[[Trial], None] = lambda trial: None,
+    python_path: list[str] | None = None,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
     latency_cache: LatencyCache | None = None,
 ) -> SearchResult:
-    """With recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
+    """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
+    recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
     reference_convert stage does, so the winner is scored as it will ship."""
-    if spec.criterion == "accuracy" and not loaded.data.has_labels:
-        raise ValueError("search.criterion='accuracy' needs labelled data; use search.criterion=sqnr.")
+    if spec.criterion in ("accuracy", "topk") and not loaded.data.has_labels:
+        raise ValueError(
+            f"search.criterion='{spec.criterion}' needs labelled data; use search.criterion=cosine or sqnr."
+        )
+    plan = metric_plan(
+        [*evaluate_spec.metrics, spec.criterion],
+        evaluate_spec.top_k,
+        evaluate_spec.custom_metric,
+        list(python_path or []),
+        loaded.has_accuracy,
+    )
+    score_key = metric_keys.eval_metric("lowered", metric_keys.criterion_metric(spec.criterion, evaluate_spec.top_k))
     batches = loaded.data.evaluation[: evaluate_spec.max_batches]
     inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
@@ -124,9 +153,7 @@ def search(
     size = latency_spec.batch_sizes[0]
     with torch.no_grad():
         float_outputs = inputs.call(loaded.model)
-    float_score = (
-        (float_outputs.argmax(1) == labels).float().mean().item() if spec.criterion == "accuracy" else float("inf")
-    )
+    float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
@@ -151,14 +178,12 @@ def search(
             timing, _ = measure_latency({"lowered": lowered}, inputs, latency_spec)
             latency = timing[metric_keys.latency_ms("lowered", size)]
             metrics = {
-                **quality_metrics("lowered", outputs, float_outputs, labels),
+                **quality_metrics("lowered", outputs, float_outputs, labels, plan),
                 metric_keys.latency_ms("lowered", size): latency,
                 metric_keys.speedup(size): float_ms / latency,
                 metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
             }
-            score = metrics[
-                metric_keys.LOWERED_ACCURACY if spec.criterion == "accuracy" else metric_keys.LOWERED_SQNR_DB
-            ]
+            score = metrics[score_key]
             lowered_models[len(trials)] = lowered
         metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
         trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics)
@@ -216,12 +241,19 @@ def search(
     return SearchResult(winner, trials, sensitivity, float_score, bar, bool(passing))
 
 
+def trial_name(trial: Trial) -> str:
+    """A trial's MLflow run name, by what it left float: `trial 2: float hidden.1,hidden.2`."""
+    left = f"float {','.join(trial.skipped)}" if trial.skipped else "all int8"
+    name = f"trial {trial.number}: {left}"
+    return name if len(name) <= 120 else name[:117] + "..."
+
+
 def compute(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
 
     def report_trial(trial: Trial) -> None:
         ctx.log_child_run(
-            f"trial-{trial.number}",
+            trial_name(trial),
             {"trial": str(trial.number), "skip.module_name": str(trial.skipped)},
             {"skip": f"trial_{trial.number}", "search_trial": str(trial.number)},
             {**trial.metrics, metric_keys.SEARCH_SCORE: trial.score, metric_keys.SEARCH_MEETS: float(trial.meets)},
@@ -236,6 +268,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.evaluate,
         spec.search,
         report_trial,
+        [*spec.model.python_path, *spec.data.python_path],
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
         LatencyCache(Path(spec.cache.dir) / "latency") if spec.cache.enabled else None,

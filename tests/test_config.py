@@ -41,6 +41,8 @@ REQUIRED_KEYS = {
     "data=image_folder": ["data.factory.root=images"],
     "data=tensor_file": ["data.factory.path=inputs.pt"],
     "data=custom": ["data.factory._target_=stages.sources.digits.digits_data"],
+    "model=hf_encoder": ["model.factory.path=my_bert"],
+    "data=text_file": ["data.factory.path=sentences.txt", "data.factory.tokenizer=my_bert"],
 }
 
 

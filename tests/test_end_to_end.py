@@ -61,7 +61,7 @@ def test_a_run_in_mlflow_has_params_metrics_artifacts_and_tags(run_pipeline, tmp
     assert run.data.tags["qconfig_mapping"] == "backend_default"
     params = run.data.params
     assert params["backend.engine"] == "qnnpack"
-    assert params["skip.object_type"] == "['operator.add', 'torch.add']"
+    assert params["skip.object_type"] == "['operator.add']"
     assert params["data.factory.calibration_size"] == "256"
     metrics = run.data.metrics
     for key in (

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.metric_keys",
             "pipeline.progress",
             "pipeline.machine",
+            "pipeline.digest",
         ),
     ),
     ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure")),

@@ -184,7 +184,10 @@ def test_named_qconfigs_follow_the_engine(name: str, engine: str) -> None:
 
 
 def test_default_and_null_qconfig_names() -> None:
-    assert set(qconfigs.QCONFIG_LIBRARY) == set(NAMED_QCONFIGS)
+    static = {name for name, family in qconfigs.QCONFIG_FAMILY.items() if family == "static"}
+    assert static == set(NAMED_QCONFIGS) and set(qconfigs.QCONFIG_FAMILY) == set(qconfigs.QCONFIG_LIBRARY)
+    # the others (tests/test_qconfig_families.py): dynamic int8, weight-only int8, float16
+    assert set(qconfigs.QCONFIG_LIBRARY) - static == {"dynamic", "dynamic_per_channel", "weight_only", "fp16_dynamic"}
     default = qconfigs.named_qconfig("default", BACKENDS["qnnpack"], "k")
     assert type(default.weight()).__name__ == "MinMaxObserver"  # the backend's default_qconfig: backend_default
     assert qconfigs.named_qconfig(None, BACKENDS["x86"], "k") is None

@@ -54,11 +54,14 @@ def _run_dir(overrides: list[str]) -> str:
 
 
 def test_the_run_folder_names_what_runs() -> None:
-    assert _run_dir(["backend=qnnpack"]).endswith("_qnnpack_none")
-    assert _run_dir(["skip=first_last"]).endswith("_x86_first_last")
-    assert _run_dir(["skip=first_last", "skip.module_name=[stem.0,fc]"]).endswith("_x86_first_last")  # the same
-    assert _run_dir(["skip.module_name=[fc]"]).endswith("_x86_module_name=fc")
-    assert _run_dir(["skip=first_last", "skip.module_name=[fc]"]).endswith("_x86_module_name=fc")
+    # The folder is the MLflow run's name (schema.run_label), spaces as underscores.
+    assert _run_dir(["backend=qnnpack"]).endswith("_digits_cnn_qnnpack_backend_default_skip=none")
+    assert _run_dir(["skip=first_last"]).endswith("_x86_backend_default_skip=first_last")
+    same = ["skip=first_last", "skip.module_name=[stem.0,fc]"]
+    assert _run_dir(same).endswith("_x86_backend_default_skip=first_last")
+    assert _run_dir(["skip.module_name=[fc]"]).endswith("_x86_backend_default_skip=module_name=fc")
+    assert _run_dir(["skip=first_last", "skip.module_name=[fc]"]).endswith("_skip=module_name=fc")
+    assert _run_dir(["model=outlier_mlp", "search=greedy"]).endswith("_outlier_mlp_x86_backend_default_search=greedy")
 
 
 @pytest.mark.slow
@@ -81,4 +84,4 @@ def test_the_cli_run_folder_names_a_command_line_skip_list(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.endswith("_x86_module_name=fc") and (run_dir / "load").is_dir()
+    assert run_dir.name.endswith("_x86_backend_default_skip=module_name=fc") and (run_dir / "load").is_dir()

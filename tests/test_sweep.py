@@ -41,7 +41,7 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
     assert {row["status"] for row in rows} == {"FINISHED"}
     report_dir = next(tmp_path.glob("multirun/*/report"))
     markdown_rows = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(markdown_rows) == 7  # header + 6 jobs
+    assert len(markdown_rows) == 14  # two tables (quality; speed and cache), each a header + 6 jobs
     assert (report_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.csv", "report/report.md", "report/report.png"} <= logged

@@ -31,6 +31,9 @@ class ReferenceConversion:
     model: nn.Module
     engine_state: object  # opaque: created and read only by the engine that converted
     left_float: list[str] = field(default_factory=list)  # nodes the skip-list returned to float
+    # Each mapping entry naming a qconfig (a readable description) and the nodes it gives that qconfig;
+    # steps.lower reports an entry none of whose nodes got quantized (the backend ignored its dtype).
+    mapping_entry_nodes: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +126,10 @@ class Engine(Protocol):
 
     def count_nodes(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
         """Compute nodes by what they produce: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
+        ...
+
+    def node_kinds(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
+        """Each compute node of a lowered model by name: 'quantized', 'float' or 'quantize_dequantize'."""
         ...
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:

@@ -31,7 +31,7 @@ from pipeline.engine import custom_modules, introspect, mappings, numerics, obse
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.mappings import check_convert_mapping
-from pipeline.engine.qconfigs import get_backend_config, quantized_engine
+from pipeline.engine.qconfigs import get_backend_config, quantized_engine, resolve_import
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
 # QuantizationTracer records each FX node's Python stack trace unless torch.fx.config says not to: a
@@ -127,6 +127,19 @@ def prepare(
     if example_inputs.integer_names():
         drop_non_float_observers(prepared, example_inputs)
     return prepared
+
+
+def fused_model(model: nn.Module, prepare_custom_config: PrepareCustomConfig, backend_config: Any) -> GraphModule:
+    """A copy of `model` traced and fused as prepare_fx does it (same tracer, same skipped modules), to see
+    which fused modules (LinearReLU, ConvReLU2d ...) prepare will build."""
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+    from torch.ao.quantization.fx.utils import get_skipped_module_name_and_classes
+    from torch.ao.quantization.quantize_fx import _fuse_fx
+
+    copied = copy.deepcopy(model).eval()
+    names, classes = get_skipped_module_name_and_classes(prepare_custom_config, False)
+    graph_module = GraphModule(copied, QuantizationTracer(names, classes).trace(copied))  # type: ignore[arg-type]
+    return _fuse_fx(graph_module, False, None, backend_config)
 
 
 def drop_non_float_observers(prepared: GraphModule, example_inputs: ModelInputs) -> list[str]:
@@ -284,14 +297,25 @@ def convert_in_one_step(
 _GLUE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.dequantize, "dequantize"}
 
 
-def count_nodes(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
-    """Tensor-producing compute nodes by the dtype they produce on the example inputs: quantized
-    (int8 kernels, or ops running on int8 tensors), float (left in float), and quantize/dequantize glue."""
+def _float_out_quantized_op(model: GraphModule, node: torch.fx.Node) -> bool:
+    """A quantized op with float input and output: dynamic int8 / fp16 Linear (torch.ao.nn.quantized.dynamic,
+    or quantized::linear_dynamic for functional linear) and weight-only Embedding (quantized::embedding_byte)."""
+    if node.op == "call_module":
+        return type(model.get_submodule(str(node.target))).__module__.startswith(
+            ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+        )
+    return node.op == "call_function" and getattr(node.target, "_qualified_op_name", "").startswith("quantized::")
+
+
+def node_kinds(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
+    """Each tensor-producing compute node's kind, by what it produces on the example inputs: quantized
+    (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose
+    input and output are float), float (left in float), or quantize_dequantize glue."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     with quantized_engine(engine):
         ShapeProp(model).propagate(*example_inputs.positional(model))
-    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    kinds: dict[str, str] = {}
     for node in model.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if node.op not in ("call_module", "call_function", "call_method") or meta is None:
@@ -301,11 +325,19 @@ def count_nodes(model: GraphModule, example_inputs: ModelInputs, engine: str) ->
             "DeQuantize",
         )
         if node.target in _GLUE or is_glue_module:
-            counts["quantize_dequantize"] += 1
-        elif getattr(meta, "is_quantized", False):
-            counts["quantized"] += 1
+            kinds[node.name] = "quantize_dequantize"
+        elif getattr(meta, "is_quantized", False) or _float_out_quantized_op(model, node):
+            kinds[node.name] = "quantized"
         else:
-            counts["float"] += 1
+            kinds[node.name] = "float"
+    return kinds
+
+
+def count_nodes(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
+    """node_kinds counted: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
+    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
+    for kind in node_kinds(model, example_inputs, engine).values():
+        counts[kind] += 1
     return counts
 
 
@@ -335,17 +367,18 @@ class FxEngine:
     ) -> GraphModule:
         prepare_custom_config, _ = custom_modules.build_custom_configs(custom)
         bits = recovery.activation_bits(recovery_spec, backend.engine)
+        backend_config = get_backend_config(backend.backend_config)
         qconfig_mapping = mappings.build_qconfig_mapping(mapping, backend)
-        if bits is not None:
+        if mapping.object_type:  # torch needs one qconfig for every op type of a fused module
+            explicit = {
+                resolve_import(entry.object_type, "qconfig_mapping.object_type") for entry in mapping.object_type
+            }
+            fused = mappings.fused_op_types(fused_model(model, prepare_custom_config, backend_config))
+            mappings.align_fusion_partners(qconfig_mapping, fused, explicit)
+        if bits is not None:  # after the alignment, as convert_reference does it
             recovery.set_activation_bits(qconfig_mapping, bits)
         with quantized_engine(backend.engine):
-            prepared = prepare(
-                model,
-                qconfig_mapping,
-                example_inputs,
-                get_backend_config(backend.backend_config),
-                prepare_custom_config,
-            )
+            prepared = prepare(model, qconfig_mapping, example_inputs, backend_config, prepare_custom_config)
         prepared.meta[ACTIVATION_BITS_META] = bits
         return prepared
 
@@ -397,12 +430,17 @@ class FxEngine:
         if bits is not None:
             recovery.set_activation_bits(convert_mapping, bits)
         with quantized_engine(backend.engine):
-            return convert_reference(
+            conversion = convert_reference(
                 prepared,
                 convert_mapping,
                 get_backend_config(backend.backend_config),
                 convert_custom_config,
             )
+        assert isinstance(conversion.model, GraphModule) and isinstance(conversion.engine_state, FxConvertState)
+        conversion.mapping_entry_nodes = introspect.mapping_entry_nodes(
+            prepared, mapping, backend, conversion.engine_state.node_name_to_qconfig
+        )
+        return conversion
 
     def lower(self, reference: nn.Module, engine_state: object, engine: str) -> GraphModule:
         if not isinstance(reference, GraphModule) or not isinstance(engine_state, FxConvertState):
@@ -412,6 +450,10 @@ class FxEngine:
     def count_nodes(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
         assert isinstance(model, GraphModule)
         return count_nodes(model, example_inputs, engine)
+
+    def node_kinds(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
+        assert isinstance(model, GraphModule)
+        return node_kinds(model, example_inputs, engine)
 
     def check_custom_modules(
         self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str

@@ -3,6 +3,7 @@ listing, and the per-entry "matches nothing" lines reference_convert warns with.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Callable
@@ -105,7 +106,8 @@ def _nodes_configured_by(prepared: GraphModule, mapping: QConfigMapping) -> list
     """The op nodes `mapping` gives a qconfig, computed by torch's own per-node resolution (the one
     prepare and convert use), so module-name prefixes, regexes, fused types and call order all count."""
     attrs = prepared.meta["_observed_graph_module_attrs"]
-    _update_qconfig_for_fusion(prepared, mapping)
+    with contextlib.suppress(LookupError):  # an entry for a fusion partner alone (ReLU of LinearReLU)
+        _update_qconfig_for_fusion(prepared, mapping)
     per_node = _generate_node_name_to_qconfig(
         prepared,
         copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),
@@ -164,3 +166,116 @@ def entry_matches(
                 note = note or "it names modules or ops that have no quantizable node."
             matches.append(EntryMatch(key, value, nodes, note))
     return matches
+
+
+def mapping_entry_nodes(
+    prepared: GraphModule,
+    mapping_spec: QConfigMappingSpec,
+    backend: BackendSpec,
+    node_name_to_qconfig: dict[str, Any],
+) -> list[tuple[str, list[str]]]:
+    """For each entry of the mapping (its own entries, not base or global) that names a qconfig: a readable
+    description (key, value, qconfig, its family and the backend config) and the nodes it gives that
+    qconfig at convert time. Nodes a skip-list returned to float, or that a more specific entry took
+    over, do not count. steps.lower reports an entry none of whose nodes got quantized: the BackendConfig
+    has no dtype config for that qconfig on those ops (dynamic int8 on a Conv2d, float16 on onednn)."""
+    from torch.ao.quantization.qconfig import qconfig_equals
+
+    from pipeline.engine.mappings import align_fusion_partners, fused_op_types
+    from pipeline.engine.qconfigs import QCONFIG_FAMILY, named_qconfig
+
+    fused = fused_op_types(prepared)
+    entries: list[tuple[str, str, str, Callable[[QConfigMapping, Any], Any]]] = []
+    for i, entry in enumerate(mapping_spec.object_type):
+        target = resolve_import(entry.object_type, f"qconfig_mapping.object_type[{i}].object_type")
+        entries.append(
+            (f"object_type[{i}]", entry.object_type, entry.qconfig, lambda m, q, t=target: m.set_object_type(t, q))
+        )
+    for i, entry in enumerate(mapping_spec.module_name_regex):
+        entries.append(
+            (
+                f"module_name_regex[{i}]",
+                entry.regex,
+                entry.qconfig,
+                lambda m, q, r=entry.regex: m.set_module_name_regex(r, q),
+            )
+        )
+    for i, entry in enumerate(mapping_spec.module_name):
+        entries.append(
+            (
+                f"module_name[{i}]",
+                entry.module_name,
+                entry.qconfig,
+                lambda m, q, n=entry.module_name: m.set_module_name(n, q),
+            )
+        )
+    for i, entry in enumerate(mapping_spec.module_name_object_type_order):
+        target = resolve_import(entry.object_type, f"qconfig_mapping.module_name_object_type_order[{i}].object_type")
+        entries.append(
+            (
+                f"module_name_object_type_order[{i}]",
+                f"{entry.module_name} / {entry.object_type} / {entry.index}",
+                entry.qconfig,
+                lambda m, q, e=entry, t=target: m.set_module_name_object_type_order(e.module_name, t, e.index, q),
+            )
+        )
+    found: list[tuple[str, list[str]]] = []
+    for key, value, name, add_entry in entries:
+        if name is None:
+            continue
+        qconfig = named_qconfig(name, backend, f"qconfig_mapping.{key}.qconfig")
+        mapping = QConfigMapping()
+        add_entry(mapping, qconfig)
+        if key.startswith("object_type"):  # as prepare did: the fusion partners (ReLU of LinearReLU) follow
+            align_fusion_partners(mapping, fused, set(mapping.object_type_qconfigs))
+        asked = [
+            node
+            for node in _nodes_configured_by(prepared, mapping)
+            if node_name_to_qconfig.get(node) is not None and qconfig_equals(node_name_to_qconfig[node], qconfig)
+        ]
+        if asked:
+            resolved = backend.default_qconfig if name == "default" else name
+            found.append(
+                (
+                    f"qconfig_mapping.{key} ({value}: {name}) gives a "
+                    f"{QCONFIG_FAMILY.get(resolved, 'static')} qconfig to {{nodes}}, and none was quantized: "
+                    f"backend.backend_config='{backend.backend_config}' has no such dtype config for these ops "
+                    f"(or the ops have no quantized form), so they run in float.",
+                    asked,
+                )
+            )
+    return found
+
+
+def ignored_entries(entry_nodes: list[tuple[str, list[str]]], node_kinds: dict[str, str]) -> list[str]:
+    """The entries of mapping_entry_nodes none of whose nodes is quantized in the lowered model (a node
+    the lowering renamed counts as quantized: only what is known to be float is reported)."""
+    lines = []
+    for description, nodes in entry_nodes:
+        if all(node_kinds.get(node, "quantized") == "float" for node in nodes):
+            shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+            lines.append(description.replace("{nodes}", f"{len(nodes)} node(s) ({shown})"))
+    return lines
+
+
+def float_io_quantized_ops(model: GraphModule) -> list[str]:
+    """The ops of a lowered model that are quantized but take and return float tensors: dynamic int8 and
+    float16 Linear, weight-only Embedding (`name (type)`). torch's ONNX exporter has no form for them."""
+    modules = dict(model.named_modules())
+    found = []
+    for node in model.graph.nodes:
+        if node.op == "call_module":
+            module_type = type(modules[str(node.target)])
+            if module_type.__module__.startswith(
+                (
+                    "torch.ao.nn.quantized.dynamic",
+                    "torch.ao.nn.intrinsic.quantized.dynamic",
+                    "torch.ao.nn.quantized.modules.embedding_ops",
+                )
+            ):
+                found.append(f"{node.target} ({module_type.__module__}.{module_type.__name__})")
+        elif node.op == "call_function":
+            op_name = getattr(node.target, "_qualified_op_name", "")
+            if op_name.startswith("quantized::") and ("dynamic" in op_name or "embedding" in op_name):
+                found.append(f"{node.name} ({op_name})")
+    return found

@@ -79,6 +79,47 @@ def fused_types_of(model: nn.Module, object_types: list[type]) -> list[type]:
     return fused
 
 
+def fused_op_types(model: nn.Module) -> list[tuple[type, list[type]]]:
+    """(fused type, its op types in order) for every fused module in a fused or prepared model."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    found: list[tuple[type, list[type]]] = []
+    for module in model.modules():
+        if isinstance(module, _FusedModule):
+            entry = (type(module), [type(op) for op in module.children()])
+            if entry not in found:
+                found.append(entry)
+    return found
+
+
+def align_fusion_partners(
+    mapping: QConfigMapping, fused: list[tuple[type, list[type]]], explicit: set[Any]
+) -> dict[type, QConfig | None]:
+    """torch's prepare_fx / convert_fx require every op type of a fused module (Linear + ReLU ->
+    LinearReLU) to have the same object_type qconfig, so `{object_type: torch.nn.Linear, qconfig: dynamic}`
+    alone fails on any model that fuses Linear+ReLU. Give each fusion partner the first op's qconfig
+    unless the config names the partner itself (`explicit`); a partner that two fusions would need to set
+    differently (Linear+ReLU dynamic, Conv2d+ReLU float) is a ConfigError. Returns what was set."""
+    types = mapping.object_type_qconfigs
+    added: dict[type, QConfig | None] = {}
+    for fused_type, ops in fused:
+        first = types.get(ops[0])
+        for partner in ops[1:]:
+            if qconfig_equals(types.get(partner), first) or partner in explicit:
+                continue
+            if partner in added:
+                raise ConfigError(
+                    f"qconfig_mapping: torch fuses {import_path(ops[0])} with {import_path(partner)} "
+                    f"({fused_type.__name__}) and needs both to have one object_type qconfig, but another fusion "
+                    f"of {import_path(partner)} needs a different one ({_describe(added[partner])} vs "
+                    f"{_describe(first)}). Give these layers their qconfig by module_name or module_name_regex "
+                    f"entries instead of object_type (module names: stages=[load,inspect])."
+                )
+            types[partner] = first
+            added[partner] = first
+    return added
+
+
 def build_convert_mapping(
     spec: QConfigMappingSpec, skip: SkipSpec, backend: BackendSpec, prepared: nn.Module
 ) -> QConfigMapping:
@@ -104,6 +145,9 @@ def build_convert_mapping(
             entry.index,
             None,
         )
+    if spec.object_type:  # as prepare did (FxEngine.prepare), now with the skipped types' partners too
+        explicit = {resolve_import(e.object_type, "qconfig_mapping.object_type") for e in spec.object_type}
+        align_fusion_partners(mapping, fused_op_types(prepared), explicit | set(skip_types))
     return mapping
 
 

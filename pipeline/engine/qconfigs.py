@@ -15,9 +15,13 @@ from torch.ao.quantization import (
     HistogramObserver,
     MinMaxObserver,
     QConfig,
+    default_dynamic_qconfig,
     default_per_channel_weight_observer,
     default_weight_observer,
+    float16_dynamic_qconfig,
+    float_qparams_weight_only_qconfig,
     get_default_qconfig,
+    per_channel_dynamic_qconfig,
 )
 
 from pipeline.engine.observers import MSEObserver, PercentileObserver, activation_range
@@ -71,6 +75,46 @@ QCONFIG_LIBRARY: dict[str, tuple[str, Callable[[str], QConfig]]] = {
             weight=default_per_channel_weight_observer,
         ),
     ),
+    # Not static: nothing of these is calibrated. Only the op types the backend has a dtype config for
+    # take them (see QCONFIG_FAMILY and README "Dynamic, weight-only and float16"); the lower stage
+    # warns about a mapping entry the backend ignored.
+    "dynamic": (
+        "dynamic int8 (torch's default_dynamic_qconfig): per-tensor int8 weights, activations quantized per "
+        "batch at run time; Linear (and LSTM/GRU), output float",
+        lambda engine: default_dynamic_qconfig,
+    ),
+    "dynamic_per_channel": (
+        "dynamic int8 with per-channel weights (torch's per_channel_dynamic_qconfig): Linear",
+        lambda engine: per_channel_dynamic_qconfig,
+    ),
+    "weight_only": (
+        "weight-only int8 (torch's float_qparams_weight_only_qconfig): per-row int8 weights, float math; "
+        "Embedding / EmbeddingBag only (no native backend has a weight-only Linear)",
+        lambda engine: float_qparams_weight_only_qconfig,
+    ),
+    "fp16_dynamic": (
+        "float16 weights, dynamic (torch's float16_dynamic_qconfig): Linear on fbgemm / x86",
+        lambda engine: float16_dynamic_qconfig,
+    ),
+}
+
+# How each named qconfig quantizes: static (calibrated activations), dynamic (int8 activations per batch),
+# weight_only, fp16. README "Dynamic, weight-only and float16" tabulates what each backend supports.
+QCONFIG_FAMILY: dict[str, str] = {
+    **{name: "static" for name in QCONFIG_LIBRARY},
+    "dynamic": "dynamic",
+    "dynamic_per_channel": "dynamic",
+    "weight_only": "weight_only",
+    "fp16_dynamic": "fp16",
+}
+
+# Named qconfigs an engine's kernels refuse outright (measured by tests/test_qconfig_families.py): refused
+# at start-up instead of failing in the lower stage. Combinations the BackendConfig merely ignores are
+# warned about after lowering (the entry is named), not refused.
+ENGINE_UNSUPPORTED: dict[str, dict[str, str]] = {
+    "fp16_dynamic": {
+        "qnnpack": "qnnpack has no float16 Linear kernel (quantized::linear_prepack_fp16 is not supported by QNNPACK)",
+    },
 }
 
 
@@ -84,6 +128,13 @@ def named_qconfig(name: str | None, backend: BackendSpec, key: str) -> QConfig |
         valid = ["default", *QCONFIG_LIBRARY]
         raise ConfigError(
             f"{key}='{name}' is not a known qconfig; choose one of {valid} or null (stay float).{closest(name, valid)}"
+        )
+    refused = ENGINE_UNSUPPORTED.get(name, {}).get(backend.engine)
+    if refused is not None:
+        usable = [other for other in QCONFIG_LIBRARY if backend.engine not in ENGINE_UNSUPPORTED.get(other, {})]
+        raise ConfigError(
+            f"{key}='{name}' cannot run on backend.engine='{backend.engine}': {refused}. Use it with backend=x86 "
+            f"or backend=fbgemm, or pick another qconfig for this engine: {usable}."
         )
     return QCONFIG_LIBRARY[name][1](backend.engine)
 

@@ -6,7 +6,7 @@ Importing this module does not import mlflow; make_tracker does, only when track
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +23,7 @@ class RunRecord:
     status: str  # FINISHED, FAILED, KILLED or RUNNING
     tags: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    run_id: str | None = None
 
 
 @runtime_checkable
@@ -32,6 +33,16 @@ class Tracker(Protocol):
     @property
     def run_id(self) -> str | None:
         """The store's id of the open run; None before start, after end, or when nothing is tracked."""
+        ...
+
+    @property
+    def last_run_id(self) -> str | None:
+        """The id of the run this tracker opened, also after end (None when nothing is tracked)."""
+        ...
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment the run is in (None when nothing is tracked)."""
         ...
 
     def start(
@@ -60,6 +71,26 @@ class Tracker(Protocol):
         ...
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        """More params on the open run (a param, once logged, cannot change)."""
+        ...
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        """The run's data as a dataset input: its name, digest, source and sizes."""
+        ...
+
+    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
+        """The exported int8 TorchScript file as a loadable model of this run; its URI, or None."""
+        ...
+
+    def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
+        """model_uri into the Model Registry under tracking.register (None: not registered)."""
+        ...
+
+    def share_view(self, key: str, search_filter: str = "") -> str | None:
+        """A saved view of the experiment's run list (headline columns, runs matching search_filter)."""
+        ...
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; safe to call twice."""

@@ -8,11 +8,14 @@ Only pipeline.tracking.make_tracker (tracking on) and the CLI import this module
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +27,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 
+from pipeline import metric_keys  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.schema import TrackingSpec, is_tracking_server  # noqa: E402
 from pipeline.tracking.base import RunRecord  # noqa: E402
@@ -64,13 +68,16 @@ class MlflowTracker:
         self.run_id: str | None = None
         self.nested = False
         self.kind = "run"  # how the log lines name it: "sweep parent run" for a sweep's (tag sweep=true)
+        self.experiment_id: str | None = None
+        self.last_run_id: str | None = None  # the run's id after end(), for the closing summary
 
     @classmethod
     def attach(cls, spec: TrackingSpec, run_id: str) -> MlflowTracker:
         """A tracker on a run that already exists (a past sweep's parent, to rebuild its report)."""
         tracker = cls(spec)
         tracker.client = MlflowClient(tracking_uri=spec.tracking_uri)
-        tracker.run_id = run_id
+        tracker.run_id = tracker.last_run_id = run_id
+        tracker.experiment_id = tracker.client.get_run(run_id).info.experiment_id
         return tracker
 
     @property
@@ -90,8 +97,9 @@ class MlflowTracker:
         all_tags = {**tags, **process_tags()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or self.spec.run_name)
-        self.run_id = run.info.run_id
+        run = self.client.create_run(experiment_id, tags=all_tags, run_name=self.spec.run_name or run_name)
+        self.run_id = self.last_run_id = run.info.run_id
+        self.experiment_id = experiment_id
         self.nested = parent_run_id is not None
         self.kind = "sweep parent run" if tags.get("sweep") == "true" else "run"
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
@@ -104,7 +112,7 @@ class MlflowTracker:
         )
 
     def child(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> MlflowTracker:
-        child = MlflowTracker(self.spec)
+        child = MlflowTracker(replace(self.spec, run_name=None))  # a trial keeps its own name
         child.start(params, tags, parent_run_id=self.run_id, run_name=run_name)
         return child
 
@@ -116,7 +124,10 @@ class MlflowTracker:
         runs = self.client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=5000
         )
-        return [RunRecord(run.info.run_name, run.info.status, run.data.tags, run.data.metrics) for run in runs]
+        return [
+            RunRecord(run.info.run_name, run.info.status, run.data.tags, run.data.metrics, run.info.run_id)
+            for run in runs
+        ]
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         if not self.active:
@@ -139,6 +150,70 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()])
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        """The data as an MLflow dataset input (the run list's Dataset column): name, digest, where it came
+        from (the data factory), and its sizes as the profile."""
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest,
+            source_type="code",
+            source=json.dumps({"factory": source}),
+            profile=json.dumps(dict(profile)),
+        )
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
+        """The exported int8 TorchScript file as an MLflow pyfunc model of this run (the run list's Models
+        column), with its input example and signature; returns its models:/ URI."""
+        if not self.active:
+            return None
+        assert self.client is not None and self.run_id is not None
+        model_uri = log_torchscript_model(self.spec.tracking_uri, self.run_id, torchscript, engine, example, output)
+        self.set_tags({"model_uri": model_uri})
+        log.info("MLflow: logged the int8 model as %s", model_uri)
+        return model_uri
+
+    def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
+        """model_uri as a new version of tracking.register, with tags and tracking.register_alias; returns
+        `models:/<name>@<alias>`."""
+        name = self.spec.register
+        if name is None or self.client is None:
+            return None
+        # The registry of this store: without registry_uri, mlflow takes the process's (fluent) tracking URI.
+        uri = self.spec.tracking_uri
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with fluent_store(uri):  # the registry resolves the models:/ source through the fluent store
+            return register_model(client, name, self.spec.register_alias, model_uri, tags, run_id or self.run_id)
+
+    def share_view(self, key: str, search_filter: str = "") -> str | None:
+        """An experiment view (headline columns selected, runs filtered by search_filter) that the UI opens
+        with ?viewStateShareKey=<key>; returns the key."""
+        if self.client is None or self.experiment_id is None:
+            return None
+        state = {
+            "searchFilter": search_filter,
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "selectedColumns": headline_columns(),
+            "columnOrder": [],
+            "columnWidths": {"attributes.`Run Name`": 330},
+            # Grouped by backend: the groups open expanded, where a sweep's parent run would hide its jobs.
+            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "Backend"}]},
+        }
+        self.client.set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
+        return key
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; safe to call twice."""
@@ -195,20 +270,133 @@ def close_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return stale
 
 
+# MLflow 3's UI opens an experiment on what its kind says: without the tag it guesses, and opened this
+# pipeline's experiments on the GenAI traces overview. "custom_model_development" opens on the runs (the
+# UI's "Custom model development"; mlflow/server/js, ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A kind the UI guessed (or none) is replaced; one a user chose in the UI (genai_development, ...) is kept.
+GUESSED_KINDS = (None, "", "genai_development_inferred", "custom_model_development_inferred", "no_inferred_type")
+CREATED_BY_TAG = "pipeline.created_by"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the UI's shared views: ?viewStateShareKey=<key>
+
+
 def ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> str:
     """The experiment's id, creating it with artifacts under outputs/ (with a SQLite store, mlflow
-    otherwise puts them in ./mlruns of whatever folder the process runs in)."""
+    otherwise puts them in ./mlruns of whatever folder the process runs in) and the kind that makes the
+    UI open it on its runs; an existing experiment without a chosen kind gets that kind too."""
     experiment = client.get_experiment_by_name(spec.experiment_name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) in GUESSED_KINDS:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, CREATED_BY_TAG: "fx-quant-pipeline"}
     try:
-        return client.create_experiment(spec.experiment_name, artifact_location=artifact_uri(spec.artifact_location))
+        return client.create_experiment(
+            spec.experiment_name, artifact_location=artifact_uri(spec.artifact_location), tags=tags
+        )
     except Exception:
         # Another process created it between our lookup and create.
         experiment = client.get_experiment_by_name(spec.experiment_name)
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def headline_columns() -> list[str]:
+    """The run list's columns in the UI's ids: Dataset, Models, the headline params and metrics."""
+    columns = ["attributes.`Dataset`", "attributes.`Models`"]
+    columns += [f"params.`{key}`" for key in metric_keys.HEADLINE_PARAMS]
+    return columns + [f"metrics.`{key}`" for key in metric_keys.HEADLINE_METRICS]
+
+
+MODEL_CODE = Path(__file__).with_name("torchscript_model.py")
+
+
+@contextlib.contextmanager
+def fluent_store(tracking_uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """mlflow's global (fluent) tracking URI, and experiment, for a block: model logging and the registry's
+    `models:/` sources read them rather than a client's. set_tracking_uri also exports MLFLOW_TRACKING_URI,
+    which later subprocesses would inherit: the variables are put back as they were."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(tracking_uri)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def log_torchscript_model(
+    tracking_uri: str, run_id: str, torchscript: Path, engine: str, example: Sequence[Any], output: Any
+) -> str:
+    """Log the TorchScript file as a pyfunc model from code (pipeline/tracking/torchscript_model.py) linked
+    to run_id. mlflow's model logging reads the fluent tracking URI, so it is set for the call."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    arrays = [np.asarray(value) for value in example]
+    names = [f"input_{i}" for i in range(len(arrays))] if len(arrays) > 1 else [None]
+    inputs = Schema([TensorSpec(a.dtype, (-1, *a.shape[1:]), n) for a, n in zip(arrays, names, strict=True)])
+    result = np.asarray(output)
+    signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(result.dtype, (-1, *result.shape[1:]))]))
+    input_example = arrays[0] if len(arrays) == 1 else dict(zip(names, arrays, strict=True))
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    # The logged model belongs to an experiment, which mlflow takes from the fluent API, not from run_id: the
+    # run's own, so that the UI's Models column and the experiment's Models tab show it.
+    with fluent_store(tracking_uri, experiment_id):
+        info = Model.log(
+            artifact_path=None,
+            name="int8_model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(MODEL_CODE),  # run, not imported, by mlflow: it calls mlflow.models.set_model
+            artifacts={"torchscript": str(torchscript)},  # torchscript_model.ARTIFACT
+            model_config={"engine": engine},
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=[f"torch=={_version('torch')}", f"numpy=={_version('numpy')}"],
+        )
+    return info.model_uri
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def register_model(
+    client: MlflowClient, name: str, alias: str, model_uri: str, tags: Mapping[str, str], run_id: str | None
+) -> str:
+    """A new version of registered model `name` from model_uri, tagged, with `alias` moved to it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="int8 models from the FX post-training quantization pipeline")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_id
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    log.info(
+        "MLflow Model Registry: %s version %s, alias %s (models:/%s@%s)", name, version.version, alias, name, alias
+    )
+    return f"models:/{name}@{alias}"
 
 
 def _make_sqlite_folder(uri: str) -> None:

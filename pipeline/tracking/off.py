@@ -3,7 +3,7 @@ directory still has everything (and `python -m pipeline.tracking sync` can log i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ class NoopTracker:
     """Implements pipeline.tracking.base.Tracker by doing nothing."""
 
     run_id: str | None = None
+    last_run_id: str | None = None
+    experiment_id: str | None = None
 
     def start(
         self,
@@ -38,6 +40,21 @@ class NoopTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        pass
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        pass
+
+    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
+        return None
+
+    def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
+        return None
+
+    def share_view(self, key: str, search_filter: str = "") -> str | None:
+        return None
 
     def end(self, status: str) -> None:
         pass
