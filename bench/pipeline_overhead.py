@@ -1,20 +1,27 @@
 """What the pipeline costs on top of the work itself.
 
-Times, on the embedded default (x86), (1) each stage of a full default run and (2) the pipeline
-running the same work as a plain script (prepare_fx, calibrate, convert_fx, accuracy on the
-evaluation part) against that plain script, both in-process after imports, median of N repeats.
-The pipeline's extra work is config validation, MLflow logging, writing each stage's outputs,
-and evaluating float/reference/lowered with SQNR and agreement.
+Times, on the embedded default (x86; `--model digits`) or the ResNet-18-shaped net at 224 px with 64
+calibration and 64 evaluation images (`--model resnet18`), (1) each stage of a full default run and its
+share of the run, (2) that full run's wall time against a plain script that builds the same model and
+data, calibrates (prepare_fx), converts (convert_fx) and computes accuracy (argmax agreement with float
+for the random-weight ResNet) once, and (3) the pipeline running only the plain script's work, all
+in-process after imports, median of N repeats. The full run's extra work is config validation, MLflow
+logging, the per-layer diagnosis, latency (adaptive, intervals logged), the exported files and writing
+each stage's outputs. Every run calibrates (cache.enabled=false); the float reference's latency cache
+(<cache.dir>/latency) is on in the full runs, so the first full run times the float model
+(reported separately: `first_full_run_seconds`) and the repeats reuse it, as a sweep does.
 
-    python bench/pipeline_overhead.py [--repeats 3]
+    python bench/pipeline_overhead.py [--model digits|resnet18] [--repeats 3]
 
-Prints a table and writes outputs/bench/pipeline_overhead.json.
+Prints a table and writes outputs/bench/pipeline_overhead[_resnet18].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -28,11 +35,21 @@ from pipeline import runner, schema
 from pipeline.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MODELS = {
+    "digits": [],
+    # 64 calibration and 64 evaluation images of 224 x 224, batches of 8.
+    "resnet18": [
+        "model=resnet18",
+        "data=synthetic",
+        "data.factory.calibration_batches=8",
+        "data.factory.evaluation_batches=8",
+    ],
+}
 # Every run calibrates, as the plain script does: the runs share one output folder, so the calibration
-# cache would otherwise turn every repeat's calibration into a cache hit.
-FULL = ["cache.enabled=false"]
+# cache would otherwise turn every repeat's calibration into a cache hit (the full runs get a fresh
+# cache.dir each instead, see full_run).
 COMPARABLE = [
-    *FULL,
+    "cache.enabled=false",
     "stages=[load,calibrate,reference_convert,lower,evaluate]",
     "evaluate.latency.enabled=false",
     "diagnose.enabled=false",  # per-layer diagnostics are extra work the plain script does not do
@@ -40,6 +57,15 @@ COMPARABLE = [
 
 
 STORE = tempfile.TemporaryDirectory()  # one MLflow store for every run, as a user has
+LATENCY_CACHE = Path(STORE.name) / "latency-from-first-run"
+LOAD_AT_START = " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def machine_line() -> str:
+    from pipeline.engine.recovery import has_vnni
+    from pipeline.machine import cpu_model
+
+    return f"{cpu_model()}, VNNI {'yes' if has_vnni() else 'no'}, torch {torch.__version__}"
 
 
 def pipeline_run(overrides: list[str]) -> tuple[float, dict[str, float]]:
@@ -53,66 +79,99 @@ def pipeline_run(overrides: list[str]) -> tuple[float, dict[str, float]]:
         return time.perf_counter() - start, state.metrics
 
 
-def plain_script() -> tuple[float, float]:
-    """What a user would write by hand for the same result."""
+def plain_script(model_overrides: list[str]) -> tuple[float, float]:
+    """What a user would write by hand for the same result: the same model and data factories, the
+    backend's default mapping, one calibration, convert_fx, and accuracy (or, without labels, top-1
+    agreement with the float model)."""
     warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
+    from hydra.utils import instantiate
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from stages.sources.digits import digits_cnn, digits_data
-
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=model_overrides)
     start = time.perf_counter()
     torch.backends.quantized.engine = "x86"
-    model, data = digits_cnn(), digits_data()
+    torch.manual_seed(0)
+    model, data = instantiate(cfg.model.factory).eval(), instantiate(cfg.data.factory)
     prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), data.example_inputs.args)
     with torch.no_grad():
         for inputs, _ in data.calibration:
             inputs.call(prepared)
         quantized = convert_fx(prepared)
-        correct = sum((x.call(quantized).argmax(1) == y).sum().item() for x, y in data.evaluation)
-    accuracy = correct / data.num_evaluation_samples
+        hits = 0
+        for x, y in data.evaluation:
+            predicted = x.call(quantized).argmax(1)
+            hits += (predicted == (y if y is not None else x.call(model).argmax(1))).sum().item()
+    accuracy = hits / data.num_evaluation_samples
     return time.perf_counter() - start, accuracy
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="digits")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     schema.register()
-    store_seconds, _ = pipeline_run(COMPARABLE)  # warm-up: imports, and the MLflow store's one-time creation
-    plain_script()
+    chosen = MODELS[args.model]
 
-    full = [pipeline_run(FULL) for _ in range(args.repeats)]
-    comparable = [pipeline_run(COMPARABLE)[0] for _ in range(args.repeats)]
-    plain = [plain_script() for _ in range(args.repeats)]
+    def full_run() -> tuple[float, dict[str, float]]:
+        """A default run that calibrates (a fresh cache folder) but finds the float reference's latency
+        from the first full run (its latency/ folder copied in), as the jobs of a sweep do."""
+        cache_dir = Path(tempfile.mkdtemp(dir=STORE.name, prefix="cache-"))
+        if LATENCY_CACHE.is_dir():
+            shutil.copytree(LATENCY_CACHE, cache_dir / "latency")
+        found = pipeline_run([*chosen, f"cache.dir={cache_dir}"])
+        if not LATENCY_CACHE.is_dir() and (cache_dir / "latency").is_dir():
+            shutil.copytree(cache_dir / "latency", LATENCY_CACHE)
+        return found
+
+    store_seconds, _ = pipeline_run([*chosen, *COMPARABLE])  # warm-up: imports, the MLflow store's creation
+    plain_script(chosen)
+
+    first_full = full_run()  # a fresh output folder: calibrates and times the float reference
+    full = [full_run() for _ in range(args.repeats)]
+    comparable = [pipeline_run([*chosen, *COMPARABLE])[0] for _ in range(args.repeats)]
+    plain = [plain_script(chosen) for _ in range(args.repeats)]
 
     stages = [key.split("/")[1] for key in full[0][1] if key.startswith("stage/") and key.endswith("/seconds")]
     stage_seconds = {
         stage: statistics.median(metrics[f"stage/{stage}/seconds"] for _, metrics in full) for stage in stages
     }
+    full_seconds = statistics.median(seconds for seconds, _ in full)
+    plain_seconds = statistics.median(seconds for seconds, _ in plain)
     result = {
+        "model": args.model,
+        "machine": machine_line(),
+        "load_average_at_start": LOAD_AT_START,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "full_run_seconds": statistics.median(seconds for seconds, _ in full),
         "full_run_stage_seconds": stage_seconds,
+        "full_run_stage_share": {stage: seconds / full_seconds for stage, seconds in stage_seconds.items()},
+        "first_full_run_seconds": first_full[0],
+        "full_over_plain_ratio": full_seconds / plain_seconds,
         "comparable_pipeline_seconds": statistics.median(comparable),
         "plain_script_seconds": statistics.median(seconds for seconds, _ in plain),
         "plain_script_accuracy": plain[0][1],
-        "pipeline_lowered_accuracy": full[0][1]["eval/lowered/accuracy"],
+        "pipeline_lowered_accuracy": full[0][1].get("eval/lowered/accuracy", full[0][1].get("eval/lowered/agreement")),
     }
     result["first_run_with_new_store_seconds"] = store_seconds
     result["overhead_ratio"] = result["comparable_pipeline_seconds"] / result["plain_script_seconds"]
 
-    print(f"{'what':<44}{'seconds':>10}")
+    print(f"{result['machine']}; load average at start {LOAD_AT_START} (a shared machine: figures vary run to run)")
+    print(f"{'what (' + args.model + ')':<44}{'seconds':>10}{'share':>8}")
     for stage, seconds in stage_seconds.items():
-        print(f"{'full default run: ' + stage:<44}{seconds:>10.3f}")
+        print(f"{'full default run: ' + stage:<44}{seconds:>10.3f}{seconds / full_seconds:>8.0%}")
     print(f"{'full default run: total':<44}{result['full_run_seconds']:>10.3f}")
+    print(f"{'first full run (times the float reference)':<44}{first_full[0]:>10.3f}")
+    print(f"{'full run / plain script':<44}{result['full_over_plain_ratio']:>10.2f}")
     print(f"{'pipeline, same work as the plain script':<44}{result['comparable_pipeline_seconds']:>10.3f}")
     print(f"{'plain script (prepare/calibrate/convert/eval)':<44}{result['plain_script_seconds']:>10.3f}")
     print(f"{'overhead ratio (pipeline / plain)':<44}{result['overhead_ratio']:>10.2f}")
     print(f"{'(first run ever: creates the MLflow store)':<44}{store_seconds:>10.3f}")
     print(f"accuracy: pipeline {result['pipeline_lowered_accuracy']:.4f}, plain {result['plain_script_accuracy']:.4f}")
-    out = Path("outputs/bench/pipeline_overhead.json")
+    out = Path(f"outputs/bench/pipeline_overhead{'' if args.model == 'digits' else '_' + args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -137,6 +137,32 @@ def cli() -> None:
         raise
 
 
+def exit_now(code: object) -> None:
+    """End the process as `sys.exit(code)` would, without the interpreter's teardown: join the threads
+    that are still working (MLflow's async logging, if any), run the atexit handlers (MLflow ends its
+    runs and flushes, logging flushes its files), flush stdout and stderr, then os._exit. Tearing down
+    torch, MLflow, SQLAlchemy and ONNX module by module took 4.5-6 s after the last log line on the
+    default run (issue 15: measured with an atexit probe; the handlers themselves took 0.05 s)."""
+    import atexit
+    import contextlib
+    import os
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 def _config_dirs(argv: list[str]) -> list[Path]:
     """The folders config groups come from: the shipped conf/, --config-dir (-cd) and hydra.searchpath."""
     folders = [Path(__file__).resolve().parent / "conf"]
@@ -155,4 +181,11 @@ def _config_dirs(argv: list[str]) -> list[Path]:
 
 
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except SystemExit as done:
+        exit_now(done.code)
+    except BaseException:
+        raise  # an unexpected error: Python prints the traceback and exits as usual
+    else:
+        exit_now(0)

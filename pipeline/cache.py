@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
+from pipeline.digest import model_code as _model_code
+from pipeline.digest import tensor_digest as _tensor_digest
 from pipeline.engine import get_engine, recovery
 from pipeline.schema import EngineSpec, PipelineSpec
 
@@ -46,23 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
-
-
-def _tensor_digest(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().contiguous().cpu()
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-
-
-def _model_code(model: nn.Module) -> str:
-    """Source of every module class the model uses: editing forward() must invalidate the entry."""
-    sources = []
-    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
-        try:
-            sources.append(inspect.getsource(cls))
-        except (OSError, TypeError):
-            sources.append(f"{cls.__module__}.{cls.__qualname__}")
-    return "\n".join(sources)
 
 
 def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[ModelInputs | torch.Tensor]) -> str:

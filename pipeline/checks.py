@@ -38,6 +38,7 @@ def check(spec: PipelineSpec) -> None:
         raise ConfigError(
             f"export.torchscript='{spec.export.torchscript}' is not valid; use 'trace', 'script' or 'none'."
         )
+    _check_in("export.form", spec.export.form, ("auto", "frozen", "unfrozen"))
     for position, form in enumerate(spec.evaluate.latency.forms):
         _check_in(f"evaluate.latency.forms[{position}]", form, ("eager", "traced", "frozen"))
     for position, model in enumerate(spec.evaluate.models):
@@ -104,6 +105,7 @@ NAME_MAX_CHARS = 200  # names become folder names (skip.name, backend) and MLflo
 NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux's NAME_MAX and PATH_MAX
 MAX_BATCH_SIZE = 65536  # latency inputs are the evaluation data repeated to this size, in memory
 MAX_LATENCY_RUNS = 100_000  # warm-up and timed runs per model, form and batch size
+MAX_LATENCY_BUDGET_S = 3600.0  # seconds of timing per model, form and batch size
 MAX_TOP_K = 1000  # evaluate.top_k (capped at the number of outputs when measured)
 MAX_SQNR_DB = 100.0  # int8 layers give 35-45 dB; float32 rounding alone gives ~140 dB
 # QDQ export of quantized models needs QuantizeLinear with an axis (per-channel weights): opset 13.
@@ -298,6 +300,7 @@ def check_ranges(spec: PipelineSpec) -> None:
     # Calibrate, evaluate, export.
     _check_float("export.min_sqnr_db", spec.export.min_sqnr_db, -MAX_SQNR_DB, MAX_SQNR_DB, why=" dB")
     _check_float("export.min_agreement", spec.export.min_agreement, 0.0, 1.0, why=" (a fraction)")
+    _check_int("export.target_batch_size", spec.export.target_batch_size, 1, MAX_BATCH_SIZE)
     _check_int("calibrate.max_batches", spec.calibrate.max_batches, 1, none_means="every calibration batch")
     _check_int("evaluate.max_batches", spec.evaluate.max_batches, 1, none_means="every evaluation batch")
     _check_list("evaluate.models", spec.evaluate.models)
@@ -335,6 +338,8 @@ def check_ranges(spec: PipelineSpec) -> None:
         _check_int("evaluate.latency.threads", latency.threads, 1, cpus, why=f" (the {cpus} CPUs here)")
         _check_int("evaluate.latency.warmup", latency.warmup, 0, MAX_LATENCY_RUNS)
         _check_int("evaluate.latency.repeats", latency.repeats, 1, MAX_LATENCY_RUNS)
+        _check_float("evaluate.latency.target_ci", latency.target_ci, 0.001, 1.0, why=" (a fraction of the median)")
+        _check_float("evaluate.latency.budget_s", latency.budget_s, 0.01, MAX_LATENCY_BUDGET_S, why=" seconds")
         _check_list(
             "evaluate.latency.batch_sizes",
             latency.batch_sizes,

@@ -9,12 +9,18 @@ thread yet slower frozen at sixteen), so every form is measured and the fastest 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import math
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -72,48 +78,219 @@ def _deployable_forms(model: nn.Module, example: ModelInputs, forms: list[str]) 
     return built
 
 
-def _time_ms(run: Callable, inputs: tuple, spec: LatencySpec) -> tuple[float, float]:
+# Adaptive timing. Like torch.utils.benchmark's Timer.adaptive_autorange (which stops on the spread of
+# its blocks, IQR/median), but the stop rule is the one the report needs: the median's 95% confidence
+# interval (distribution-free, from order statistics) within `target_ci` of the median, or the time budget
+# spent. A stable function stops after `repeats` runs; a noisy or slow one gets runs until it knows or
+# until `budget_s` is gone, and the interval it reached is reported either way.
+MAX_RUNS = 100_000  # a hard stop for a function so fast that the budget allows millions of runs
+_Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One (model, form, batch size) measurement in ms: median, p90 and the median's 95% interval."""
+
+    median: float
+    p90: float
+    ci_low: float
+    ci_high: float
+    runs: int
+    seconds: float  # wall time spent measuring, warm-up included
+
+    @property
+    def relative_half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2.0 / self.median if self.median > 0 else float("inf")
+
+
+def median_interval(samples: list[float]) -> tuple[float, float]:
+    """The median's 95% confidence interval from sorted `samples`: the order statistics j..k with
+    P(Bin(n, 1/2) < j) <= 2.5% on each side (exact below 200 samples, the normal approximation above).
+    Below 6 samples no pair reaches 95%, and the interval is the whole range."""
+    n = len(samples)
+    if n < 6:
+        return samples[0], samples[-1]
+    if n <= 200:
+        total, tail, lower = 2.0**n, 0.0, 0
+        for count in range(n + 1):
+            tail += math.comb(n, count) / total
+            if tail > 0.025:
+                break
+            lower = count + 1  # P(X <= count) <= 2.5%: the (count+1)-th smallest is a valid lower bound
+        lower = max(1, lower)
+    else:
+        lower = max(1, math.floor(n / 2.0 - _Z95 * math.sqrt(n) / 2.0))
+    upper = n + 1 - lower
+    return samples[lower - 1], samples[upper - 1]
+
+
+def time_adaptive(run: Callable, inputs: tuple, spec: LatencySpec) -> Timing:
+    """Warm up (`warmup` runs, at most a quarter of the budget, at least one run), then time single runs
+    until at least `repeats` are in and the median's interval is within `target_ci` of it, or `budget_s`
+    is spent (then the interval reached is what is reported)."""
+    began = time.perf_counter()
     with torch.no_grad():
-        for _ in range(spec.warmup):
+        for index in range(max(1, spec.warmup)):
+            if index and time.perf_counter() - began > spec.budget_s / 4.0:
+                break  # a slow model (a 224 px ResNet at batch 32) warms up once
             run(*inputs)
-        samples = []
-        for _ in range(spec.repeats):
+        samples: list[float] = []
+        next_check = max(1, spec.repeats)
+        while True:
             start = time.perf_counter()
             run(*inputs)
-            samples.append((time.perf_counter() - start) * 1000.0)
+            end = time.perf_counter()
+            samples.append((end - start) * 1000.0)
+            if len(samples) >= MAX_RUNS or end - began >= spec.budget_s:
+                break
+            if len(samples) >= next_check:
+                ordered = sorted(samples)
+                low, high = median_interval(ordered)
+                if (high - low) / 2.0 <= spec.target_ci * statistics.median(ordered):
+                    break
+                next_check = len(samples) + max(1, len(samples) // 10)  # re-sorting costs little this way
     samples.sort()
+    low, high = median_interval(samples)
     p90 = samples[min(len(samples) - 1, round(0.9 * (len(samples) - 1)))]
-    return statistics.median(samples), p90
+    return Timing(statistics.median(samples), p90, low, high, len(samples), time.perf_counter() - began)
+
+
+class LatencyCache:
+    """Latency figures of one model (the float reference) kept on disk, so a sweep or a search times it
+    once: keyed by the model's weights and code, the input shapes and dtypes, the thread count, forms,
+    batch sizes and stop rule, the torch version and this machine's CPU. One small JSON file per key in
+    <cache.dir>/latency/ (next to the calibration cache; delete the folder to clear it)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, model: nn.Module, pool: ModelInputs, spec: LatencySpec) -> str:
+        from pipeline.digest import model_code, tensor_digest
+        from pipeline.machine import cpu_model
+
+        digest = hashlib.sha256()
+        for name, value in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            tensor_digest(digest, value)
+        digest.update(model_code(model).encode())
+        shapes = [(name, str(t.dtype), tuple(t.shape[1:])) for name, t in pool.named()]
+        settings = {"shapes": shapes, "latency": asdict(spec), "torch": torch.__version__, "cpu": cpu_model()}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:24]
+
+    def load(self, key: str) -> tuple[dict[str, float], dict[str, str]] | None:
+        path = self.directory / f"{key}.json"
+        try:
+            entry = json.loads(path.read_text())
+            found = (dict(entry["metrics"]), dict(entry["fastest"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("latency cache: ignoring unreadable entry %s (%s)", path, error)
+            return None
+        return found
+
+    def store(self, key: str, metrics: dict[str, float], fastest: dict[str, str]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".tmp-{key}-", dir=self.directory)
+        with os.fdopen(handle, "w") as file:
+            json.dump({"metrics": metrics, "fastest": fastest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, file)
+        os.replace(temporary, self.directory / f"{key}.json")  # atomic: a reader sees all or nothing
+
+
+def _measure_model(
+    name: str, model: nn.Module, pool: ModelInputs, spec: LatencySpec
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Every form at the smallest batch size; at larger ones only the forms whose interval there was not
+    entirely above the best form's (unless spec.prune is false)."""
+    metrics: dict[str, float] = {}
+    fastest: dict[str, str] = {}
+    forms = list(spec.forms)
+    for position, size in enumerate(sorted(spec.batch_sizes)):
+        inputs = pool.repeat_to(size)
+        positional = inputs.positional(model)
+        timings: dict[str, Timing] = {}
+        for form, run in _deployable_forms(model, inputs, forms).items():
+            timing = time_adaptive(run, positional, spec)
+            timings[form] = timing
+            for statistic in ("median", "p90", "ci_low", "ci_high"):
+                metrics[metric_keys.form_latency_ms(name, form, size, statistic)] = getattr(timing, statistic)
+            metrics[metric_keys.form_latency_runs(name, form, size)] = float(timing.runs)
+        best_form = min(timings, key=lambda form: timings[form].median)
+        best = timings[best_form]
+        fastest[f"{name}/b{size}"] = best_form
+        metrics[metric_keys.latency_ms(name, size)] = best.median
+        metrics[metric_keys.latency_ci_ms(name, size, "low")] = best.ci_low
+        metrics[metric_keys.latency_ci_ms(name, size, "high")] = best.ci_high
+        if spec.prune and position == 0 and len(timings) > 1:
+            slower = [form for form, timing in timings.items() if timing.ci_low > best.ci_high]
+            if slower and len(spec.batch_sizes) > 1:
+                log.info(
+                    "latency %s: %s clearly slower than %s at batch %d (interval above); not timed at larger "
+                    "batches (evaluate.latency.prune=false times them)",
+                    name,
+                    ", ".join(slower),
+                    best_form,
+                    size,
+                )
+            forms = [form for form in forms if form not in slower]
+    return metrics, fastest
 
 
 def measure_latency(
-    models: dict[str, nn.Module], pool: ModelInputs | torch.Tensor, spec: LatencySpec
+    models: dict[str, nn.Module],
+    pool: ModelInputs | torch.Tensor,
+    spec: LatencySpec,
+    cache: LatencyCache | None = None,
+    cached: tuple[str, ...] = ("float",),
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Median and p90 ms per model, form and batch size; the fastest form per model and batch size. Each
-    batch is built from `pool` (every input repeated to the batch size), whatever the inputs are."""
+    """Median, p90 and the median's 95% interval in ms per model, form and batch size (adaptive repeats,
+    see time_adaptive); the fastest form per model and batch size; speedup float/lowered with its
+    interval. Each batch is built from `pool` (every input repeated to the batch size). With `cache`,
+    the models named in `cached` (the float reference) are timed once per cache key and reused."""
     pool = ModelInputs.wrap(pool)
     metrics: dict[str, float] = {}
     fastest: dict[str, str] = {}
-    jobs = [(name, size) for name in models for size in spec.batch_sizes]
     with _threads(spec.threads):
-        for name, size in progress(jobs, len(jobs), "latency", log):
-            inputs = pool.repeat_to(size)
-            positional = inputs.positional(models[name])
-            best = None
-            for form, run in _deployable_forms(models[name], inputs, spec.forms).items():
-                median, p90 = _time_ms(run, positional, spec)
-                metrics[metric_keys.form_latency_ms(name, form, size, "median")] = median
-                metrics[metric_keys.form_latency_ms(name, form, size, "p90")] = p90
-                if best is None or median < best[1]:
-                    best = (form, median)
-            assert best is not None
-            metrics[metric_keys.latency_ms(name, size)] = best[1]
-            fastest[f"{name}/b{size}"] = best[0]
+        for name in progress(list(models), len(models), "latency", log):
+            key = cache.key(models[name], pool, spec) if cache is not None and name in cached else None
+            found = cache.load(key) if cache is not None and key is not None else None
+            if found is not None:
+                assert cache is not None
+                cache.hits += 1
+                log.info("latency %s: reused from the latency cache (%s)", name, key)
+            else:
+                found = _measure_model(name, models[name], pool, spec)
+                if cache is not None and key is not None:
+                    cache.misses += 1
+                    cache.store(key, *found)
+            metrics.update(found[0])
+            fastest.update(found[1])
     for size in spec.batch_sizes:
-        float_ms, lowered_ms = metric_keys.latency_ms("float", size), metric_keys.latency_ms("lowered", size)
-        if float_ms in metrics and lowered_ms in metrics:
-            metrics[metric_keys.speedup(size)] = metrics[float_ms] / metrics[lowered_ms]
+        if metric_keys.latency_ms("float", size) in metrics and metric_keys.latency_ms("lowered", size) in metrics:
+            metrics.update(speedup_metrics(metrics, size))
     return metrics, fastest
+
+
+def speedup_metrics(metrics: dict[str, float], size: int) -> dict[str, float]:
+    """float / lowered latency at `size`, with the interval from the two medians' intervals (the
+    slowest-float-over-fastest-lowered ends)."""
+    float_ms, lowered_ms = (
+        metrics[metric_keys.latency_ms("float", size)],
+        metrics[metric_keys.latency_ms("lowered", size)],
+    )
+    figures = {metric_keys.speedup(size): float_ms / lowered_ms}
+    float_low = metrics.get(metric_keys.latency_ci_ms("float", size, "low"))
+    lowered_high = metrics.get(metric_keys.latency_ci_ms("lowered", size, "high"))
+    if float_low is not None and lowered_high is not None:
+        figures[metric_keys.speedup_ci(size, "low")] = float_low / lowered_high
+        lowered_low = metrics[metric_keys.latency_ci_ms("lowered", size, "low")]
+        figures[metric_keys.speedup_ci(size, "high")] = (
+            metrics[metric_keys.latency_ci_ms("float", size, "high")] / lowered_low
+        )
+    return figures
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,14 +65,33 @@ def latency_ms(model: str, batch_size: int) -> str:
     return f"latency/{model}/b{batch_size}_ms"
 
 
+def latency_ci_ms(model: str, batch_size: int, end: str) -> str:
+    """An end ("low" or "high") of the 95% interval of the fastest form's median latency."""
+    return f"latency/{model}/b{batch_size}_ci_{end}_ms"
+
+
 def form_latency_ms(model: str, form: str, batch_size: int, statistic: str) -> str:
-    """One form's latency statistic (median or p90)."""
+    """One form's latency statistic: median, p90, ci_low or ci_high (the median's 95% interval)."""
     return f"latency/{model}/{form}/b{batch_size}_{statistic}_ms"
+
+
+def form_latency_runs(model: str, form: str, batch_size: int) -> str:
+    """How many timed runs the adaptive measurement of one form took."""
+    return f"latency/{model}/{form}/b{batch_size}_runs"
 
 
 def speedup(batch_size: int) -> str:
     """float latency / lowered latency at `batch_size`."""
     return f"latency/speedup_b{batch_size}"
+
+
+def speedup_ci(batch_size: int, end: str) -> str:
+    """An end ("low" or "high") of the speedup's interval: from the two medians' 95% intervals."""
+    return f"latency/speedup_b{batch_size}_ci_{end}"
+
+
+EXPORT_LATENCY_MS = "export/torchscript/latency_ms"  # the exported form's median as evaluate measured it
+EXPORT_FROZEN = "export/torchscript/frozen"  # 1 when the TorchScript file is frozen
 
 
 FLOAT_BYTES = "size/float_bytes"

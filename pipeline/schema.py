@@ -145,8 +145,11 @@ class LatencySpec:
     enabled: bool = True
     threads: int = 1  # torch.set_num_threads during latency runs
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    warmup: int = 5
-    repeats: int = 30
+    warmup: int = 3  # untimed runs first (at most a quarter of budget_s, at least one)
+    repeats: int = 10  # timed runs at least; more until the median's interval is within target_ci
+    target_ci: float = 0.05  # stop when the median's 95% interval half-width is within this fraction of it
+    budget_s: float = 2.0  # ... or when this many seconds are spent on one (model, form, batch size)
+    prune: bool = True  # a form clearly slower at the smallest batch size is not timed at larger ones
     forms: list[str] = field(default_factory=lambda: ["eager", "traced", "frozen"])
 
 
@@ -167,7 +170,10 @@ class EvaluateSpec:
 @dataclass
 class ExportSpec:
     torchscript: str = "trace"  # trace | script | none
-    freeze: bool = True
+    # auto: frozen or not as evaluate measured the lowered model fastest at target_batch_size (and
+    # evaluate.latency.threads); frozen | unfrozen: forced
+    form: str = "auto"
+    target_batch_size: int = 1  # the deployment batch size auto reads evaluate's measurement at
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17

@@ -3,12 +3,16 @@ cosine similarity, a user's function; `auto` = sqnr and cosine for unlabeled dat
 latency of each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see
 pipeline/measure.py.
 
-Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric).
+The float reference's latency is kept in the latency cache (<cache.dir>/latency/, with cache.enabled), so a
+sweep or repeated runs time it once.
+
+Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric), cache.*.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +22,7 @@ from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import (
+    LatencyCache,
     measure_latency,
     metric_plan,
     quality_metrics,
@@ -33,7 +38,7 @@ NAME = "evaluate"
 CONSUMES = ("loaded",)
 USES = ("reference", "lowered")
 PRODUCES = ("evaluation",)
-READS = ("evaluate", "backend", "model", "data")
+READS = ("evaluate", "backend", "model", "data", "cache")
 OPTIONAL = False
 
 
@@ -43,9 +48,11 @@ def evaluate(
     engine: str,
     spec: EvaluateSpec,
     python_path: list[str] | None = None,
+    latency_cache: LatencyCache | None = None,
 ) -> EvaluationReport:
     """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's.
-    `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path)."""
+    `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
+    `latency_cache`, the float model's latency is read from it when its key is there."""
     plan = metric_plan(spec.metrics, spec.top_k, spec.custom_metric, list(python_path or []), loaded.has_accuracy)
     models = {"float": loaded.model, **candidates}
     models = {name: model for name, model in models.items() if name in spec.models}
@@ -75,7 +82,7 @@ def evaluate(
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
             pool = ModelInputs.cat([inputs for inputs, _ in batches])
-            latency, fastest = measure_latency(deployable, pool, spec.latency)
+            latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
 
@@ -90,9 +97,14 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
     spec = ctx.spec
     python_path = [*spec.model.python_path, *spec.data.python_path]
-    return {
-        "evaluation": evaluate(ctx.artifacts["loaded"], candidates, spec.backend.engine, spec.evaluate, python_path)
-    }
+    cache = LatencyCache(latency_cache_dir(spec.cache.dir)) if spec.cache.enabled else None
+    loaded = ctx.artifacts["loaded"]
+    return {"evaluation": evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, cache)}
+
+
+def latency_cache_dir(cache_dir: str) -> Path:
+    """The latency cache's folder: next to the calibration cache's entries."""
+    return Path(cache_dir) / "latency"
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -110,12 +122,22 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         speedup = report.metrics.get(metric_keys.speedup(size))
         if speedup is not None:
             log.info(
-                "latency batch %d: float %.3f ms (%s), lowered %.3f ms (%s), speedup %.2fx",
+                "latency batch %d: float %s (%s), lowered %s (%s), speedup %.2fx [%.2f, %.2f]",
                 size,
-                report.metrics[metric_keys.latency_ms("float", size)],
+                _with_interval(report.metrics, "float", size),
                 report.fastest_form[f"float/b{size}"],
-                report.metrics[metric_keys.latency_ms("lowered", size)],
+                _with_interval(report.metrics, "lowered", size),
                 report.fastest_form[f"lowered/b{size}"],
                 speedup,
+                report.metrics.get(metric_keys.speedup_ci(size, "low"), speedup),
+                report.metrics.get(metric_keys.speedup_ci(size, "high"), speedup),
             )
     return report.metrics
+
+
+def _with_interval(metrics: dict[str, float], model: str, size: int) -> str:
+    """e.g. "0.412 ms [0.405, 0.420]": the median and its 95% interval."""
+    median = metrics[metric_keys.latency_ms(model, size)]
+    low = metrics.get(metric_keys.latency_ci_ms(model, size, "low"), median)
+    high = metrics.get(metric_keys.latency_ci_ms(model, size, "high"), median)
+    return f"{median:.3f} ms [{low:.3f}, {high:.3f}]"

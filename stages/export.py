@@ -1,7 +1,11 @@
 """Stage `export`: the lowered model as files a user deploys, each saved, reloaded and checked.
 
-- TorchScript (traced or scripted, optionally frozen): outputs of the reloaded file should equal the
-  lowered model's. A TorchScript file re-packs weights for the engine active at load time, so load
+- TorchScript (traced or scripted, frozen or not): with export.form=auto, the form evaluate measured
+  fastest for the lowered model at export.target_batch_size and evaluate.latency.threads (frozen when
+  frozen won, unfrozen when traced won; frozen when nothing was measured). Its form and measured median
+  are the metrics export/torchscript/frozen and export/torchscript/latency_ms and the tag export.form.
+  Outputs of the reloaded file should equal the lowered model's. A TorchScript file re-packs weights
+  for the engine active at load time, so load
   it with the same `torch.backends.quantized.engine` it was exported for (its name says which).
 - qnnpack only: a lite-interpreter (.ptl) file for PyTorch Mobile.
 - ONNX: a QDQ graph through torch's TorchScript-based exporter, checked against onnxruntime (the
@@ -39,26 +43,61 @@ from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
 from pipeline.schema import ExportSpec, skip_label
-from stages.types import ExportBundle, Loaded, Lowered, StageContext, write_json
+from stages.types import EvaluationReport, ExportBundle, Loaded, Lowered, StageContext, write_json
 
 log = logging.getLogger(__name__)
 
 NAME = "export"
 CONSUMES = ("lowered", "loaded")
-USES = ("searched_skip",)  # a search's winner tags the registered model
+# evaluation: export.form=auto writes the TorchScript form evaluate measured fastest;
+# searched_skip: a search's winner tags the registered model.
+USES = ("evaluation", "searched_skip")
 PRODUCES = ("export_bundle",)
 READS = ("export", "backend")
 OPTIONAL = False
 
 
-def _torchscript(lowered: Lowered, example: ModelInputs, spec: ExportSpec) -> torch.jit.ScriptModule:
+def _torchscript(lowered: Lowered, example: ModelInputs, spec: ExportSpec, frozen: bool) -> torch.jit.ScriptModule:
     """Traced with the example inputs as a positional tuple (keyword inputs placed by forward's signature)."""
     with torch.no_grad():
         if spec.torchscript == "script":
             module = torch.jit.script(lowered.model)
         else:
             module = torch.jit.trace(lowered.model, example.positional(lowered.model), check_trace=False)
-    return torch.jit.freeze(module.eval()) if spec.freeze else module
+    return torch.jit.freeze(module.eval()) if frozen else module
+
+
+def choose_form(spec: ExportSpec, evaluation: EvaluationReport | None) -> tuple[bool, str, float | None]:
+    """(frozen, why, the chosen form's measured median ms or None) for the TorchScript file. export.form
+    frozen/unfrozen is obeyed; auto follows evaluate's measurement of the lowered model at
+    export.target_batch_size (the nearest measured batch size when that one was not timed): frozen when
+    frozen was fastest, unfrozen when traced was; when eager won (a GraphModule cannot be saved), the
+    faster of the two TorchScript forms measured. Nothing measured: frozen, the usual winner at one thread."""
+    if spec.form != "auto":
+        return spec.form == "frozen", f"export.form={spec.form}", None
+    sizes = sorted(
+        int(key.rpartition("/b")[2])
+        for key in (evaluation.fastest_form if evaluation else {})
+        if key.startswith("lowered/b")
+    )
+    if evaluation is None or not sizes:
+        return True, "export.form=auto and no latency measured for the lowered model (evaluate did not time it)", None
+    size = min(sizes, key=lambda measured: (abs(measured - spec.target_batch_size), measured))
+    where = f"batch {size}" + (
+        "" if size == spec.target_batch_size else f", nearest to export.target_batch_size={spec.target_batch_size}"
+    )
+    medians = {
+        form: evaluation.metrics[key]
+        for form in ("traced", "frozen")
+        if (key := metric_keys.form_latency_ms("lowered", form, size, "median")) in evaluation.metrics
+    }
+    fastest = evaluation.fastest_form[f"lowered/b{size}"]
+    if fastest == "eager" and medians:
+        fastest = min(medians, key=lambda form: medians[form])
+        where += ", eager fastest but not saveable"
+    if fastest not in medians:
+        return True, f"export.form=auto: no TorchScript form measured at {where}", None
+    return fastest == "frozen", f"{fastest} measured fastest at {where}", medians[fastest]
 
 
 PRESERVED_ATTRIBUTES_FILE = "preserved_attributes.json"
@@ -132,10 +171,14 @@ def check_agreement(
     return ", ".join(misses) or None
 
 
-def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) -> ExportBundle:
+def export(
+    lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path, evaluation: EvaluationReport | None = None
+) -> ExportBundle:
+    """`evaluation` (evaluate's report) decides the TorchScript form with export.form=auto."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if getattr(lowered.model, "compiled_form", False):
         return export_pt2e(lowered, loaded, spec, out_dir)
+    frozen, form_reason, form_ms = choose_form(spec, evaluation)
     files: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     metrics: dict[str, float] = {}
@@ -149,8 +192,11 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     with quantized_engine(engine), torch.no_grad():
         expected = check_inputs.call(lowered.model)
 
-        scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec)
+        scripted = None if spec.torchscript == "none" else _torchscript(lowered, example, spec, frozen)
         if scripted is not None:
+            metrics[metric_keys.EXPORT_FROZEN] = float(frozen)
+            if form_ms is not None:
+                metrics[metric_keys.EXPORT_LATENCY_MS] = form_ms
             path = out_dir / f"lowered_{engine}.torchscript.pt"
             torch.jit.save(scripted, str(path), _extra_files=extra_files)
             reloaded_extra = dict.fromkeys(extra_files, "")
@@ -167,7 +213,7 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
             from torch.jit.mobile import _load_for_lite_interpreter
 
             path = out_dir / "lowered_qnnpack.ptl"
-            module = scripted or _torchscript(lowered, example, ExportSpec())
+            module = scripted or _torchscript(lowered, example, ExportSpec(), frozen)
             module._save_for_lite_interpreter(str(path), _extra_files=extra_files)
             # The mobile loader reads no extra files; they sit in the zip archive's extra/ folder.
             _check_extra_files(extra_files, {name: read_extra_file(path, name) for name in extra_files}, path)
@@ -208,7 +254,8 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
 
     for name, reason in skipped.items():
         log.info("export: skipped %s: %s", name, reason)
-    return ExportBundle(files=files, skipped=skipped, metrics=metrics, disagreements=disagreements)
+    form = ("frozen" if frozen else "unfrozen") if "torchscript" in files else None
+    return ExportBundle(files, skipped, metrics, disagreements, form=form, form_reason=form_reason)
 
 
 # Run in a fresh process: a plain-torch loader (no torchao, no pipeline) needs only the decomposed q/dq ops.
@@ -374,7 +421,11 @@ def _export_onnx(
 
 def compute(ctx: StageContext) -> dict[str, Any]:
     # Export writes its files as it makes them (each is reloaded and checked against the lowered model).
-    return {"export_bundle": export(ctx.artifacts["lowered"], ctx.artifacts["loaded"], ctx.spec.export, ctx.out_dir)}
+    artifacts = ctx.artifacts
+    bundle = export(
+        artifacts["lowered"], artifacts["loaded"], ctx.spec.export, ctx.out_dir, artifacts.get("evaluation")
+    )
+    return {"export_bundle": bundle}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -399,6 +450,11 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         for name in sorted(bundle.files)
     ]
     log.info("export: wrote %s", ", ".join(written))
+    if bundle.form is not None:
+        speed = bundle.metrics.get(metric_keys.EXPORT_LATENCY_MS)
+        shown = f"{bundle.form} ({bundle.form_reason}" + (f": {speed:.3f} ms)" if speed is not None else ")")
+        ctx.set_tags({"export.form": shown})
+        log.info("export: TorchScript form %s", shown)
     if "torchscript" in bundle.files:
         _log_model(bundle.files["torchscript"], ctx)
     return bundle.metrics

@@ -38,7 +38,7 @@ from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.errors import ConfigError
-from pipeline.measure import measure_latency, metric_plan, quality_metrics, resolve_custom_metric
+from pipeline.measure import LatencyCache, measure_latency, metric_plan, quality_metrics, resolve_custom_metric
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -59,7 +59,18 @@ NAME = "search"
 CONSUMES = ("loaded", "calibrated")
 USES: tuple[str, ...] = ()
 PRODUCES = ("search", "searched_skip", "searched_calibration")
-READS = ("search", "evaluate", "backend", "qconfig_mapping", "custom_config", "recovery", "calibrate", "model", "data")
+READS = (
+    "search",
+    "evaluate",
+    "backend",
+    "qconfig_mapping",
+    "custom_config",
+    "recovery",
+    "calibrate",
+    "model",
+    "data",
+    "cache",
+)
 OPTIONAL = True
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
@@ -173,6 +184,7 @@ def search(
     python_path: list[str] | None = None,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
+    latency_cache: LatencyCache | None = None,
 ) -> SearchResult:
     """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
     recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
@@ -197,7 +209,7 @@ def search(
     with torch.no_grad():
         float_outputs = inputs.call(loaded.model)
     float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
-    float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec)
+    float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = _bar(spec, float_score)
     samples = inputs.batch_size
@@ -416,6 +428,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         [*spec.model.python_path, *spec.data.python_path],
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
+        LatencyCache(Path(spec.cache.dir) / "latency") if spec.cache.enabled else None,
     )
     if not result.met:
         ctx.warn(

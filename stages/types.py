@@ -136,6 +136,9 @@ class ExportBundle:
     # Written files whose outputs disagree with the int8 torch model beyond export.min_sqnr_db /
     # export.min_agreement: {format: the figures, e.g. "14.4 dB SQNR"}.
     disagreements: dict[str, str] = field(default_factory=dict)
+    # The TorchScript file's form ("frozen" or "unfrozen") and why (e.g. "fastest measured at batch 1").
+    form: str | None = None
+    form_reason: str = ""
 
 
 def _no_child_run(name: str, params: dict[str, str], tags: dict[str, str], metrics: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ REPO_ROOT = CONF_DIR.parent
 FAST = [
     "evaluate.latency.repeats=3",
     "evaluate.latency.warmup=1",
+    "evaluate.latency.budget_s=0.2",
     "evaluate.latency.batch_sizes=[1,8]",
 ]
 

@@ -17,6 +17,7 @@ from tests.conftest import REPO_ROOT
 SWEEP_FAST = [
     "evaluate.latency.repeats=3",
     "evaluate.latency.warmup=1",
+    "evaluate.latency.budget_s=0.2",
     "evaluate.latency.batch_sizes=[1]",
     "export.onnx=false",
     "export.torchscript=none",

@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.paths",
             "pipeline.metric_keys",
             "pipeline.progress",
+            "pipeline.machine",
+            "pipeline.digest",
         ),
     ),
     ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure")),

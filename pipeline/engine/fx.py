@@ -6,11 +6,13 @@ project that imports torch.ao.quantization.quantize_fx; `FxEngine` is its `Engin
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.config
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase, QConfigMapping
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
@@ -31,6 +33,14 @@ from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.mappings import check_convert_mapping
 from pipeline.engine.qconfigs import get_backend_config, quantized_engine, resolve_import
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
+
+# QuantizationTracer records each FX node's Python stack trace unless torch.fx.config says not to: a
+# traceback per node and, the first time in a process, symbolizing them imports torch._inductor and
+# torch.export (measured: 2.3 s + 1.0 s of imports inside the first prepare_fx, the "first calibrate in a
+# fresh process" cost of issue 15). The traces only enrich debugging messages; set
+# PIPELINE_FX_STACK_TRACES=1 to keep them.
+if os.environ.get("PIPELINE_FX_STACK_TRACES", "") != "1":
+    torch.fx.config.do_not_emit_stack_traces = True
 
 # prepared.meta key: the activation bit width the prepare-time mapping was built with (None: the library's
 # own), so every convert-time mapping of that model is built the same way (convert_fx compares them).

@@ -1,0 +1,117 @@
+"""Adaptive latency (pipeline/measure.py): runs until the median's interval is narrow enough or the budget is
+spent, reports the interval, prunes clearly slower forms, and times the float reference once per cache key.
+The clock is a fake one that each timed call advances by a set amount, so no test depends on this machine's
+speed (no timing assertions)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import measure
+from pipeline.measure import LatencyCache, measure_latency, median_interval, time_adaptive
+from pipeline.schema import LatencySpec
+
+
+class FakeClock:
+    """perf_counter for pipeline.measure: advanced only by the timed functions."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, durations_ms: list[float]) -> Callable[..., None]:
+        """A function that takes the next of `durations_ms` (cycled) each call."""
+        cycle = itertools.cycle(durations_ms)
+
+        def run(*_inputs) -> None:
+            self.now += next(cycle) / 1000.0
+
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(measure.time, "perf_counter", fake)
+    return fake
+
+
+def test_a_stable_function_stops_at_the_minimum_runs_with_a_tight_interval(clock) -> None:
+    spec = LatencySpec(warmup=2, repeats=10, target_ci=0.05, budget_s=100.0)
+    timing = time_adaptive(clock.work([2.0, 2.02, 1.98]), (), spec)
+    assert timing.runs == 10  # the interval was within 5% at the first check: no more runs
+    assert timing.ci_low <= timing.median <= timing.ci_high
+    assert timing.relative_half_width <= 0.05
+
+
+def test_a_noisy_function_runs_until_the_budget_and_reports_the_wide_interval(clock) -> None:
+    spec = LatencySpec(warmup=1, repeats=10, target_ci=0.01, budget_s=1.0)
+    timing = time_adaptive(clock.work([1.0, 10.0, 3.0, 30.0]), (), spec)
+    assert timing.runs > 10  # kept going after the minimum ...
+    assert timing.seconds == pytest.approx(1.0, abs=0.05)  # ... until the budget was spent
+    assert timing.ci_low <= timing.median <= timing.ci_high
+    assert timing.relative_half_width > 0.01  # and says how uncertain it still is
+
+
+def test_the_median_interval_is_the_order_statistics_with_95_percent_coverage() -> None:
+    assert median_interval([1.0, 2.0, 3.0]) == (1.0, 3.0)  # too few samples: the whole range
+    samples = [float(value) for value in range(1, 101)]
+    low, high = median_interval(samples)
+    assert (low, high) == (40.0, 61.0)  # the textbook ranks 40 and 61 for n = 100
+    assert median_interval([float(v) for v in range(1, 1001)]) == (469.0, 532.0)  # normal approximation
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def test_a_form_clearly_slower_at_batch_1_is_not_timed_at_larger_batches(clock, monkeypatch) -> None:
+    # traced's and frozen's intervals overlap: only eager's lies entirely above the best's.
+    forms = {"eager": clock.work([5.0]), "traced": clock.work([0.95, 1.05]), "frozen": clock.work([0.9, 1.1])}
+    monkeypatch.setattr(measure, "_deployable_forms", lambda model, inputs, wanted: {f: forms[f] for f in wanted})
+    spec = LatencySpec(warmup=1, repeats=6, batch_sizes=[1, 8], target_ci=0.2, budget_s=10.0)
+    metrics, fastest = measure_latency({"lowered": _model(0)}, torch.randn(4, 8), spec)
+    assert "latency/lowered/eager/b1_median_ms" in metrics
+    assert "latency/lowered/eager/b8_median_ms" not in metrics  # pruned
+    assert {"latency/lowered/traced/b8_median_ms", "latency/lowered/frozen/b8_median_ms"} <= set(metrics)
+    assert fastest["lowered/b1"] in ("traced", "frozen") and fastest["lowered/b8"] in ("traced", "frozen")
+
+    metrics, _ = measure_latency({"lowered": _model(0)}, torch.randn(4, 8), replace(spec, prune=False))
+    assert "latency/lowered/eager/b8_median_ms" in metrics
+
+
+def test_the_float_reference_is_timed_once_per_cache_key_across_runs(tmp_path: Path, monkeypatch) -> None:
+    timed: list[str] = []
+    original = measure._measure_model
+
+    def counting(name, *args, **kwargs):
+        timed.append(name)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "_measure_model", counting)
+    spec = LatencySpec(warmup=1, repeats=3, batch_sizes=[1], forms=["eager"], budget_s=0.05)
+    pool = torch.randn(4, 8)
+    models = {"float": _model(0), "lowered": _model(1)}
+
+    first, _ = measure_latency(models, pool, spec, LatencyCache(tmp_path))
+    cache = LatencyCache(tmp_path)  # a second run: a new process would build a new one
+    second, _ = measure_latency(models, pool, spec, cache)
+    assert timed == ["float", "lowered", "lowered"]  # float timed once, the candidate each run
+    assert (cache.hits, cache.misses) == (1, 0)
+    assert second["latency/float/b1_ms"] == first["latency/float/b1_ms"]
+    assert "latency/speedup_b1_ci_low" in second
+
+    other_weights = {"float": _model(2)}
+    measure_latency(other_weights, pool, spec, cache)
+    measure_latency(models, pool, replace(spec, batch_sizes=[2]), cache)  # another shape of the question
+    assert timed[3:] == ["float", "float", "lowered"] and cache.misses == 2
