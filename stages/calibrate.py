@@ -72,7 +72,7 @@ def calibrate(
     return Calibrated(
         model=prepared,
         num_batches=len(batches),
-        num_samples=sum(inputs.batch_size for inputs, _ in batches),
+        num_samples=batches.num_samples,
     )
 
 
@@ -92,7 +92,7 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
         return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery)
     cache = CalibrationCache(Path(spec.cache.dir))
     batches = loaded.data.calibration[: spec.calibrate.max_batches]
-    key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
+    key = cache_key(spec, loaded.model, (inputs for inputs, _ in batches))
     with cache.lock(key):
         cached = cache.load(
             key,
@@ -107,7 +107,7 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
         )
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
-            return Calibrated(cached, len(batches), sum(x.batch_size for x, _ in batches), True, key)
+            return Calibrated(cached, len(batches), batches.num_samples, True, key)
         calibrated = calibrate(
             loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery
         )

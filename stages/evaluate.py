@@ -3,12 +3,15 @@ cosine similarity, a user's function; `auto` = sqnr and cosine for unlabeled dat
 latency of each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see
 pipeline/measure.py.
 
-Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric).
+Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric), cache.*
+(the float-output cache: with cache.enabled, float outputs are computed once per model and data).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +19,17 @@ from torch import nn
 
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
+from pipeline.batches import BatchSource
+from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import (
+    QualityAccumulator,
     measure_latency,
     metric_plan,
-    quality_metrics,
     resolve_custom_metric,
     serialized_bytes,
 )
+from pipeline.progress import progress
 from pipeline.schema import EvaluateSpec, PipelineSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
 
@@ -33,7 +39,7 @@ NAME = "evaluate"
 CONSUMES = ("loaded",)
 USES = ("reference", "lowered")
 PRODUCES = ("evaluation",)
-READS = ("evaluate", "backend", "model", "data")
+READS = ("evaluate", "backend", "model", "data", "cache")
 OPTIONAL = False
 
 
@@ -43,28 +49,57 @@ def evaluate(
     engine: str,
     spec: EvaluateSpec,
     python_path: list[str] | None = None,
+    cache_dir: Path | None = None,
 ) -> EvaluationReport:
     """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's.
-    `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path)."""
+    `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path).
+
+    Streams: one pass over the evaluation batches (evaluate.max_batches / max_samples of them), every
+    model run on each batch, metrics accumulated per batch (QualityAccumulator), so memory holds a batch
+    and its outputs whatever the set's size. With `cache_dir` (cache.enabled), the float outputs come from
+    the float-output cache (pipeline/cache.py OutputCache), computed there once per model and data: every
+    job of a sweep after the first runs only its int8 models."""
     plan = metric_plan(spec.metrics, spec.top_k, spec.custom_metric, list(python_path or []), loaded.has_accuracy)
     models = {"float": loaded.model, **candidates}
     models = {name: model for name, model in models.items() if name in spec.models}
-    batches = loaded.data.evaluation[: spec.max_batches]
-    if not batches:
+    batches = loaded.data.evaluation.head(spec.max_batches, spec.max_samples)
+    if len(batches) == 0:
         raise ValueError(
-            "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
+            "evaluate: the evaluation data is empty; check data.* (evaluation size), evaluate.max_batches and "
+            "evaluate.max_samples."
         )
     metrics: dict[str, float] = {}
+    cache = OutputCache(cache_dir) if cache_dir is not None and "float" in models else None
+    key = outputs_key(loaded.model, batches.fingerprint()) if cache is not None else None
+    if cache is not None and key is not None:
+        metrics[metric_keys.FLOAT_EVALUATIONS] = float(float_outputs_cached(cache, key, loaded.model, batches))
+    elif "float" in models:
+        metrics[metric_keys.FLOAT_EVALUATIONS] = 1.0
+    labelled = loaded.has_accuracy
+    accumulators = {name: QualityAccumulator(name, plan, labelled) for name in models}
+    samples = 0
+    latency_pool: list[ModelInputs] = []
+    pool_size = max(spec.latency.batch_sizes, default=1)
     with quantized_engine(engine), torch.no_grad():
-        outputs = {name: torch.cat([inputs.call(model) for inputs, _ in batches]) for name, model in models.items()}
-        labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
-        for name, logits in outputs.items():
-            metrics.update(quality_metrics(name, logits, outputs.get("float"), labels, plan))
+        for position, (inputs, labels) in enumerate(progress(batches, len(batches), "evaluate", log)):
+            outputs: dict[str, torch.Tensor] = {}
+            for name, model in models.items():
+                if name == "float" and cache is not None and key is not None:
+                    outputs[name] = cache.read(key, position)
+                else:
+                    outputs[name] = inputs.call(model)
+            for name, accumulator in accumulators.items():
+                accumulator.update(outputs[name], outputs.get("float"), labels if labelled else None)
+            if sum(x.batch_size for x in latency_pool) < pool_size:
+                latency_pool.append(inputs)
+            samples += inputs.batch_size
+        for accumulator in accumulators.values():
+            metrics.update(accumulator.result())
         if metric_keys.LOWERED_ACCURACY in metrics and metric_keys.FLOAT_ACCURACY in metrics:
             metrics[metric_keys.ACCURACY_DELTA] = (
                 metrics[metric_keys.LOWERED_ACCURACY] - metrics[metric_keys.FLOAT_ACCURACY]
             )
-        metrics[metric_keys.EVAL_SAMPLES] = float(sum(inputs.batch_size for inputs, _ in batches))
+        metrics[metric_keys.EVAL_SAMPLES] = float(samples)
 
         if "lowered" in models:
             metrics[metric_keys.FLOAT_BYTES] = float(serialized_bytes(loaded.model))
@@ -74,10 +109,33 @@ def evaluate(
         fastest: dict[str, str] = {}
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
-            pool = ModelInputs.cat([inputs for inputs, _ in batches])
+            pool = ModelInputs.cat(latency_pool)  # the first batches, enough for the largest latency batch
             latency, fastest = measure_latency(deployable, pool, spec.latency)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
+
+
+def float_outputs_cached(cache: OutputCache, key: str, model: nn.Module, batches: BatchSource) -> int:
+    """Make sure the float outputs of `batches` are in the cache under `key`: 1 when this call computed
+    them (a float evaluation), 0 when they were there. Parallel jobs wait on the key's lock, then hit."""
+    with cache.lock(key):
+        if cache.has(key, len(batches)):
+            log.info("evaluate: float outputs from the cache (%s): no float evaluation", cache.entry(key))
+            return 0
+
+        def outputs() -> Iterator[torch.Tensor]:
+            with torch.no_grad():
+                for inputs, _ in progress(batches, len(batches), "evaluate float (cached)", log):
+                    yield inputs.call(model)
+
+        size = cache.store(key, outputs(), {"samples": batches.num_samples})
+        log.info(
+            "evaluate: float evaluation of %d samples cached as %s (%.1f MB)",
+            batches.num_samples,
+            cache.entry(key),
+            size / 1e6,
+        )
+        return 1
 
 
 def check(spec: PipelineSpec) -> None:
@@ -90,9 +148,9 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
     spec = ctx.spec
     python_path = [*spec.model.python_path, *spec.data.python_path]
-    return {
-        "evaluation": evaluate(ctx.artifacts["loaded"], candidates, spec.backend.engine, spec.evaluate, python_path)
-    }
+    cache_dir = Path(spec.cache.dir) if spec.cache.enabled else None
+    loaded = ctx.artifacts["loaded"]
+    return {"evaluation": evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, cache_dir)}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
