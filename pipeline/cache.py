@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -39,6 +40,7 @@ from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, recovery
+from pipeline.progress import progress
 from pipeline.schema import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -255,6 +257,33 @@ class OutputCache:
             shutil.rmtree(entry, ignore_errors=True)
             return False
         return True
+
+    def ensure(self, key: str, model: nn.Module, batches: Any) -> int:
+        """Make sure the float outputs of `batches` (a BatchSource) are stored under `key`: 1 when this call
+        computed them (a float evaluation), 0 when they were there. Parallel jobs wait on the key's lock,
+        then hit."""
+        with self.lock(key):
+            if self.has(key, len(batches)):
+                log.info("evaluate: float outputs from the cache (%s): no float evaluation", self.entry(key))
+                return 0
+
+            def outputs() -> Iterator[torch.Tensor]:
+                with torch.no_grad():
+                    for inputs, _ in progress(batches, len(batches), "evaluate float (cached)", log):
+                        yield inputs.call(model)
+
+            size = self.store(key, outputs(), {"samples": batches.num_samples})
+            log.info(
+                "evaluate: float evaluation of %d samples cached as %s (%.1f MB)",
+                batches.num_samples,
+                self.entry(key),
+                size / 1e6,
+            )
+            return 1
+
+    def read_all(self, key: str, batches: int) -> torch.Tensor:
+        """Every batch's float outputs concatenated (for a search, which holds its subset in memory)."""
+        return torch.cat([self.read(key, position) for position in range(batches)])
 
     def read(self, key: str, position: int) -> torch.Tensor:
         return torch.load(self.entry(key) / f"batch_{position:06d}.pt", map_location="cpu", weights_only=True)

@@ -281,7 +281,11 @@ def _track_outputs(
             "input_shapes": {name: list(t.shape[1:]) for name, t in data.example_inputs.named()},
             "labels": data.has_labels,
         }
-        digest = headline_.data_digest(_tensors([data.calibration, data.evaluation]))
+        # A lazy source (decoded per pass) is named by its fingerprint (files, indices, transforms), not decoded here.
+        lazy = getattr(data, "lazy", False)
+        digest = (
+            data.fingerprint()[:16] if lazy else headline_.data_digest(_tensors([data.calibration, data.evaluation]))
+        )
         source = str(spec.data.factory.get("_target_", spec.data.name))
         tracker.log_dataset(spec.data.name, digest, source, profile, "calibration+evaluation")
     bundle = produced.get("export_bundle")

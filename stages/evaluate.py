@@ -10,7 +10,6 @@ Config keys read: evaluate.*, backend.engine, model.python_path, data.python_pat
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from torch import nn
 
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
-from pipeline.batches import BatchSource
 from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import (
@@ -72,7 +70,7 @@ def evaluate(
     cache = OutputCache(cache_dir) if cache_dir is not None and "float" in models else None
     key = outputs_key(loaded.model, batches.fingerprint()) if cache is not None else None
     if cache is not None and key is not None:
-        metrics[metric_keys.FLOAT_EVALUATIONS] = float(float_outputs_cached(cache, key, loaded.model, batches))
+        metrics[metric_keys.FLOAT_EVALUATIONS] = float(cache.ensure(key, loaded.model, batches))
     elif "float" in models:
         metrics[metric_keys.FLOAT_EVALUATIONS] = 1.0
     labelled = loaded.has_accuracy
@@ -113,29 +111,6 @@ def evaluate(
             latency, fastest = measure_latency(deployable, pool, spec.latency)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
-
-
-def float_outputs_cached(cache: OutputCache, key: str, model: nn.Module, batches: BatchSource) -> int:
-    """Make sure the float outputs of `batches` are in the cache under `key`: 1 when this call computed
-    them (a float evaluation), 0 when they were there. Parallel jobs wait on the key's lock, then hit."""
-    with cache.lock(key):
-        if cache.has(key, len(batches)):
-            log.info("evaluate: float outputs from the cache (%s): no float evaluation", cache.entry(key))
-            return 0
-
-        def outputs() -> Iterator[torch.Tensor]:
-            with torch.no_grad():
-                for inputs, _ in progress(batches, len(batches), "evaluate float (cached)", log):
-                    yield inputs.call(model)
-
-        size = cache.store(key, outputs(), {"samples": batches.num_samples})
-        log.info(
-            "evaluate: float evaluation of %d samples cached as %s (%.1f MB)",
-            batches.num_samples,
-            cache.entry(key),
-            size / 1e6,
-        )
-        return 1
 
 
 def check(spec: PipelineSpec) -> None:
