@@ -227,6 +227,9 @@ class InspectSpec:
 class CacheSpec:
     enabled: bool = True
     dir: str = MISSING  # one folder per entry, named by its key; delete the folder to clear the cache
+    # Float outputs of the evaluation set, computed once per (model, data) and reused by every job of a
+    # sweep and every search trial (under <dir>/float_outputs/); needs enabled.
+    float_outputs: bool = True
 
 
 @dataclass

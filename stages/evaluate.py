@@ -123,7 +123,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
     spec = ctx.spec
     python_path = [*spec.model.python_path, *spec.data.python_path]
-    cache_dir = Path(spec.cache.dir) if spec.cache.enabled else None
+    cache_dir = Path(spec.cache.dir) if spec.cache.enabled and spec.cache.float_outputs else None
     loaded = ctx.artifacts["loaded"]
     return {"evaluation": evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, cache_dir)}
 

@@ -278,7 +278,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         [*spec.model.python_path, *spec.data.python_path],
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
-        Path(spec.cache.dir) if spec.cache.enabled else None,
+        Path(spec.cache.dir) if spec.cache.enabled and spec.cache.float_outputs else None,
     )
     return {"search": result, "searched_skip": result.skip_spec()}
 
