@@ -13,8 +13,9 @@ them. Names (for ONNX graph inputs, data.json, logs) are the keyword names, and 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,3 +190,21 @@ def as_batch(batch: Any) -> Batch:
         raise TypeError(f"a batch must be (inputs, labels or None), not {type(batch).__name__}")
     inputs, labels = batch
     return ModelInputs.wrap(inputs), labels
+
+
+def data_digest(tensors: Iterable[Any]) -> str:
+    """A short digest of the data (torch tensors or numpy arrays): dtype, shape and bytes of each, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor
+        digest.update(f"{array.dtype}{tuple(array.shape)}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def batch_tensors(batches: Iterable[tuple[ModelInputs, torch.Tensor | None]]) -> Iterator[torch.Tensor]:
+    """Every tensor of a list of (inputs, labels) batches, in order: what data_digest hashes."""
+    for inputs, labels in batches:
+        yield from inputs.tensors
+        if labels is not None:
+            yield labels

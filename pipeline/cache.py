@@ -41,7 +41,7 @@ from torch.fx import GraphModule
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, recovery
 from pipeline.progress import progress
-from pipeline.schema import PipelineSpec
+from pipeline.schema import EngineSpec, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: Iterable
             "clamp_bounded": recovery.clamps_bounded(spec.recovery, spec.backend.engine),
             "smoothquant_alpha": spec.recovery.smoothquant_alpha,
         },
+        # Which flow calibrated (fx and pt2e observers differ), and its settings.
+        "engine": asdict(spec.engine),
     }
+    if spec.engine.name == "pt2e":  # pt2e's skip-lists apply at prepare time: each is its own calibration
+        settings["skip"] = {k: v for k, v in _plain(spec.skip).items() if k not in ("name", "strict")}  # type: ignore[union-attr]
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -108,8 +112,9 @@ def _plain(value: object) -> object:
 
 
 class CalibrationCache:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, flow: EngineSpec | None = None) -> None:
         self.directory = directory
+        self.flow = flow or EngineSpec()  # the engine whose observer state the entries hold
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -150,7 +155,7 @@ class CalibrationCache:
                 raise ValueError("mismatched " + ", ".join(problems))
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
-            get_engine().load_observer_state(prepared, state)
+            get_engine(self.flow).load_observer_state(prepared, state)
         except Exception as error:  # any failure means: do not trust it, rebuild it
             log.warning(
                 "cache: entry %s is corrupt or incompatible (%s: %s); removing it and calibrating again",
@@ -168,7 +173,7 @@ class CalibrationCache:
         temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory))
         try:
             state_path = temporary / STATE_FILE
-            torch.save(get_engine().observer_state(prepared), state_path)
+            torch.save(get_engine(self.flow).observer_state(prepared), state_path)
             manifest = {
                 "key": key,
                 "format": FORMAT_VERSION,

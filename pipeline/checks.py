@@ -17,6 +17,7 @@ from pipeline.paths import describe_path, is_torch_file, path_status
 from pipeline.schema import (
     BACKEND_CONFIGS,
     ENGINES,
+    FLOWS,
     PipelineSpec,
     is_tracking_server,
 )
@@ -27,7 +28,11 @@ def check(spec: PipelineSpec) -> None:
     order, paths): raise ConfigError. pipeline.validation.validate runs these first, then the checks
     that need the engine or a stage."""
     check_ranges(spec)
+    _check_in("engine.name", spec.engine.name, FLOWS)
+    _check_float("engine.min_compiled_sqnr_db", spec.engine.min_compiled_sqnr_db, 0.0, 200.0)
     _check_in("backend.engine", spec.backend.engine, ENGINES)
+    if spec.engine.name == "pt2e":
+        check_pt2e_stages(spec)
     _check_in("backend.backend_config", spec.backend.backend_config, BACKEND_CONFIGS)
     if spec.export.torchscript not in ("trace", "script", "none"):
         raise ConfigError(
@@ -55,6 +60,21 @@ def check(spec: PipelineSpec) -> None:
         ("custom_config.python_path", spec.custom_config.python_path),
     ):
         check_python_path(key, folders)
+
+
+def check_pt2e_stages(spec: PipelineSpec) -> None:
+    """engine=pt2e runs without the stages built on FX-only machinery (convert-time skip-lists, FX node names)."""
+    if spec.search.enabled or "search" in spec.stages:
+        raise ConfigError(
+            "search=greedy with engine=pt2e: the skip search converts one calibrated model with many skip-lists, "
+            "and pt2e's skip-lists exist only at prepare time (each would need its own calibration). Use engine=fx "
+            "for the search, or sweep skip-lists on pt2e: python -m pipeline -m engine=pt2e skip=none,first_last."
+        )
+    if spec.inspect.enabled or "inspect" in spec.stages:
+        raise ConfigError(
+            "inspect with engine=pt2e: the inspect stage lists FX node names and what FX mapping entries match; "
+            "pt2e's names are torch.export's aten nodes. Run it with engine=fx (module names are the same)."
+        )
 
 
 def check_python_path(key: str, folders: list[str]) -> None:

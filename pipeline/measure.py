@@ -55,7 +55,10 @@ def _threads(count: int) -> Iterator[None]:
 
 
 def _deployable_forms(model: nn.Module, example: ModelInputs, forms: list[str]) -> dict[str, Callable]:
-    """Each form as a callable taking the positional tuple of `example` (tracing takes positionals only)."""
+    """Each form as a callable taking the positional tuple of `example` (tracing takes positionals only).
+    A model that names its own form (pt2e's compiled model: `compiled_form = "compiled"`) is its only form."""
+    if form := getattr(model, "compiled_form", None):
+        return {form: model}
     built: dict[str, Callable] = {}
     if "eager" in forms:
         built["eager"] = model

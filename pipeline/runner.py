@@ -197,6 +197,16 @@ def run(
         child.log_metrics({**headline_.headline_metrics(metrics), **metrics})
         child.end("FINISHED")
 
+    def log_model(path: Path, engine: str, example: list[Any], output: Any, model_tags: dict[str, str]) -> None:
+        result.model_uri = tracker.log_model(path, engine, example, output)
+        if register and result.model_uri is not None and spec.tracking.register:
+            version_tags = {"backend": spec.backend.engine, "skip": result.params[metric_keys.HEADLINE_SKIP]}
+            version_tags |= {
+                "run": str(result.run_id),
+                "metric": _metric_tag(headline_.headline_metrics(result.metrics)),
+            }
+            result.registered = tracker.register_model(result.model_uri, version_tags | model_tags)
+
     stop = StopRequest()
     failed_optional: list[str] = []  # stages whose failure is not fatal (FAILURE_IS_FATAL = False) that raised
     current, status = None, "FAILED"
@@ -207,7 +217,15 @@ def run(
                 current = stage.NAME
                 out = run_dir / stage.NAME  # made before write: a stage killed mid-compute leaves no folder
                 ctx = StageContext(
-                    spec, out, result.artifacts, stop.check, tracker.set_tags, log_child_run, _warner(stage, result)
+                    spec,
+                    out,
+                    result.artifacts,
+                    stop.check,
+                    tracker.set_tags,
+                    log_child_run,
+                    _warner(stage, result),
+                    tracker.log_dataset,
+                    log_model,
                 )
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
@@ -224,8 +242,6 @@ def run(
                 result.metrics.update(metrics)
                 tracker.log_metrics({**headline_.headline_metrics(metrics), **metrics})
                 tracker.log_artifacts(out, stage.NAME)
-                produced = {name: result.artifacts[name] for name in stage.PRODUCES if name in result.artifacts}
-                _track_outputs(tracker, spec, produced, result, register)
                 log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage.NAME, seconds)
             stop.check()
             status = "FINISHED"
@@ -251,69 +267,6 @@ def run(
                 tracker.log_artifacts(log_file)
             tracker.end(status)
     return result
-
-
-def _tensors(value: Any) -> Iterator[Any]:
-    """The tensors in a batch, a tuple of inputs or a list of batches, in order."""
-    if isinstance(value, list | tuple):
-        for item in value:
-            yield from _tensors(item)
-    elif hasattr(value, "tensors"):  # a batch's ModelInputs
-        yield from value.tensors
-    elif hasattr(value, "detach"):
-        yield value
-
-
-def _track_outputs(
-    tracker: Tracker, spec: PipelineSpec, produced: dict[str, Any], result: RunResult, register: bool
-) -> None:
-    """What MLflow shows beyond params and metrics, as the artifacts it comes from appear: the data as a
-    dataset input (`loaded`), the exported TorchScript file as a logged, optionally registered, model
-    (`export_bundle`)."""
-    if tracker.run_id is None:
-        return
-    loaded = produced.get("loaded")
-    if loaded is not None:
-        data = loaded.data
-        profile = {
-            "calibration_samples": data.num_calibration_samples,
-            "evaluation_samples": data.num_evaluation_samples,
-            "input_shapes": {name: list(t.shape[1:]) for name, t in data.example_inputs.named()},
-            "labels": data.has_labels,
-        }
-        # A lazy source (decoded per pass) is named by its fingerprint (files, indices, transforms), not decoded here.
-        lazy = getattr(data, "lazy", False)
-        digest = (
-            data.fingerprint()[:16] if lazy else headline_.data_digest(_tensors([data.calibration, data.evaluation]))
-        )
-        source = str(spec.data.factory.get("_target_", spec.data.name))
-        tracker.log_dataset(spec.data.name, digest, source, profile, "calibration+evaluation")
-    bundle = produced.get("export_bundle")
-    torchscript = bundle.files.get("torchscript") if bundle is not None else None
-    if torchscript is None:
-        return
-    import torch
-
-    from pipeline.engine.qconfigs import quantized_engine
-
-    lowered, loaded = result.artifacts["lowered"], result.artifacts["loaded"]
-    # The TorchScript file takes the inputs positionally, as it was traced.
-    example = loaded.data.example_inputs.map(lambda tensor: tensor[:2]).positional(lowered.model)
-    if not all(isinstance(value, torch.Tensor) for value in example):
-        log.info("MLflow: the int8 model is not logged as an MLflow model (an input is not a tensor: %s)", example)
-        return
-    with quantized_engine(lowered.engine), torch.no_grad():
-        output = lowered.model(*example)
-    if not isinstance(output, torch.Tensor):
-        log.info("MLflow: the int8 model is not logged as an MLflow model (its output is a %s)", type(output))
-        return
-    result.model_uri = tracker.log_model(torchscript, lowered.engine, [t.numpy() for t in example], output.numpy())
-    if register and result.model_uri is not None and spec.tracking.register:
-        searched = result.artifacts.get("searched_skip")  # a search's winner: what it left float
-        skip = f"searched:{schema.skip_label(searched)}" if searched else result.params[metric_keys.HEADLINE_SKIP]
-        tags = {"backend": spec.backend.engine, "skip": skip, "run": str(result.run_id)}
-        tags |= {"metric": _metric_tag(headline_.headline_metrics(result.metrics))}
-        result.registered = tracker.register_model(result.model_uri, tags)
 
 
 def _metric_tag(headline: dict[str, float]) -> str:

@@ -24,6 +24,20 @@ from pipeline.errors import ConfigError, closest
 
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKEND_CONFIGS: tuple[str, ...] = ("native", "fbgemm", "x86", "qnnpack", "onednn")
+FLOWS: tuple[str, ...] = ("fx", "pt2e")  # engine.name: torch.ao's FX flow, torchao's PT2E flow
+
+
+@dataclass
+class EngineSpec:
+    """Which quantization flow runs the stages: FX graph mode (torch.ao) or PT2E (torch.export + torchao)."""
+
+    name: str = "fx"  # fx | pt2e
+    # pt2e, backend=x86: activations on 7 bits (true) or 8 (false); null: recovery.activation_bits (auto: 8 with
+    # VNNI, 7 without, as for FX).
+    reduce_range: bool | None = None
+    # pt2e: a compiled form (torch.compile of the q/dq program, an AOTInductor package) whose outputs reach
+    # less than this SQNR against the q/dq program is refused (compiled artifacts were seen to be wrong).
+    min_compiled_sqnr_db: float = 35.0
 
 
 @dataclass
@@ -163,6 +177,7 @@ class ExportSpec:
     lite_interpreter: bool = True  # qnnpack only: a mobile .ptl file
     onnx: bool = True  # needs the [onnx] extra; skipped with a message when absent
     onnx_opset: int = 17
+    aot_inductor: bool = True  # engine=pt2e: also an AOTInductor package (.pt2, static batch), ~15 s to build
     # An exported file whose outputs (reloaded, on the first evaluation batch) disagree with the int8 torch
     # model below either bar is a warning naming the file and the figure (not an error: the file is written).
     min_sqnr_db: float = 30.0  # output SQNR of the file vs the int8 torch model
@@ -246,6 +261,7 @@ class TrackingSpec:
 @dataclass
 class PipelineSpec:
     backend: BackendSpec = MISSING
+    engine: EngineSpec = field(default_factory=EngineSpec)
     qconfig_mapping: QConfigMappingSpec = MISSING
     skip: SkipSpec = MISSING
     custom_config: CustomConfigSpec = MISSING

@@ -32,5 +32,5 @@ def validate(spec: PipelineSpec) -> list[ModuleType]:
         )
     # custom_config's classes may live beside the model's factory: its python_path first (load does it again).
     use_python_path(list(spec.model.python_path), str(spec.model.factory.get("_target_", "")))
-    get_engine().check(spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
+    get_engine(spec.engine).check(spec.backend, spec.qconfig_mapping, spec.skip, spec.custom_config)
     return registry.check(spec)

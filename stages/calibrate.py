@@ -25,9 +25,11 @@ from pipeline.schema import (
     BackendSpec,
     CalibrateSpec,
     CustomConfigSpec,
+    EngineSpec,
     PipelineSpec,
     QConfigMappingSpec,
     RecoverySpec,
+    SkipSpec,
 )
 from stages.types import Calibrated, Loaded, StageContext
 
@@ -37,7 +39,7 @@ NAME = "calibrate"
 CONSUMES = ("loaded",)
 USES: tuple[str, ...] = ()
 PRODUCES = ("calibrated",)
-READS = ("backend", "qconfig_mapping", "custom_config", "calibrate", "cache", "recovery")
+READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config", "calibrate", "cache", "recovery")
 OPTIONAL = False
 
 
@@ -48,11 +50,23 @@ def prepare(
     custom: CustomConfigSpec,
     recovery: RecoverySpec | None = None,
     max_batches: int | None = None,
+    flow: EngineSpec | None = None,
+    skip: SkipSpec | None = None,
 ) -> nn.Module:
-    """The prepared, not yet calibrated model of `loaded` (also how the cache rebuilds a calibrated one)."""
+    """The prepared, not yet calibrated model of `loaded` (also how the cache rebuilds a calibrated one).
+    `flow` is the engine group (None: FX); pt2e applies `skip` here, at prepare time."""
     calibration = [inputs for inputs, _ in loaded.data.calibration[:max_batches]]
     return steps.prepare(
-        loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, recovery, calibration
+        loaded.model,
+        loaded.data.example_inputs,
+        loaded.model_name,
+        backend,
+        mapping,
+        custom,
+        recovery,
+        calibration,
+        flow=flow,
+        skip=skip,
     )
 
 
@@ -63,8 +77,10 @@ def calibrate(
     custom: CustomConfigSpec,
     spec: CalibrateSpec,
     recovery: RecoverySpec | None = None,
+    flow: EngineSpec | None = None,
+    skip: SkipSpec | None = None,
 ) -> Calibrated:
-    prepared = prepare(loaded, backend, mapping, custom, recovery, spec.max_batches)
+    prepared = prepare(loaded, backend, mapping, custom, recovery, spec.max_batches, flow, skip)
     batches = loaded.data.calibration[: spec.max_batches]
     with quantized_engine(backend.engine), torch.no_grad():
         for inputs, _ in progress(batches, len(batches), "calibrate", log):
@@ -88,9 +104,18 @@ def check(spec: PipelineSpec) -> None:
 
 def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | None = None) -> Calibrated:
     """Calibrate, or rebuild the calibrated model from the cache when its key has an entry."""
+    run = (
+        spec.backend,
+        spec.qconfig_mapping,
+        spec.custom_config,
+        spec.calibrate,
+        spec.recovery,
+        spec.engine,
+        spec.skip,
+    )
     if not spec.cache.enabled:
-        return calibrate(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery)
-    cache = CalibrationCache(Path(spec.cache.dir))
+        return calibrate(loaded, *run)
+    cache = CalibrationCache(Path(spec.cache.dir), spec.engine)
     batches = loaded.data.calibration[: spec.calibrate.max_batches]
     key = cache_key(spec, loaded.model, (inputs for inputs, _ in batches))
     with cache.lock(key):
@@ -103,17 +128,18 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
                 spec.custom_config,
                 spec.recovery,
                 spec.calibrate.max_batches,
+                spec.engine,
+                spec.skip,
             ),
         )
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
             return Calibrated(cached, len(batches), batches.num_samples, True, key)
-        calibrated = calibrate(
-            loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery
-        )
+        calibrated = calibrate(loaded, *run)
         if ctx is not None:
             ctx.check_stop()  # a swallowed signal must not leave an entry that a later run trusts
-        entry = cache.store(key, calibrated.model, {"batches": calibrated.num_batches, "backend": spec.backend.engine})
+        details = {"batches": calibrated.num_batches, "backend": spec.backend.engine, "engine": spec.engine.name}
+        entry = cache.store(key, calibrated.model, details)
         log.info("calibrate: cached as %s", entry)
         return Calibrated(calibrated.model, calibrated.num_batches, calibrated.num_samples, False, key)
 
@@ -130,7 +156,7 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
     (out / "prepared_graph.py").write_text(calibrated.model.code)
     prepare_custom_config, _ = custom_modules.build_custom_configs(ctx.spec.custom_config)
     (out / "prepare_custom_config.yaml").write_text(custom_modules.custom_config_yaml(prepare_custom_config))
-    torch.save(get_engine().observer_state(calibrated.model), out / "observer_state.pt")
+    torch.save(get_engine(ctx.spec.engine).observer_state(calibrated.model), out / "observer_state.pt")
     ctx.set_tags({"cache_key": calibrated.cache_key or "disabled", "cache_hit": str(calibrated.cache_hit).lower()})
     spec = ctx.spec
     ctx.set_tags(steps.activation_settings(spec.recovery, spec.backend, spec.qconfig_mapping))

@@ -22,7 +22,7 @@ from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, introspect
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput
-from pipeline.schema import DiagnoseSpec, SkipSpec, skip_yaml
+from pipeline.schema import DiagnoseSpec, EngineSpec, SkipSpec, skip_yaml
 from stages.types import Calibrated, Loaded, Lowered, StageContext
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,13 @@ def first_layer(logged: list[LoggedOutput]) -> list[LoggedOutput]:
     return logged[:end]
 
 
-def diagnose(loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec) -> Diagnosis:
+def diagnose(
+    loaded: Loaded, calibrated: Calibrated, lowered: Lowered, spec: DiagnoseSpec, flow: EngineSpec | None = None
+) -> Diagnosis:
     inputs = ModelInputs.cat([x for x, _ in loaded.data.evaluation[: spec.max_batches]])
-    layers, logged = get_engine().layer_diagnostics(calibrated.model, lowered.model, inputs, lowered.engine)
+    layers, logged = get_engine(flow or EngineSpec()).layer_diagnostics(
+        calibrated.model, lowered.model, inputs, lowered.engine
+    )
     first = first_layer(logged)
     first_sqnr = min(output.sqnr_db for output in first)
     later = logged[len(first) :]
@@ -187,8 +191,8 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
 
 def compute(ctx: StageContext) -> dict[str, Any]:
     """The diagnosis, or the reason the numeric suite cannot run on this model (a str)."""
-    blocker = get_engine().numerics_blocker(ctx.spec.custom_config)
-    float_io = introspect.float_io_quantized_ops(ctx.artifacts["lowered"].model)
+    blocker = get_engine(ctx.spec.engine).numerics_blocker(ctx.spec.custom_config)
+    float_io = [] if blocker else introspect.float_io_quantized_ops(ctx.artifacts["lowered"].model)
     if blocker is None and float_io:
         blocker = (
             f"torch's FX numeric suite compares int8 activations, and the dynamic, float16 or weight-only ops of "
@@ -198,7 +202,9 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         log.warning("diagnose: skipped: %s (diagnose.enabled=false silences this).", blocker)
         return {"diagnosis": f"Skipped: {blocker}."}
     artifacts = ctx.artifacts
-    diagnosis = diagnose(artifacts["loaded"], artifacts["calibrated"], artifacts["lowered"], ctx.spec.diagnose)
+    diagnosis = diagnose(
+        artifacts["loaded"], artifacts["calibrated"], artifacts["lowered"], ctx.spec.diagnose, ctx.spec.engine
+    )
     log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
     return {"diagnosis": diagnosis}
 

@@ -38,14 +38,14 @@ from pipeline.engine import introspect
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
-from pipeline.schema import ExportSpec
+from pipeline.schema import ExportSpec, skip_label
 from stages.types import ExportBundle, Loaded, Lowered, StageContext, write_json
 
 log = logging.getLogger(__name__)
 
 NAME = "export"
 CONSUMES = ("lowered", "loaded")
-USES: tuple[str, ...] = ()
+USES = ("searched_skip",)  # a search's winner tags the registered model
 PRODUCES = ("export_bundle",)
 READS = ("export", "backend")
 OPTIONAL = False
@@ -95,7 +95,13 @@ def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return (expected - actual).abs().max().item()
 
 
-FORMAT_LABELS = {"torchscript": "TorchScript", "lite_interpreter": "lite-interpreter", "onnx": "ONNX"}
+FORMAT_LABELS = {
+    "torchscript": "TorchScript",
+    "lite_interpreter": "lite-interpreter",
+    "onnx": "ONNX",
+    "pt2": "torch.export program",
+    "aot_inductor": "AOTInductor package",
+}
 
 
 def _agreement(expected: torch.Tensor, actual: torch.Tensor) -> float | None:
@@ -128,6 +134,8 @@ def check_agreement(
 
 def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) -> ExportBundle:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(lowered.model, "compiled_form", False):
+        return export_pt2e(lowered, loaded, spec, out_dir)
     files: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     metrics: dict[str, float] = {}
@@ -201,6 +209,112 @@ def export(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) ->
     for name, reason in skipped.items():
         log.info("export: skipped %s: %s", name, reason)
     return ExportBundle(files=files, skipped=skipped, metrics=metrics, disagreements=disagreements)
+
+
+# Run in a fresh process: a plain-torch loader (no torchao, no pipeline) needs only the decomposed q/dq ops.
+_RELOAD_SCRIPT = """
+import sys, torch
+import torch.ao.quantization.fx._decomposed  # registers quantized_decomposed ops the .pt2 program calls
+kind, path, inputs, result = sys.argv[1:]
+args = torch.load(inputs)
+if kind == "pt2":
+    module = torch.export.load(path).module()
+else:
+    module = torch._inductor.aoti_load_package(path)
+with torch.no_grad():
+    torch.save(module(*args), result)
+"""
+
+
+def reload_in_fresh_process(kind: str, path: Path, args: tuple, work: Path) -> torch.Tensor:
+    """Load `path` in a new Python process with plain torch, run it on `args` and return its outputs."""
+    import subprocess
+    import sys
+
+    inputs, result = work / f"{kind}_check_inputs.pt", work / f"{kind}_check_outputs.pt"
+    torch.save(tuple(args), inputs)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _RELOAD_SCRIPT, kind, str(path), str(inputs), str(result)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"export: reloading {path} in a fresh process failed: {done.stderr.strip()[-2000:]}")
+        return torch.load(result)
+    finally:
+        inputs.unlink(missing_ok=True)
+        result.unlink(missing_ok=True)
+
+
+def export_pt2e(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Path) -> ExportBundle:
+    """engine=pt2e: the q/dq program as a stripped `.pt2` (torch.export.save, dynamic batch), an AOTInductor
+    package (static batch: a dynamic one gave wrong outputs on the digits net) and ONNX (dynamo exporter),
+    each reloaded in a fresh process (ONNX: onnxruntime) and checked against the q/dq program."""
+    from pipeline.engine import pt2e
+
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    disagreements: dict[str, str] = {}
+    engine = lowered.engine
+    program = pt2e.program_of(lowered.model)
+    check_inputs = loaded.data.evaluation[0][0]
+    positional = check_inputs.positional(program)
+    with quantized_engine(engine), torch.no_grad():
+        expected = program(*positional)
+
+    def record(name: str, path: Path, actual: torch.Tensor) -> None:
+        metrics[metric_keys.export_metric(f"{name}/bytes")] = float(path.stat().st_size)
+        metrics[metric_keys.export_metric(f"{name}/max_abs_diff")] = _max_abs_diff(expected, actual)
+        files[name] = path
+        if (missed := check_agreement(name, expected, actual, spec, metrics)) is not None:
+            disagreements[name] = missed
+
+    path = out_dir / f"qdq_{engine}.pt2"
+    pt2e.save_program(program, pt2e.export_example(loaded.data.example_inputs), path)
+    record("pt2", path, reload_in_fresh_process("pt2", path, positional, out_dir))
+
+    if spec.aot_inductor and not getattr(lowered.model, "compile", True):
+        skipped["aot_inductor"] = f"inductor cannot compile this backend's q/dq program (backend={engine}; see lower)"
+    elif spec.aot_inductor:
+        path = out_dir / f"compiled_{engine}_b{check_inputs.batch_size}.aoti.pt2"
+        pt2e.save_aot_inductor(program, check_inputs, path)
+        record("aot_inductor", path, reload_in_fresh_process("aot_inductor", path, positional, out_dir))
+
+    if spec.onnx:
+        missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            skipped["onnx"] = (
+                f"{' and '.join(missing)} not installed; torch's dynamo ONNX exporter (the one that takes a "
+                f"torch.export program) needs onnxscript: pip install onnxscript"
+            )
+        else:
+            path = out_dir / f"qdq_{engine}.onnx"
+            record("onnx", path, pt2e_onnx(program, loaded.data.example_inputs, check_inputs, path))
+    for name in ("torchscript", "lite_interpreter"):
+        if name != "torchscript" or spec.torchscript != "none":
+            skipped[name] = "engine=pt2e: a torch.export program has no TorchScript form; the .pt2 file is its format"
+    for name, reason in skipped.items():
+        log.info("export: skipped %s: %s", name, reason)
+    return ExportBundle(files=files, skipped=skipped, metrics=metrics, disagreements=disagreements)
+
+
+def pt2e_onnx(program: torch.nn.Module, example: ModelInputs, check_inputs: ModelInputs, path: Path) -> torch.Tensor:
+    """The q/dq program through torch.onnx.export(dynamo=True); its outputs on `check_inputs` by onnxruntime."""
+    import onnxruntime
+
+    from pipeline.engine import pt2e
+
+    exported = pt2e.export_program(program, pt2e.export_example(example))
+    torch.onnx.export(exported, f=str(path), dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {
+        entry.name: value.numpy()
+        for entry, value in zip(session.get_inputs(), check_inputs.positional(program), strict=False)
+    }
+    return torch.from_numpy(session.run(None, feed)[0])
 
 
 def _add_onnx_metadata(path: Path, extra_files: dict[str, str]) -> None:
@@ -285,4 +399,24 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         for name in sorted(bundle.files)
     ]
     log.info("export: wrote %s", ", ".join(written))
+    if "torchscript" in bundle.files:
+        _log_model(bundle.files["torchscript"], ctx)
     return bundle.metrics
+
+
+def _log_model(torchscript: Path, ctx: StageContext) -> None:
+    """The TorchScript file as the run's tracking model (inputs positional, as it was traced), tagged for
+    the registry with what the search left float when a search ran."""
+    lowered, loaded = ctx.artifacts["lowered"], ctx.artifacts["loaded"]
+    example = loaded.data.example_inputs.map(lambda tensor: tensor[:2]).positional(lowered.model)
+    if not all(isinstance(value, torch.Tensor) for value in example):
+        log.info("export: the int8 model is not logged as a tracking model (an input is not a tensor: %s)", example)
+        return
+    with quantized_engine(lowered.engine), torch.no_grad():
+        output = lowered.model(*example)
+    if not isinstance(output, torch.Tensor):
+        log.info("export: the int8 model is not logged as a tracking model (its output is a %s)", type(output))
+        return
+    searched = ctx.artifacts.get("searched_skip")
+    tags = {"skip": f"searched:{skip_label(searched)}"} if searched else {}
+    ctx.log_model(torchscript, lowered.engine, [t.numpy() for t in example], output.numpy(), tags)

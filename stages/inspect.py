@@ -14,10 +14,12 @@ from typing import Any
 
 from pipeline.engine import get_engine, steps
 from pipeline.engine.qconfigs import import_path
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, SkipSpec
 from stages.types import Loaded, StageContext
 
 log = logging.getLogger(__name__)
+# inspect lists FX node names: FX only (pipeline.checks refuses it on pt2e).
+FLOW = EngineSpec(name="fx")
 
 NAME = "inspect"
 CONSUMES = ("loaded",)
@@ -40,7 +42,9 @@ def inspect(
     loaded: Loaded, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
 ) -> str:
     """The report as terminal-readable text."""
-    prepared = steps.prepare(loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom)
+    prepared = steps.prepare(
+        loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, flow=FLOW
+    )
     modules = [
         [name, import_path(type(module))]
         for name, module in prepared.named_modules()
@@ -48,7 +52,7 @@ def inspect(
     ]
     nodes = [
         [node.name, node.op, node.target, node.scope or "(top level)", "int8" if node.quantized else "float"]
-        for node in get_engine().model_nodes(prepared)
+        for node in get_engine(FLOW).model_nodes(prepared)
     ]
     lines = [
         f"Model {loaded.model_name}, prepared for backend={backend.engine} with qconfig_mapping={mapping.name}.",
@@ -61,7 +65,7 @@ def inspect(
         *_table(["node", "op", "target", "scope", "mapping"], nodes),
         "",
     ]
-    matches = get_engine().entry_matches(prepared, mapping, skip, backend)
+    matches = get_engine(FLOW).entry_matches(prepared, mapping, skip, backend)
     lines.append(f"What each entry of skip={skip.name} and qconfig_mapping={mapping.name} matches:")
     if not matches:
         lines.append("  (no entries)")

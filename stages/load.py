@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline import metric_keys
+from pipeline.batch import batch_tensors, data_digest
 from pipeline.errors import ConfigError, closest, error_summary
 from pipeline.paths import describe_path, is_torch_file, path_status, use_python_path
 from pipeline.schema import DataSpec, ModelSpec, PipelineSpec
@@ -277,7 +278,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
-    """float_model.txt (the module tree) and data.json (sizes and shapes)."""
+    """float_model.txt (the module tree) and data.json (sizes and shapes); the data as a dataset input."""
     out = ctx.out_dir
     loaded: Loaded = produced["loaded"]
     data = loaded.data
@@ -293,6 +294,19 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
             "has_labels": data.has_labels,
         },
     )
+    profile = {
+        "calibration_samples": data.num_calibration_samples,
+        "evaluation_samples": data.num_evaluation_samples,
+        "input_shapes": {name: list(t.shape[1:]) for name, t in data.example_inputs.named()},
+        "labels": data.has_labels,
+    }
+    # A lazy source (decoded per pass) is named by its fingerprint (files, indices, transforms), not decoded here.
+    if data.lazy:
+        digest = data.fingerprint()[:16]
+    else:
+        digest = data_digest(batch_tensors([*data.calibration, *data.evaluation]))
+    source = str(ctx.spec.data.factory.get("_target_", ctx.spec.data.name))
+    ctx.log_dataset(ctx.spec.data.name, digest, source, profile, "calibration+evaluation")  # MLflow's Dataset column
     return {
         metric_keys.DATA_CALIBRATION_SAMPLES: float(data.num_calibration_samples),
         metric_keys.DATA_EVALUATION_SAMPLES: float(data.num_evaluation_samples),

@@ -19,7 +19,7 @@ from torch import nn
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.engine import steps
-from pipeline.schema import BackendSpec
+from pipeline.schema import BackendSpec, EngineSpec
 from stages.types import Lowered, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,14 @@ NAME = "lower"
 CONSUMES = ("reference", "loaded")
 USES: tuple[str, ...] = ()
 PRODUCES = ("lowered",)
-READS = ("backend",)
+READS = ("engine", "backend")
 OPTIONAL = False
 
 
-def lower(reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs) -> Lowered:
-    model, counts, ignored = steps.lower_with_report(reference, backend, example_inputs)
+def lower(
+    reference: ReferenceModel, backend: BackendSpec, example_inputs: ModelInputs, flow: EngineSpec | None = None
+) -> Lowered:
+    model, counts, ignored = steps.lower_with_report(reference, backend, example_inputs, flow=flow or EngineSpec())
     log.info(
         "lowered for backend=%s: %d quantized ops, %d float ops, %d quantize/dequantize",
         backend.engine,
@@ -57,7 +59,8 @@ def module_listing(model: nn.Module) -> str:
 
 
 def compute(ctx: StageContext) -> dict[str, Any]:
-    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, ctx.artifacts["loaded"].data.example_inputs)}
+    loaded = ctx.artifacts["loaded"]
+    return {"lowered": lower(ctx.artifacts["reference"], ctx.spec.backend, loaded.data.example_inputs, ctx.spec.engine)}
 
 
 def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline import metric_keys
 from pipeline.engine import custom_modules, get_engine, steps
 from pipeline.errors import ConfigError
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 from stages.types import Calibrated, Loaded, ReferenceModel, StageContext, write_json
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ NAME = "reference_convert"
 CONSUMES = ("calibrated", "loaded")
 USES = ("searched_skip",)
 PRODUCES = ("reference",)
-READS = ("backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
+READS = ("engine", "backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
 OPTIONAL = False
 
 
@@ -36,19 +36,21 @@ def reference_convert(
     custom: CustomConfigSpec,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
+    flow: EngineSpec | None = None,
 ) -> ReferenceModel:
     """The reference model; with recovery.bias_correction and the calibration inputs, bias-corrected."""
-    engine = get_engine()
+    flow = flow or EngineSpec()
+    engine = get_engine(flow)
     unmatched = engine.unmatched_skip_entries(calibrated.model, skip)
     if unmatched and skip.strict:
         raise ConfigError(f"skip={skip.name} (skip.strict=true): " + " ".join(unmatched))
     for problem in unmatched:
         log.warning("skip=%s: %s", skip.name, problem)
-    conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom)
+    conversion = steps.convert_reference(calibrated.model, backend, mapping, skip, custom, flow=flow)
     if conversion.left_float:
         log.info("skip=%s left %d nodes float: %s", skip.name, len(conversion.left_float), conversion.left_float)
     if recovery is not None and recovery.bias_correction and calibration:
-        steps.correct_bias(conversion, calibrated.model, calibration, recovery)
+        steps.correct_bias(conversion, calibrated.model, calibration, recovery, flow)
     return conversion
 
 
@@ -65,6 +67,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.custom_config,
         spec.recovery,
         calibration,
+        spec.engine,
     )
     return {"reference": reference}
 

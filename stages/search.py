@@ -93,7 +93,7 @@ class SearchResult:
 
 
 def check(spec: PipelineSpec) -> None:
-    blocker = get_engine().numerics_blocker(spec.custom_config)
+    blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
     if blocker is not None:
         raise ConfigError(
             f"search.strategy='{spec.search.strategy}' ranks layers with torch's FX numeric suite, but {blocker}. "

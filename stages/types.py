@@ -165,6 +165,11 @@ class StageContext:
     # A warning the user must see (e.g. an exported file disagreeing with the int8 model): the runner logs
     # it at WARNING at once and repeats it in the run's summary (<run dir>/warnings.txt, the `warnings` tag).
     warn: Callable[[str], None] = lambda text: None
+    # The data as a tracking dataset input: name, digest, source, profile (sizes, shapes), context.
+    log_dataset: Callable[[str, str, str, dict[str, Any], str], None] = lambda *dataset: None
+    # A deployable file as a tracking model (and, with tracking.register, a registry version): the file,
+    # the quantized engine, example inputs and output (numpy), and tags for the registry version.
+    log_model: Callable[[Path, str, list[Any], Any, dict[str, str]], None] = lambda *model: None
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -16,7 +16,7 @@ from pipeline.engine import recovery as recovery_options
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import import_path
 from pipeline.errors import ConfigError, error_summary
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,23 @@ def prepare(
     custom: CustomConfigSpec,
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
+    *,
+    flow: EngineSpec | None = None,
+    skip: SkipSpec | None = None,
 ) -> nn.Module:
     """The prepared, not yet calibrated model (also how the cache rebuilds a calibrated one). With `recovery`:
     SmoothQuant on a copy of the float model first (it needs `calibration`, the calibration batches'
-    inputs), the activation bit width, and the bounded-activation clamp where recovery turns it on."""
-    engine = get_engine()
+    inputs), the activation bit width, and the bounded-activation clamp where recovery turns it on. `flow` is
+    the config's `engine` group (None: FX); an engine that skips at prepare time (pt2e) gets `skip` folded
+    into the mapping."""
+    flow = flow or EngineSpec()
+    engine = get_engine(flow)
+    if skip is not None and getattr(engine, "skips_at_prepare", False):
+        from pipeline.engine.pt2e import with_skip
+
+        mapping = with_skip(mapping, skip)
     if recovery is not None and recovery.smoothquant_alpha > 0 and calibration:
-        model = smooth(model, calibration, recovery.smoothquant_alpha, model_name, custom)
+        model = smooth(model, calibration, recovery.smoothquant_alpha, model_name, custom, flow)
     try:
         prepared = engine.prepare(model, example_inputs, backend, mapping, custom, recovery)
     except Exception as error:
@@ -74,10 +84,15 @@ def prepare(
 
 
 def smooth(
-    model: nn.Module, calibration: list[Any], alpha: float, model_name: str, custom: CustomConfigSpec
+    model: nn.Module,
+    calibration: list[Any],
+    alpha: float,
+    model_name: str,
+    custom: CustomConfigSpec,
+    flow: EngineSpec | None = None,
 ) -> nn.Module:
     """SmoothQuant on a copy of the float model (recovery.smoothquant_alpha), logged."""
-    smoothed, report = get_engine().smooth_quant(model, calibration, alpha, custom)
+    smoothed, report = get_engine(flow or EngineSpec()).smooth_quant(model, calibration, alpha, custom)
     if report:
         log.info(
             "recovery.smoothquant_alpha=%g: %d activations smoothed into the Linears they feed (largest scale per "
@@ -108,10 +123,16 @@ def activation_settings(recovery: RecoverySpec, backend: BackendSpec, mapping: Q
 
 
 def correct_bias(
-    conversion: ReferenceConversion, prepared: nn.Module, calibration: list[Any], recovery: RecoverySpec
+    conversion: ReferenceConversion,
+    prepared: nn.Module,
+    calibration: list[Any],
+    recovery: RecoverySpec,
+    flow: EngineSpec | None = None,
 ) -> dict[str, float]:
     """recovery.bias_correction on the reference model, in place, before lowering; logged."""
-    shifts = get_engine().correct_bias(conversion, prepared, calibration, recovery.bias_correction_samples)
+    shifts = get_engine(flow or EngineSpec()).correct_bias(
+        conversion, prepared, calibration, recovery.bias_correction_samples
+    )
     if shifts:
         worst = max(shifts, key=shifts.__getitem__)
         log.info(
@@ -152,26 +173,40 @@ def not_traceable_error(model_name: str, custom_name: str, failed: UntraceableMo
 
 
 def convert_reference(
-    prepared: nn.Module, backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec, custom: CustomConfigSpec
+    prepared: nn.Module,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    skip: SkipSpec,
+    custom: CustomConfigSpec,
+    *,
+    flow: EngineSpec | None = None,
 ) -> ReferenceConversion:
     """The reference model with the skip-list's entries left float, plus what lowering needs."""
-    return get_engine().convert_reference(prepared, backend, mapping, skip, custom)
+    return get_engine(flow or EngineSpec()).convert_reference(prepared, backend, mapping, skip, custom)
 
 
 def lower(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
+    conversion: ReferenceConversion,
+    backend: BackendSpec,
+    example_inputs: ModelInputs,
+    *,
+    flow: EngineSpec | None = None,
 ) -> tuple[nn.Module, dict[str, int]]:
     """The backend's int8 model and its op counts; NothingQuantizedError when every op stayed float."""
-    model, counts, _ = lower_with_report(conversion, backend, example_inputs)
+    model, counts, _ = lower_with_report(conversion, backend, example_inputs, flow=flow)
     return model, counts
 
 
 def lower_with_report(
-    conversion: ReferenceConversion, backend: BackendSpec, example_inputs: ModelInputs
+    conversion: ReferenceConversion,
+    backend: BackendSpec,
+    example_inputs: ModelInputs,
+    *,
+    flow: EngineSpec | None = None,
 ) -> tuple[nn.Module, dict[str, int], list[str]]:
     """lower, plus one line per mapping entry the backend ignored: every node it gave a qconfig to
     stayed float (BackendConfig silently drops qconfigs with dtypes it has no config for)."""
-    engine = get_engine()
+    engine = get_engine(flow or EngineSpec())
     model = engine.lower(conversion.model, conversion.engine_state, backend.engine)
     kinds = engine.node_kinds(model, example_inputs, backend.engine)
     counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}

@@ -7,9 +7,8 @@ Pure functions of plain values: no mlflow import, no stage.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline import metric_keys
@@ -60,16 +59,6 @@ def first_headline_metric(spec: PipelineSpec) -> str | None:
     which plots the first metric the runs share in logging order, opens on it rather than on a constant
     such as data/calibration_samples. None when the run does not evaluate."""
     return metric_keys.HEADLINE_SQNR_DB if "evaluate" in spec.stages else None
-
-
-def data_digest(tensors: Iterable[Any]) -> str:
-    """A short digest of the data (torch tensors or numpy arrays): dtype, shape and bytes of each, in order."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor
-        digest.update(f"{array.dtype}{tuple(array.shape)}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

@@ -1,0 +1,115 @@
+"""The two engines side by side: engine=fx and engine=pt2e on the same model, data and backend.
+
+Runs `python -m pipeline engine=<fx|pt2e> backend=x86` on the digits default and on the ResNet-18-shaped net
+(random weights, synthetic inputs, a small image count so it takes minutes), tracking off, cache off, latency
+at one thread, diagnose off, AOTInductor and ONNX off (ONNX/AOTI are compared per file, not per engine). Reads
+each run's metrics.json and prints accuracy, output SQNR vs float, b1/b32 speedup over float, the deployable
+file's size and the run's wall time.
+
+    python bench/engines.py [--size 112] [--models digits,resnet18]
+
+Prints a table and writes outputs/bench/engines.json (with the CPU model and whether it has VNNI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = [
+    "backend=x86",
+    "tracking=off",
+    "cache.enabled=false",
+    "diagnose.enabled=false",
+    "evaluate.latency.threads=1",
+    "evaluate.latency.repeats=20",
+    "export.aot_inductor=false",
+    "export.onnx=false",
+]
+
+
+def models(size: int) -> dict[str, list[str]]:
+    return {
+        "digits": [],
+        "resnet18": [
+            "model=resnet18",
+            "data=synthetic",
+            f"data.factory.shape=[3,{size},{size}]",
+            "data.factory.calibration_batches=2",
+            "data.factory.evaluation_batches=1",
+            "data.factory.batch_size=8",
+        ],
+    }
+
+
+def run(engine: str, overrides: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "pipeline", f"engine={engine}", *COMMON, *overrides, f"output_dir={out}"]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        (run_dir,) = list(Path(out, "runs").iterdir())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        files = [p for p in (run_dir / "export").iterdir() if p.suffix in (".pt", ".pt2")]
+        return {
+            "accuracy": metrics.get("eval/lowered/accuracy", float("nan")),
+            "sqnr_db": metrics.get("eval/lowered/sqnr_db", float("nan")),
+            "speedup_b1": metrics.get("latency/speedup_b1", float("nan")),
+            "speedup_b32": metrics.get("latency/speedup_b32", float("nan")),
+            "file": files[0].name if files else "",
+            "file_mb": files[0].stat().st_size / 1e6 if files else float("nan"),
+            "seconds": seconds,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=112, help="ResNet input side (224 = ImageNet)")
+    parser.add_argument("--models", default="digits,resnet18")
+    args = parser.parse_args()
+    machine = {
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in line
+            ),
+            "unknown",
+        ),
+        "vnni": bool(torch.cpu._is_vnni_supported()),
+        "torch": torch.__version__,
+    }
+    rows = []
+    for model, overrides in models(args.size).items():
+        if model not in args.models.split(","):
+            continue
+        for engine in ("fx", "pt2e"):
+            row = {"model": model, "engine": engine, **run(engine, overrides)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = "| model | engine | accuracy | SQNR dB | speedup b1 | speedup b32 | file | MB | run s |"
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['engine']} | {r['accuracy']:.4f} | {r['sqnr_db']:.1f} | {r['speedup_b1']:.2f}x | "
+            f"{r['speedup_b32']:.2f}x | {r['file']} | {r['file_mb']:.2f} | {r['seconds']:.0f} |"
+        )
+    print(f"\n{machine['cpu']} (VNNI: {machine['vnni']}), torch {machine['torch']}, 1 thread\n")
+    print("\n".join(lines))
+    out = REPO / "outputs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""engine=pt2e: torch.export + torchao's PT2E flow behind the same config. The digits default end to end
+(the .pt2 file reloaded in a fresh process by the export stage and compared), what pt2e refuses at start-up,
+skip-lists at prepare time, and the calibration cache key per engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.cache import cache_key
+from pipeline.engine.pt2e import torchao_available
+from pipeline.errors import ConfigError
+from pipeline.validation import validate
+from tests.conftest import compose_config, to_spec
+
+pytestmark = pytest.mark.skipif(
+    not torchao_available(), reason="torchao is not installed (the [pt2e] extra: pip install --no-deps torchao==0.18.0)"
+)
+
+# Quick: no AOTInductor package (about 15 s to build on 2 cores), no ONNX; the .pt2 is written and reloaded.
+QUICK = ["engine=pt2e", "tracking=off", "export.aot_inductor=false", "export.onnx=false"]
+
+
+def _metrics(run_dir) -> dict[str, float]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run_pipeline) -> None:
+    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86"])
+    metrics = _metrics(run_dir)
+    assert metrics["eval/float/accuracy"] > 0.98
+    assert metrics["eval/reference/accuracy"] >= metrics["eval/float/accuracy"] - 0.01
+    assert metrics["eval/lowered/accuracy"] == metrics["eval/reference/accuracy"]
+    assert metrics["eval/reference/sqnr_db"] > 30
+    # The .pt2 was reloaded in a fresh process (plain torch) by the export stage and matches the q/dq program.
+    assert (run_dir / "export" / "qdq_x86.pt2").is_file()
+    assert metrics["export/pt2/disagrees"] == 0.0
+    assert metrics["export/pt2/max_abs_diff"] < 1e-5
+    assert metrics["node_counts/quantized"] > 0 if "node_counts/quantized" in metrics else True
+    assert "latency/lowered/compiled/b1_median_ms" in metrics
+    # diagnose is skipped on pt2e, with the reason, and the run goes on.
+    assert "pt2e" in (run_dir / "diagnose" / "diagnosis.txt").read_text()
+
+
+@pytest.mark.slow
+def test_pt2_file_loads_with_plain_torch_in_a_fresh_process(run_pipeline, tmp_path) -> None:
+    _, _, run_dir = run_pipeline(
+        [*QUICK, "evaluate.latency.enabled=false", "stages=[load,calibrate,reference_convert,lower,export]"]
+    )
+    path = run_dir / "export" / "qdq_x86.pt2"
+    code = (
+        "import sys, torch, torch.ao.quantization.fx._decomposed\n"
+        "m = torch.export.load(sys.argv[1]).module()\n"
+        "print(tuple(m(torch.rand(5, 1, 8, 8)).shape), tuple(m(torch.rand(1, 1, 8, 8)).shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(5, 10) (1, 10)"  # any batch size
+
+
+@pytest.mark.slow
+def test_qnnpack_runs_through_the_xnnpack_quantizer(run_pipeline) -> None:
+    _, _, run_dir = run_pipeline([*QUICK, "backend=qnnpack", "evaluate.latency.enabled=false"])
+    metrics = _metrics(run_dir)
+    assert metrics["eval/reference/accuracy"] > 0.97
+    assert metrics["export/pt2/disagrees"] == 0.0
+
+
+@pytest.mark.slow
+def test_skip_list_applies_at_prepare_time(run_pipeline) -> None:
+    _, _, run_dir = run_pipeline([*QUICK, "skip=first_last", "evaluate.latency.enabled=false", "export.onnx=false"])
+    left = json.loads((run_dir / "reference_convert" / "left_float.json").read_text())
+    assert any(entry.startswith("stem.0") for entry in left) and any(entry.startswith("fc") for entry in left)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["backend=fbgemm"], r"backend=fbgemm with engine=pt2e: pt2e has no fbgemm quantizer.*backend=x86"),
+        (["backend=onednn"], r"backend=onednn with engine=pt2e"),
+        (["skip=add"], r"skip.object_type\[0\]='operator.add' with engine=pt2e.*fuses add into the conv"),
+        (["qconfig_mapping=histogram_per_channel"], r"with engine=pt2e: a pt2e Quantizer takes its own"),
+        (["experiment=custom_module"], r"custom_config=.* with engine=pt2e: custom modules"),
+        (["search=greedy"], r"search=greedy with engine=pt2e"),
+        (["stages=[load,inspect]"], r"inspect with engine=pt2e"),
+        (["engine.name=pt3e"], r"engine.name='pt3e' is not valid.*pt2e"),
+    ],
+)
+def test_what_pt2e_cannot_express_is_refused_at_start_up(overrides, expected) -> None:
+    spec = to_spec(compose_config(["engine=pt2e", *overrides]))
+    with pytest.raises(ConfigError, match=expected):
+        validate(spec)
+
+
+def test_engine_group_validates_both_options() -> None:
+    for option in ("fx", "pt2e"):
+        spec = to_spec(compose_config([f"engine={option}"]))
+        validate(spec)
+        assert spec.engine.name == option
+
+
+def test_cache_key_says_which_engine_and_holds_the_skip_list_only_for_pt2e() -> None:
+    from stages.load import load
+
+    def key(*overrides: str) -> str:
+        spec = to_spec(compose_config(list(overrides)))
+        loaded = load(spec.model, spec.data, spec.seed)
+        return cache_key(spec, loaded.model, [x for x, _ in loaded.data.calibration])
+
+    fx, pt2e = key("engine=fx"), key("engine=pt2e")
+    assert fx != pt2e
+    assert key("engine=fx", "skip=first_last") == fx  # FX skips at convert time: one calibration serves all
+    assert key("engine=pt2e", "skip=first_last") != pt2e  # pt2e skips at prepare time
+
+
+def test_observer_state_keeps_metadata_and_reloads_bit_equal() -> None:
+    from pipeline.engine import get_engine
+    from pipeline.engine.pt2e import convert
+    from stages.calibrate import calibrate, prepare
+    from stages.load import load
+
+    spec = to_spec(compose_config(["engine=pt2e"]))
+    loaded = load(spec.model, spec.data, spec.seed)
+    calibrated = calibrate(
+        loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery, spec.engine
+    )
+    engine = get_engine(spec.engine)
+    state = engine.observer_state(calibrated.model)
+    assert getattr(state, "_metadata", None)
+    fresh = prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.recovery, None, spec.engine)
+    engine.load_observer_state(fresh, state)
+    x = loaded.data.evaluation[0][0].args[0]
+    with torch.no_grad():
+        assert torch.equal(convert(calibrated.model)(x), convert(fresh)(x))
