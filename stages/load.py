@@ -301,10 +301,8 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         "labels": data.has_labels,
     }
     # A lazy source (decoded per pass) is named by its fingerprint (files, indices, transforms), not decoded here.
-    if data.lazy:
-        digest = data.fingerprint()[:16]
-    else:
-        digest = data_digest(batch_tensors([*data.calibration, *data.evaluation]))
+    in_memory = [*data.calibration, *data.evaluation] if not data.lazy else []
+    digest = data.fingerprint()[:16] if data.lazy else data_digest(batch_tensors(in_memory))
     source = str(ctx.spec.data.factory.get("_target_", ctx.spec.data.name))
     ctx.log_dataset(ctx.spec.data.name, digest, source, profile, "calibration+evaluation")  # MLflow's Dataset column
     return {
