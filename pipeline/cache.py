@@ -27,9 +27,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -40,6 +41,7 @@ from pipeline.batch import ModelInputs
 from pipeline.digest import model_code as _model_code
 from pipeline.digest import tensor_digest as _tensor_digest
 from pipeline.engine import get_engine, recovery
+from pipeline.progress import progress
 from pipeline.schema import EngineSpec, PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,9 @@ STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: list[ModelInputs | torch.Tensor]) -> str:
-    """Every tensor of every calibration batch (name, dtype and shape included) is in the key."""
+def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: Iterable[ModelInputs | torch.Tensor]) -> str:
+    """Every tensor of every calibration batch (name, dtype and shape included) is in the key: exactly what
+    calibration sees, streamed (a lazy source is decoded batch by batch here, its evaluation part untouched)."""
     digest = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -186,3 +189,115 @@ def _file_sha256(path: Path) -> str | None:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Float outputs: computed once per (model, evaluation data), reused by every job of a sweep and every
+# search trial. Stored next to the calibration entries, under <cache.dir>/float_outputs/<key>/: one
+# file per evaluation batch (batch_<i>.pt, the float model's output tensor) plus a manifest, so a pass
+# reads one batch at a time (memory stays bounded) and the metrics (accuracy, top-k, SQNR, agreement,
+# cosine, custom) get exactly the tensors they would have computed. Size: samples x outputs x 4 bytes,
+# e.g. 50,000 images x 1000 classes = 200 MB.
+
+OUTPUTS_FORMAT = 1
+OUTPUTS_FOLDER = "float_outputs"
+
+
+def outputs_key(model: nn.Module, data_fingerprint: str) -> str:
+    """The model's weights and code, the evaluation batches (their fingerprint: exactly which samples,
+    how decoded, in which batches; see pipeline/batches.py) and the torch version. Metric settings are
+    not in it: the entry holds outputs, from which every metric is computed."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        _tensor_digest(digest, value)
+    digest.update(_model_code(model).encode())
+    digest.update(json.dumps({"format": OUTPUTS_FORMAT, "torch": torch.__version__, "data": data_fingerprint}).encode())
+    return digest.hexdigest()[:24]
+
+
+class OutputCache:
+    """Float outputs per evaluation batch on disk (see above); atomic like CalibrationCache."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory / OUTPUTS_FOLDER
+        self.locks = CalibrationCache(self.directory)
+
+    def entry(self, key: str) -> Path:
+        return self.directory / key
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return self.locks.lock(key)
+
+    def has(self, key: str, batches: int) -> bool:
+        """An intact entry for `batches` batches (a bad one is removed)."""
+        entry = self.entry(key)
+        if not entry.exists():
+            return False
+        try:
+            manifest = json.loads((entry / MANIFEST_FILE).read_text())
+            if manifest.get("key") != key or manifest.get("batches") != batches:
+                raise ValueError(f"manifest {manifest.get('key')} with {manifest.get('batches')} batches")
+            missing = [i for i in range(batches) if not (entry / f"batch_{i:06d}.pt").is_file()]
+            if missing:
+                raise ValueError(f"batch files {missing[:3]} missing")
+        except Exception as error:
+            log.warning("cache: float outputs %s are corrupt (%s); removing them, evaluating float again", entry, error)
+            shutil.rmtree(entry, ignore_errors=True)
+            return False
+        return True
+
+    def ensure(self, key: str, model: nn.Module, batches: Any) -> int:
+        """Make sure the float outputs of `batches` (a BatchSource) are stored under `key`: 1 when this call
+        computed them (a float evaluation), 0 when they were there. Parallel jobs wait on the key's lock,
+        then hit."""
+        with self.lock(key):
+            if self.has(key, len(batches)):
+                log.info("evaluate: float outputs from the cache (%s): no float evaluation", self.entry(key))
+                return 0
+
+            def outputs() -> Iterator[torch.Tensor]:
+                with torch.no_grad():
+                    for inputs, _ in progress(batches, len(batches), "evaluate float (cached)", log):
+                        yield inputs.call(model)
+
+            size = self.store(key, outputs(), {"samples": batches.num_samples})
+            log.info(
+                "evaluate: float evaluation of %d samples cached as %s (%.1f MB)",
+                batches.num_samples,
+                self.entry(key),
+                size / 1e6,
+            )
+            return 1
+
+    def read_all(self, key: str, batches: int) -> torch.Tensor:
+        """Every batch's float outputs concatenated (for a search, which holds its subset in memory)."""
+        return torch.cat([self.read(key, position) for position in range(batches)])
+
+    def read(self, key: str, position: int) -> torch.Tensor:
+        return torch.load(self.entry(key) / f"batch_{position:06d}.pt", map_location="cpu", weights_only=True)
+
+    def store(self, key: str, outputs: Iterator[torch.Tensor], details: dict[str, object]) -> int:
+        """Write each output tensor of `outputs` as it comes (one batch in memory), then rename into place.
+        Returns the bytes written."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory))
+        try:
+            count = 0
+            size = 0
+            for position, tensor in enumerate(outputs):
+                path = temporary / f"batch_{position:06d}.pt"
+                torch.save(tensor.detach().contiguous().clone(), path)
+                size += path.stat().st_size
+                count = position + 1
+            manifest = {"key": key, "format": OUTPUTS_FORMAT, "torch": torch.__version__, "batches": count}
+            manifest.update(bytes=size, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **details)
+            (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+            try:
+                os.rename(temporary, self.entry(key))
+            except OSError:
+                shutil.rmtree(temporary, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return size

@@ -303,6 +303,8 @@ def check_ranges(spec: PipelineSpec) -> None:
     _check_int("export.target_batch_size", spec.export.target_batch_size, 1, MAX_BATCH_SIZE)
     _check_int("calibrate.max_batches", spec.calibrate.max_batches, 1, none_means="every calibration batch")
     _check_int("evaluate.max_batches", spec.evaluate.max_batches, 1, none_means="every evaluation batch")
+    _check_int("evaluate.max_samples", spec.evaluate.max_samples, 1, none_means="every evaluation sample")
+    _check_int("data.num_workers", spec.data.num_workers, 0)
     _check_list("evaluate.models", spec.evaluate.models)
     if "evaluate" in stages:
         produced = {"float"} | ({"reference"} if "reference_convert" in stages else set())

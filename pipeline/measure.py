@@ -367,6 +367,103 @@ def _call_custom(
         ) from error
 
 
+def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at z=1.96): sound near 0 and 1 and for small
+    subsets, unlike the normal approximation."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = successes / total
+    denominator = 1.0 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class QualityAccumulator:
+    """The plan's quality metrics of one model, accumulated batch by batch (so evaluation streams):
+    accuracy and top-k as correct counts (with accuracy's 95% Wilson interval), SQNR as sums of signal and
+    noise power, agreement as a count, cosine as a sum and a minimum over samples. `result()` equals
+    `quality_metrics` on the concatenated outputs.
+
+    The custom metric is a function of ALL outputs (a recall, a ranking...), so its inputs are gathered
+    (float outputs, this model's outputs, labels) and it is called once at the end: memory grows with the
+    evaluation set for it alone; bound it with evaluate.max_samples when the set is large."""
+
+    def __init__(self, name: str, plan: MetricPlan, labelled: bool) -> None:
+        self.name, self.plan, self.labelled = name, plan, labelled
+        self.samples = 0
+        self.correct = 0.0
+        self.top_correct = 0.0
+        self.signal = 0.0
+        self.noise = 0.0
+        self.agree = 0.0
+        self.cosine_sum = 0.0
+        self.cosine_min = float("inf")
+        self.gathered: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    @property
+    def against_float(self) -> bool:
+        return self.name != "float"
+
+    def update(self, outputs: torch.Tensor, float_outputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+        count = int(outputs.shape[0])
+        self.samples += count
+        names = self.plan.names
+        if labels is not None and self.labelled:
+            if "accuracy" in names:
+                self.correct += top_k_accuracy(outputs, labels, 1) * count
+            if "topk" in names:
+                self.top_correct += top_k_accuracy(outputs, labels, self.plan.top_k) * count
+        if not self.against_float or float_outputs is None:
+            return
+        if "sqnr" in names:
+            self.signal += float_outputs.double().pow(2).sum().item()
+            self.noise += (float_outputs.double() - outputs.double()).pow(2).sum().item()
+        if "agreement" in names:
+            self.agree += (outputs.argmax(1) == float_outputs.argmax(1)).sum().item()
+        if "cosine" in names:
+            cosine = cosine_per_sample(float_outputs, outputs)
+            self.cosine_sum += cosine.sum().item()
+            self.cosine_min = min(self.cosine_min, cosine.min().item())
+        if "custom" in names and self.plan.custom is not None:
+            self.gathered.append((float_outputs, outputs, labels))
+
+    def result(self, with_interval: bool = True) -> dict[str, float]:
+        name, names, n = self.name, self.plan.names, max(1, self.samples)
+        metrics: dict[str, float] = {}
+        if self.labelled and self.samples:
+            if "accuracy" in names:
+                metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY)] = self.correct / n
+                if with_interval:
+                    low, high = wilson_interval(round(self.correct), self.samples)
+                    metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY_CI_LOW)] = low
+                    metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY_CI_HIGH)] = high
+            if "topk" in names:
+                metrics[metric_keys.eval_metric(name, metric_keys.top_k_accuracy(self.plan.top_k))] = (
+                    self.top_correct / n
+                )
+        if not self.against_float or not self.samples:
+            return metrics
+        if "sqnr" in names and (self.signal or self.noise):
+            sqnr = float("inf") if self.noise == 0.0 else 10.0 * torch.log10(torch.tensor(self.signal / self.noise))
+            metrics[metric_keys.eval_metric(name, metric_keys.SQNR_DB)] = float(sqnr)
+        elif "sqnr" in names:
+            metrics[metric_keys.eval_metric(name, metric_keys.SQNR_DB)] = float("inf")
+        if "agreement" in names:
+            metrics[metric_keys.eval_metric(name, metric_keys.AGREEMENT)] = self.agree / n
+        if "cosine" in names:
+            metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MEAN)] = self.cosine_sum / n
+            metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MIN)] = self.cosine_min
+        if "custom" in names and self.plan.custom is not None and self.gathered:
+            float_outputs = torch.cat([part[0] for part in self.gathered])
+            outputs = torch.cat([part[1] for part in self.gathered])
+            labels = None if self.gathered[0][2] is None else torch.cat([part[2] for part in self.gathered])  # type: ignore[misc]
+            metrics[metric_keys.eval_metric(name, metric_keys.CUSTOM)] = _call_custom(
+                self.plan, float_outputs, outputs, labels
+            )
+        return metrics
+
+
 def quality_metrics(
     name: str,
     outputs: torch.Tensor,
@@ -376,31 +473,12 @@ def quality_metrics(
 ) -> dict[str, float]:
     """The plan's metrics of model `name`: accuracy / top-k with labels (any model), and against float
     (a model other than float): SQNR, argmax agreement, cosine mean and minimum, the custom metric.
-    No plan: accuracy (with labels), SQNR and agreement."""
+    No plan: accuracy (with labels), SQNR and agreement. (QualityAccumulator, one batch.)"""
     if plan is None:
         plan = MetricPlan(("accuracy", "sqnr", "agreement") if labels is not None else ("sqnr", "agreement"))
-    metrics: dict[str, float] = {}
-    if labels is not None:
-        if "accuracy" in plan.names:
-            metrics[metric_keys.eval_metric(name, metric_keys.ACCURACY)] = top_k_accuracy(outputs, labels, 1)
-        if "topk" in plan.names:
-            metrics[metric_keys.eval_metric(name, metric_keys.top_k_accuracy(plan.top_k))] = top_k_accuracy(
-                outputs, labels, plan.top_k
-            )
-    if name == "float" or float_outputs is None:
-        return metrics
-    if "sqnr" in plan.names:
-        metrics[metric_keys.eval_metric(name, metric_keys.SQNR_DB)] = sqnr_db(float_outputs, outputs)
-    if "agreement" in plan.names:
-        agreement = (outputs.argmax(1) == float_outputs.argmax(1)).float().mean().item()
-        metrics[metric_keys.eval_metric(name, metric_keys.AGREEMENT)] = agreement
-    if "cosine" in plan.names:
-        cosine = cosine_per_sample(float_outputs, outputs)
-        metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MEAN)] = cosine.mean().item()
-        metrics[metric_keys.eval_metric(name, metric_keys.COSINE_MIN)] = cosine.min().item()
-    if "custom" in plan.names and plan.custom is not None:
-        metrics[metric_keys.eval_metric(name, metric_keys.CUSTOM)] = _call_custom(plan, float_outputs, outputs, labels)
-    return metrics
+    accumulator = QualityAccumulator(name, plan, labels is not None)
+    accumulator.update(outputs, float_outputs, labels)
+    return accumulator.result(with_interval=False)
 
 
 def float_score(criterion: str, float_outputs: torch.Tensor, labels: torch.Tensor | None, plan: MetricPlan) -> float:

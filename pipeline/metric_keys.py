@@ -58,6 +58,12 @@ LOWERED_SQNR_DB = eval_metric("lowered", SQNR_DB)
 LOWERED_AGREEMENT = eval_metric("lowered", AGREEMENT)
 ACCURACY_DELTA = "eval/accuracy_delta"  # lowered minus float accuracy, a fraction (0.01 = one point)
 EVAL_SAMPLES = "eval/samples"
+# accuracy's 95% Wilson interval (eval/<model>/accuracy_ci_low, _high): how far a subset's figure
+# (evaluate.max_samples) may be from the full set's
+ACCURACY_CI_LOW = "accuracy_ci_low"
+ACCURACY_CI_HIGH = "accuracy_ci_high"
+# float evaluations this run made: 0 when the float outputs came from the cache (a sweep or search sums them)
+FLOAT_EVALUATIONS = "eval/float_evaluations"
 
 
 def latency_ms(model: str, batch_size: int) -> str:

@@ -133,6 +133,9 @@ class DataSpec:
     # Hydra-instantiated factory returning a stages.types.DataBundle.
     factory: dict[str, Any] = field(default_factory=dict)
     python_path: list[str] = field(default_factory=list)  # as model.python_path, for a data factory of your own
+    # DataLoader worker processes decoding a lazy source's batches (image_folder) while the model runs; 0:
+    # in the run's own process. 1 measured best on 2 cores (README "Data at scale").
+    num_workers: int = 1
 
 
 @dataclass
@@ -157,6 +160,9 @@ class LatencySpec:
 class EvaluateSpec:
     models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
     max_batches: int | None = None  # null: the whole evaluation part
+    # null: every sample (of max_batches); a count scores on the first samples only (a search or sweep on a
+    # subset, the final run on the full set); accuracy's 95% Wilson interval is logged beside it.
+    max_samples: int | None = None
     latency: LatencySpec = field(default_factory=LatencySpec)
     # Quality metrics (metric_keys.EVALUATE_METRICS): auto = accuracy, sqnr, agreement, cosine with labels
     # and trained weights; sqnr, cosine without. Also accuracy, topk, sqnr, agreement, cosine, custom.
@@ -250,6 +256,9 @@ class InspectSpec:
 class CacheSpec:
     enabled: bool = True
     dir: str = MISSING  # one folder per entry, named by its key; delete the folder to clear the cache
+    # Float outputs of the evaluation set, computed once per (model, data) and reused by every job of a
+    # sweep and every search trial (under <dir>/float_outputs/); needs enabled.
+    float_outputs: bool = True
 
 
 @dataclass

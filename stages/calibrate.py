@@ -88,7 +88,7 @@ def calibrate(
     return Calibrated(
         model=prepared,
         num_batches=len(batches),
-        num_samples=sum(inputs.batch_size for inputs, _ in batches),
+        num_samples=batches.num_samples,
     )
 
 
@@ -117,7 +117,7 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
         return calibrate(loaded, *run)
     cache = CalibrationCache(Path(spec.cache.dir), spec.engine)
     batches = loaded.data.calibration[: spec.calibrate.max_batches]
-    key = cache_key(spec, loaded.model, [inputs for inputs, _ in batches])
+    key = cache_key(spec, loaded.model, (inputs for inputs, _ in batches))
     with cache.lock(key):
         cached = cache.load(
             key,
@@ -134,7 +134,7 @@ def calibrate_or_load(spec: PipelineSpec, loaded: Loaded, ctx: StageContext | No
         )
         if cached is not None:
             log.info("calibrate: cache hit %s (cache.dir=%s): no calibration batches run", key, spec.cache.dir)
-            return Calibrated(cached, len(batches), sum(x.batch_size for x, _ in batches), True, key)
+            return Calibrated(cached, len(batches), batches.num_samples, True, key)
         calibrated = calibrate(loaded, *run)
         if ctx is not None:
             ctx.check_stop()  # a swallowed signal must not leave an entry that a later run trusts

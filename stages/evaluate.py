@@ -6,7 +6,8 @@ pipeline/measure.py.
 The float reference's latency is kept in the latency cache (<cache.dir>/latency/, with cache.enabled), so a
 sweep or repeated runs time it once.
 
-Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric), cache.*.
+Config keys read: evaluate.*, backend.engine, model.python_path, data.python_path (custom_metric), cache.*
+(the float-output cache: with cache.enabled, float outputs are computed once per model and data).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from torch import nn
 
 from pipeline import metric_keys
 from pipeline.batch import ModelInputs
+from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import (
     LatencyCache,
+    QualityAccumulator,
     measure_latency,
     metric_plan,
-    quality_metrics,
     resolve_custom_metric,
     serialized_bytes,
 )
+from pipeline.progress import progress
 from pipeline.schema import EvaluateSpec, PipelineSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
 
@@ -49,29 +52,58 @@ def evaluate(
     spec: EvaluateSpec,
     python_path: list[str] | None = None,
     latency_cache: LatencyCache | None = None,
+    cache_dir: Path | None = None,
 ) -> EvaluationReport:
     """`candidates` maps 'reference' and 'lowered' to models when those stages ran; float is loaded's.
     `python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
-    `latency_cache`, the float model's latency is read from it when its key is there."""
+    `latency_cache`, the float model's latency is read from it when its key is there.
+
+    Streams: one pass over the evaluation batches (evaluate.max_batches / max_samples of them), every
+    model run on each batch, metrics accumulated per batch (QualityAccumulator), so memory holds a batch
+    and its outputs whatever the set's size. With `cache_dir` (cache.enabled), the float outputs come from
+    the float-output cache (pipeline/cache.py OutputCache), computed there once per model and data: every
+    job of a sweep after the first runs only its int8 models."""
     plan = metric_plan(spec.metrics, spec.top_k, spec.custom_metric, list(python_path or []), loaded.has_accuracy)
     models = {"float": loaded.model, **candidates}
     models = {name: model for name, model in models.items() if name in spec.models}
-    batches = loaded.data.evaluation[: spec.max_batches]
-    if not batches:
+    batches = loaded.data.evaluation.head(spec.max_batches, spec.max_samples)
+    if len(batches) == 0:
         raise ValueError(
-            "evaluate: the evaluation data is empty; check data.* (evaluation size) and evaluate.max_batches."
+            "evaluate: the evaluation data is empty; check data.* (evaluation size), evaluate.max_batches and "
+            "evaluate.max_samples."
         )
     metrics: dict[str, float] = {}
+    cache = OutputCache(cache_dir) if cache_dir is not None and "float" in models else None
+    key = outputs_key(loaded.model, batches.fingerprint()) if cache is not None else None
+    if cache is not None and key is not None:
+        metrics[metric_keys.FLOAT_EVALUATIONS] = float(cache.ensure(key, loaded.model, batches))
+    elif "float" in models:
+        metrics[metric_keys.FLOAT_EVALUATIONS] = 1.0
+    labelled = loaded.has_accuracy
+    accumulators = {name: QualityAccumulator(name, plan, labelled) for name in models}
+    samples = 0
+    latency_pool: list[ModelInputs] = []
+    pool_size = max(spec.latency.batch_sizes, default=1)
     with quantized_engine(engine), torch.no_grad():
-        outputs = {name: torch.cat([inputs.call(model) for inputs, _ in batches]) for name, model in models.items()}
-        labels = torch.cat([label for _, label in batches]) if loaded.has_accuracy else None
-        for name, logits in outputs.items():
-            metrics.update(quality_metrics(name, logits, outputs.get("float"), labels, plan))
+        for position, (inputs, labels) in enumerate(progress(batches, len(batches), "evaluate", log)):
+            outputs: dict[str, torch.Tensor] = {}
+            for name, model in models.items():
+                if name == "float" and cache is not None and key is not None:
+                    outputs[name] = cache.read(key, position)
+                else:
+                    outputs[name] = inputs.call(model)
+            for name, accumulator in accumulators.items():
+                accumulator.update(outputs[name], outputs.get("float"), labels if labelled else None)
+            if sum(x.batch_size for x in latency_pool) < pool_size:
+                latency_pool.append(inputs)
+            samples += inputs.batch_size
+        for accumulator in accumulators.values():
+            metrics.update(accumulator.result())
         if metric_keys.LOWERED_ACCURACY in metrics and metric_keys.FLOAT_ACCURACY in metrics:
             metrics[metric_keys.ACCURACY_DELTA] = (
                 metrics[metric_keys.LOWERED_ACCURACY] - metrics[metric_keys.FLOAT_ACCURACY]
             )
-        metrics[metric_keys.EVAL_SAMPLES] = float(sum(inputs.batch_size for inputs, _ in batches))
+        metrics[metric_keys.EVAL_SAMPLES] = float(samples)
 
         if "lowered" in models:
             metrics[metric_keys.FLOAT_BYTES] = float(serialized_bytes(loaded.model))
@@ -81,7 +113,7 @@ def evaluate(
         fastest: dict[str, str] = {}
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
-            pool = ModelInputs.cat([inputs for inputs, _ in batches])
+            pool = ModelInputs.cat(latency_pool)  # the first batches, enough for the largest latency batch
             latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache)
             metrics.update(latency)
     return EvaluationReport(metrics=metrics, fastest_form=fastest)
@@ -97,9 +129,11 @@ def compute(ctx: StageContext) -> dict[str, Any]:
     candidates = {name: ctx.artifacts[name].model for name in USES if name in ctx.artifacts}
     spec = ctx.spec
     python_path = [*spec.model.python_path, *spec.data.python_path]
-    cache = LatencyCache(latency_cache_dir(spec.cache.dir)) if spec.cache.enabled else None
+    latency = LatencyCache(latency_cache_dir(spec.cache.dir)) if spec.cache.enabled else None
+    outputs_dir = Path(spec.cache.dir) if spec.cache.enabled and spec.cache.float_outputs else None
     loaded = ctx.artifacts["loaded"]
-    return {"evaluation": evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, cache)}
+    report = evaluate(loaded, candidates, spec.backend.engine, spec.evaluate, python_path, latency, outputs_dir)
+    return {"evaluation": report}
 
 
 def latency_cache_dir(cache_dir: str) -> Path:

@@ -189,7 +189,13 @@ def _check_model_accepts(model: nn.Module, data: DataBundle, model_spec: ModelSp
     expected = example.sample_signature()
     # Every batch like the example inputs (batch size aside): the same inputs, per-sample shapes and dtypes;
     # otherwise calibrate or evaluate would fail midway on inputs the model rejects, far from the data.
-    for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation)):
+    # A lazy source (decoded per pass) is checked on its first batch only: decoding the whole set here would
+    # cost a full pass; its dataset checks each sample's shape as it decodes it.
+    parts = [
+        (part, batches if not getattr(batches, "lazy", False) else [batches[0]])
+        for part, batches in (("calibration", data.calibration), ("evaluation", data.evaluation))
+    ]
+    for part, batches in parts:
         for position, (inputs, _) in enumerate(batches):
             found = inputs.sample_signature()
             if not _same_inputs(found, expected):
@@ -238,6 +244,9 @@ def load(model_spec: ModelSpec, data_spec: DataSpec, seed: int) -> Loaded:
             f"not a stages.types.DataBundle."
         )
     _check_data(data, data_spec)
+    for part in (data.calibration, data.evaluation):
+        if hasattr(part, "num_workers"):  # a lazy source decoded by DataLoader workers (DatasetBatches)
+            part.num_workers = data_spec.num_workers
     _check_model_accepts(model, data, model_spec, data_spec)
     integer = data.example_inputs.integer_names()
     if integer:
@@ -291,7 +300,9 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         "input_shapes": {name: list(t.shape[1:]) for name, t in data.example_inputs.named()},
         "labels": data.has_labels,
     }
-    digest = data_digest(batch_tensors([*data.calibration, *data.evaluation]))
+    # A lazy source (decoded per pass) is named by its fingerprint (files, indices, transforms), not decoded here.
+    in_memory = [*data.calibration, *data.evaluation] if not data.lazy else []
+    digest = data.fingerprint()[:16] if data.lazy else data_digest(batch_tensors(in_memory))
     source = str(ctx.spec.data.factory.get("_target_", ctx.spec.data.name))
     ctx.log_dataset(ctx.spec.data.name, digest, source, profile, "calibration+evaluation")  # MLflow's Dataset column
     return {

@@ -17,7 +17,8 @@ Accuracy-like scores (accuracy, agreement) come with a 95% Wilson interval; when
 moves the score by more than a quarter of search.max_drop, a warning says the bar rests on a few samples.
 
 Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, evaluate.metrics, evaluate.top_k,
-evaluate.custom_metric, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path, data.python_path.
+evaluate.custom_metric, evaluate.max_samples, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path,
+data.python_path, cache.* (float outputs from the float-output cache, shared with evaluate and other jobs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from pipeline import measure, metric_keys
 from pipeline.batch import ModelInputs
+from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
@@ -185,6 +187,7 @@ def search(
     recovery: RecoverySpec | None = None,
     calibration: list[Any] | None = None,
     latency_cache: LatencyCache | None = None,
+    cache_dir: Path | None = None,
 ) -> SearchResult:
     """`python_path`: where evaluate.custom_metric may live (model.python_path, data.python_path). With
     recovery.bias_correction and the calibration inputs, every trial is bias-corrected like the
@@ -201,13 +204,18 @@ def search(
         loaded.has_accuracy,
     )
     score_key = metric_keys.eval_metric("lowered", metric_keys.criterion_metric(spec.criterion, evaluate_spec.top_k))
-    batches = loaded.data.evaluation[: evaluate_spec.max_batches]
+    batches = loaded.data.evaluation.head(evaluate_spec.max_batches, evaluate_spec.max_samples)
     inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
     latency_spec = replace(evaluate_spec.latency, batch_sizes=evaluate_spec.latency.batch_sizes[:1])
     size = latency_spec.batch_sizes[0]
-    with torch.no_grad():
-        float_outputs = inputs.call(loaded.model)
+    if cache_dir is not None:  # the float outputs evaluate uses too: computed once per model and data
+        cache, key = OutputCache(cache_dir), outputs_key(loaded.model, batches.fingerprint())
+        cache.ensure(key, loaded.model, batches)
+        float_outputs = cache.read_all(key, len(batches))
+    else:
+        with torch.no_grad():
+            float_outputs = inputs.call(loaded.model)
     float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
@@ -429,6 +437,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.recovery,
         [inputs for inputs, _ in ctx.artifacts["loaded"].data.calibration[: spec.calibrate.max_batches]],
         LatencyCache(Path(spec.cache.dir) / "latency") if spec.cache.enabled else None,
+        Path(spec.cache.dir) if spec.cache.enabled and spec.cache.float_outputs else None,
     )
     if not result.met:
         ctx.warn(

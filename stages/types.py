@@ -30,42 +30,58 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.fx import GraphModule
 
-from pipeline.batch import Batch, ModelInputs, as_batch
+from pipeline.batch import Batch, ModelInputs
+from pipeline.batches import BatchList, BatchSource, DatasetBatches, as_source, first_batch
 from pipeline.engine.base import ReferenceConversion
 
 if TYPE_CHECKING:
     from pipeline.schema import PipelineSpec
 
-__all__ = ["Batch", "DataBundle", "ModelInputs"]  # Batch and ModelInputs: pipeline/batch.py, re-exported
+# Batch and ModelInputs: pipeline/batch.py; BatchSource, BatchList, DatasetBatches: pipeline/batches.py, re-exported
+__all__ = ["Batch", "BatchList", "BatchSource", "DataBundle", "DatasetBatches", "ModelInputs"]
 
 
 @dataclass
 class DataBundle:
     """Calibration and evaluation batches; labels may be None (then accuracy is not reported).
 
-    A batch is `(inputs, labels)`. A factory may give inputs as a ModelInputs, a tensor (one positional
-    input), a tuple of tensors or a dict of named tensors (keyword inputs, e.g. input_ids and
-    attention_mask), and `example_inputs` likewise: both are wrapped into ModelInputs here, so every
-    stage sees `list[tuple[ModelInputs, Tensor | None]]` and a ModelInputs example."""
+    A batch is `(inputs, labels)`. `calibration` and `evaluation` are BatchSources (pipeline/batches.py):
+    re-iterable, with `len()` batches, `num_samples`, `head(max_batches, max_samples)`, `[i]`, `[:n]`. A
+    factory may give a list of batches (held in memory, wrapped in a BatchList) or a lazy source such as
+    DatasetBatches (decoded per batch, in DataLoader workers: image_folder). Inputs may be a ModelInputs, a
+    tensor (one positional input), a tuple of tensors or a dict of named tensors (keyword inputs, e.g.
+    input_ids and attention_mask), and `example_inputs` likewise: both are wrapped into ModelInputs here.
+    `example_inputs` None: the first calibration sample."""
 
     name: str
-    calibration: list[Batch]
-    evaluation: list[Batch]
-    example_inputs: ModelInputs
+    calibration: BatchSource
+    evaluation: BatchSource
+    example_inputs: ModelInputs | None
     has_labels: bool
 
     def __post_init__(self) -> None:
-        self.calibration = [as_batch(batch) for batch in self.calibration]
-        self.evaluation = [as_batch(batch) for batch in self.evaluation]
+        self.calibration = as_source(self.calibration)
+        self.evaluation = as_source(self.evaluation)
+        if self.example_inputs is None:
+            self.example_inputs = first_batch(self.calibration)[0][:1]
         self.example_inputs = ModelInputs.wrap(self.example_inputs)
 
     @property
     def num_calibration_samples(self) -> int:
-        return sum(inputs.batch_size for inputs, _ in self.calibration)
+        return self.calibration.num_samples
 
     @property
     def num_evaluation_samples(self) -> int:
-        return sum(inputs.batch_size for inputs, _ in self.evaluation)
+        return self.evaluation.num_samples
+
+    @property
+    def lazy(self) -> bool:
+        """True when a part is decoded per pass (not held in memory)."""
+        return bool(getattr(self.calibration, "lazy", False) or getattr(self.evaluation, "lazy", False))
+
+    def fingerprint(self) -> str:
+        """Names both parts' batches (see BatchSource.fingerprint)."""
+        return f"{self.calibration.fingerprint()}-{self.evaluation.fingerprint()}"
 
 
 @dataclass

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "pipeline.errors",
             "pipeline.batch",
+            "pipeline.batches",
             "pipeline.schema",
             "pipeline.checks",
             "pipeline.paths",

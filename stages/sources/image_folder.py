@@ -2,7 +2,10 @@
 
 Standard evaluation transforms without torchvision (it does not import beside torch 2.13.0+cpu): PIL
 resizes the shorter side and center-crops, then torch ops scale to [0, 1] and normalize per channel.
-Only the images a run uses are read (calibration + evaluation sizes), all into memory.
+Images are decoded lazily, a batch at a time, in DataLoader worker processes (data.num_workers, set on
+the sources by the load stage): memory holds a few batches whatever the folder's size. The calibration
+and evaluation parts are disjoint seeded subsets (data.factory.seed); their fingerprints (the cache keys)
+name the files (path, size, mtime), the transform settings and the indices, without decoding anything.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import torch
 
 from pipeline.errors import ConfigError, closest
 from pipeline.paths import path_status
-from stages.sources.digits import _batches
 from stages.sources.split import split_indices
-from stages.types import DataBundle
+from stages.types import DataBundle, DatasetBatches
 
 log = logging.getLogger(__name__)
 
@@ -128,34 +130,62 @@ def image_folder_data(
         evaluation_size,
         f"data.factory.root='{root}' ({len(samples)} images in {len(classes)} classes)",
     )
-    mean_t = torch.tensor(mean).view(-1, 1, 1)
-    std_t = torch.tensor(std).view(-1, 1, 1)
+    dataset = ImageFolderDataset(samples, grayscale, resize, crop, resample, mean, std)
+    example, _ = dataset[calibration[0]]
+    dataset.shape = tuple(example.shape)
+    settings = repr((resize, crop, grayscale, mean, std, interpolation))
 
-    def tensors(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [(_load_image(samples[i][0], grayscale, resize, crop, resample) - mean_t) / std_t for i in indices]
-        shapes = sorted({tuple(image.shape) for image in images})
-        if len(shapes) > 1:
-            raise ConfigError(
-                f"data.factory.root='{root}': images come out in different shapes {shapes[:4]}; set "
-                f"data.factory.crop to a size so every image is cropped to the same square."
-            )
-        return torch.stack(images), torch.tensor([samples[i][1] for i in indices], dtype=torch.long)
+    def identity() -> str:  # the files as they are now, and how they are decoded: computed once per source
+        files = "\n".join(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}:{label}" for path, label in samples)
+        return f"{Path(root).resolve()}|{settings}|{files}"
 
-    calibration_x, calibration_y = tensors(calibration)
-    evaluation_x, evaluation_y = tensors(evaluation)
     log.info(
-        "image folder %s: %d classes %s, %d calibration and %d evaluation images of shape %s",
+        "image folder %s: %d classes %s, %d calibration and %d evaluation images of shape %s (decoded per batch)",
         root,
         len(classes),
         classes[:10],
         len(calibration),
         len(evaluation),
-        list(calibration_x.shape[1:]),
+        list(example.shape),
     )
     return DataBundle(
         name=f"image_folder_{Path(root).resolve().name}",
-        calibration=_batches(calibration_x, calibration_y, batch_size),
-        evaluation=_batches(evaluation_x, evaluation_y, batch_size),
-        example_inputs=(calibration_x[:1],),
+        calibration=DatasetBatches(dataset, calibration, batch_size, identity=identity),
+        evaluation=DatasetBatches(dataset, evaluation, batch_size, identity=identity),
+        example_inputs=(example.unsqueeze(0),),
         has_labels=True,
     )
+
+
+class ImageFolderDataset:
+    """`dataset[i]` = (normalized image tensor, class index) of the i-th (file, label); picklable, so
+    DataLoader workers decode. Every image must come out in `shape` (set from the first one)."""
+
+    def __init__(
+        self,
+        samples: list[tuple[Path, int]],
+        grayscale: bool,
+        resize: int | None,
+        crop: int | None,
+        resample: int,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        self.samples = samples
+        self.grayscale, self.resize, self.crop, self.resample = grayscale, resize, crop, resample
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        file, label = self.samples[index]
+        image = (_load_image(file, self.grayscale, self.resize, self.crop, self.resample) - self.mean) / self.std
+        if self.shape is not None and tuple(image.shape) != self.shape:
+            raise ConfigError(
+                f"data.factory.root: '{file}' comes out in shape {list(image.shape)}, other images in "
+                f"{list(self.shape)}; set data.factory.crop to a size so every image is cropped to the same square."
+            )
+        return image, label
