@@ -26,8 +26,13 @@ from torch.ao.quantization.quantize_fx import (
 )
 from torch.fx import GraphModule
 
+import pipeline.engine.custom_modules as custom_modules
+import pipeline.engine.introspect as introspect
+import pipeline.engine.mappings as mappings
+import pipeline.engine.numerics as numerics
+import pipeline.engine.observers as observers
+import pipeline.engine.recovery as recovery
 from pipeline.batch import ModelInputs
-from pipeline.engine import custom_modules, introspect, mappings, numerics, observers, recovery
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
 from pipeline.engine.mappings import check_convert_mapping

@@ -339,7 +339,7 @@ class Pt2eEngine:
         custom: CustomConfigSpec,
         recovery_spec: RecoverySpec | None = None,
     ) -> GraphModule:
-        from pipeline.engine import recovery
+        import pipeline.engine.recovery as recovery
 
         bits = recovery.activation_bits(recovery_spec, backend.engine) if recovery_spec is not None else None
         return prepare(model, example_inputs, backend, mapping, self.spec, bits)
