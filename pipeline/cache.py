@@ -170,15 +170,20 @@ class CalibrationCache:
             for path in temporary.iterdir():
                 with path.open("rb") as file:
                     os.fsync(file.fileno())
-            try:
-                os.rename(temporary, self.entry(key))
-            except OSError:
-                # Another process stored the same key first; its entry is as good as ours.
-                shutil.rmtree(temporary, ignore_errors=True)
+            _publish(temporary, self.entry(key))
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
         return self.entry(key)
+
+
+def _publish(temporary: Path, entry: Path) -> None:
+    """Rename a finished temporary folder into place; if another process stored the same key first, its
+    entry is as good as ours and ours is dropped."""
+    try:
+        os.rename(temporary, entry)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -293,10 +298,7 @@ class OutputCache:
             manifest = {"key": key, "format": OUTPUTS_FORMAT, "torch": torch.__version__, "batches": count}
             manifest.update(bytes=size, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **details)
             (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
-            try:
-                os.rename(temporary, self.entry(key))
-            except OSError:
-                shutil.rmtree(temporary, ignore_errors=True)
+            _publish(temporary, self.entry(key))
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
