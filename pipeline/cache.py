@@ -8,8 +8,13 @@ included (tests/test_cache.py proves it).
 The key hashes only what changes calibration: the model's weights and code, the calibration data
 itself, the calibrate settings, the backend, the base qconfig mapping, the custom prepare config, the
 recovery options that act before calibration (activation bits and bounded-activation clamp as resolved
-for this CPU, SmoothQuant's alpha) and the torch version. The skip-list, bias correction, evaluation
-and export settings are not in it, so a sweep over skip-lists calibrates once.
+for this CPU, SmoothQuant's alpha), the engine and the torch version. The skip-list, bias correction,
+evaluation and export settings are not in it, so a sweep over skip-lists calibrates once.
+
+engine=pt2e skips at prepare time, so a skip-list's model has its own observers: the entry under the key
+is the model calibrated without the skip-list, its observers keyed by the tensors they observe, and a
+skip-list's model is filled from it when every one of its observers finds a source (stages/calibrate.py).
+A skip-list whose model has an observer with no source is calibrated on its own, under `skip_list_key`.
 
 Writes are atomic: the entry is built in a temporary folder and renamed into place, so a killed run
 never leaves a half-written entry under a key. An entry that fails any check (manifest, checksum,
@@ -41,12 +46,13 @@ from pipeline.batch import ModelInputs
 from pipeline.digest import model_code as _model_code
 from pipeline.digest import tensor_digest as _tensor_digest
 from pipeline.engine import get_engine, recovery
+from pipeline.engine.base import MissingObserverSource
 from pipeline.progress import progress
-from pipeline.schema import EngineSpec, PipelineSpec
+from pipeline.schema import EngineSpec, PipelineSpec, SkipSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the entry layout or the meaning of the key changes
+FORMAT_VERSION = 4  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -81,10 +87,15 @@ def cache_key(spec: PipelineSpec, model: nn.Module, calibration_inputs: Iterable
         # Which flow calibrated (fx and pt2e observers differ), and its settings.
         "engine": asdict(spec.engine),
     }
-    if spec.engine.name == "pt2e":  # pt2e's skip-lists apply at prepare time: each is its own calibration
-        settings["skip"] = {k: v for k, v in _plain(spec.skip).items() if k not in ("name", "strict")}  # type: ignore[union-attr]
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
+
+
+def skip_list_key(key: str, skip: SkipSpec) -> str:
+    """The key of a pt2e skip-list calibrated on its own (its model has an observer the calibration without
+    the skip-list cannot fill): `key` (everything else) plus the skip-list's entries, not its name."""
+    entries = {k: v for k, v in _plain(skip).items() if k not in ("name", "strict")}  # type: ignore[union-attr]
+    return hashlib.sha256(json.dumps([key, entries], sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _plain(value: object) -> object:
@@ -121,7 +132,8 @@ class CalibrationCache:
         return self.directory / key
 
     def load(self, key: str, prepare: Callable[[], GraphModule]) -> GraphModule | None:
-        """The calibrated model for `key`, or None on a miss or a bad entry (which is then removed)."""
+        """The calibrated model for `key`, or None on a miss or a bad entry (which is then removed).
+        MissingObserverSource (pt2e) when the entry is sound but cannot fill every observer `prepare` makes."""
         entry = self.entry(key)
         if not entry.exists():
             return None
@@ -140,6 +152,8 @@ class CalibrationCache:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
             get_engine(self.flow).load_observer_state(prepared, state)
+        except MissingObserverSource:
+            raise  # a sound entry that cannot serve this pt2e skip-list: the caller calibrates it on its own
         except Exception as error:  # any failure means: do not trust it, rebuild it
             log.warning(
                 "cache: entry %s is corrupt or incompatible (%s: %s); removing it and calibrating again",

@@ -1,6 +1,7 @@
 """engine=pt2e: torch.export + torchao's PT2E flow behind the same config. The digits default end to end
 (the .pt2 file reloaded in a fresh process by the export stage and compared), what pt2e refuses at start-up,
-skip-lists at prepare time, and the calibration cache key per engine."""
+skip-lists at prepare time, the calibration cache key per engine, and the calibration without the skip-list
+serving a skip-list sweep (observers filled by the tensors they observe, all must find a source)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.cache import cache_key
+from pipeline.cache import cache_key, skip_list_key
 from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.errors import ConfigError
 from pipeline.validation import validate
@@ -104,7 +105,7 @@ def test_engine_group_validates_both_options() -> None:
         assert spec.engine.name == option
 
 
-def test_cache_key_says_which_engine_and_holds_the_skip_list_only_for_pt2e() -> None:
+def test_cache_key_says_which_engine_and_leaves_the_skip_list_out() -> None:
     from stages.load import load
 
     def key(*overrides: str) -> str:
@@ -115,7 +116,11 @@ def test_cache_key_says_which_engine_and_holds_the_skip_list_only_for_pt2e() -> 
     fx, pt2e = key("engine=fx"), key("engine=pt2e")
     assert fx != pt2e
     assert key("engine=fx", "skip=first_last") == fx  # FX skips at convert time: one calibration serves all
-    assert key("engine=pt2e", "skip=first_last") != pt2e  # pt2e skips at prepare time
+    # pt2e skips at prepare time, but the entry is the model calibrated without the skip-list, which serves it;
+    # a skip-list it cannot serve is calibrated under its own key.
+    assert key("engine=pt2e", "skip=first_last") == pt2e
+    skip = to_spec(compose_config(["skip=first_last"])).skip
+    assert skip_list_key(pt2e, skip) not in (pt2e, skip_list_key(fx, skip))
 
 
 def test_observer_state_keeps_metadata_and_reloads_bit_equal() -> None:
@@ -137,3 +142,124 @@ def test_observer_state_keeps_metadata_and_reloads_bit_equal() -> None:
     x = loaded.data.evaluation[0][0].args[0]
     with torch.no_grad():
         assert torch.equal(convert(calibrated.model)(x), convert(fresh)(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The calibration cache serving skip-lists: observers filled by the tensors they observe
+
+
+class PoolHead(torch.nn.Module):
+    """conv -> relu -> avgpool -> flatten -> linear: x86 shares one observer across relu, avgpool and flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.flatten = torch.nn.Flatten()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+@pytest.mark.slow
+def test_observers_are_filled_by_the_tensor_they_observe_and_all_must_find_a_source() -> None:
+    from pipeline.batch import ModelInputs
+    from pipeline.engine import get_engine, steps
+    from pipeline.engine.base import MissingObserverSource
+    from pipeline.engine.pt2e import convert
+    from pipeline.schema import SkipSpec
+
+    spec = to_spec(compose_config(["engine=pt2e", "backend=x86"]))
+    engine = get_engine(spec.engine)
+    torch.manual_seed(0)
+    model, batches = PoolHead().eval(), [torch.randn(4, 1, 6, 6) for _ in range(3)]
+
+    def calibrated(skip: SkipSpec | None, run: bool = True) -> torch.nn.Module:
+        prepared = steps.prepare(
+            model,
+            ModelInputs((batches[0],)),
+            "pool_head",
+            spec.backend,
+            spec.qconfig_mapping,
+            spec.custom_config,
+            flow=spec.engine,
+            skip=skip,
+        )
+        with torch.no_grad():
+            for batch in batches if run else []:
+                prepared(batch)
+        return prepared
+
+    state = engine.observer_state(calibrated(None))
+    assert "relu+adaptive_avg_pool2d+flatten.min_val" in state  # one shared observer, keyed by all it observes
+
+    # fc left float: every observer of that model observed exactly what one of the model without it did.
+    skip_fc = SkipSpec(name="fc", module_name=["fc"])
+    served = calibrated(skip_fc, run=False)
+    assert engine.missing_observer_sources(served, state) == []
+    engine.load_observer_state(served, state)
+    with torch.no_grad():
+        assert torch.equal(convert(served)(batches[0]), convert(calibrated(skip_fc))(batches[0]))
+
+    # conv left float: flatten gets its own observer, which no observer of the all-int8 model matches.
+    unserved = calibrated(SkipSpec(name="conv", object_type=["torch.nn.Conv2d"]), run=False)
+    (line,) = engine.missing_observer_sources(unserved, state)
+    assert "observes (flatten), which no calibrated observer observed alone" in line
+    assert "observed (relu, adaptive_avg_pool2d, flatten)" in line
+    with pytest.raises(MissingObserverSource, match="observes \\(flatten\\)"):
+        engine.load_observer_state(unserved, state)
+
+
+@pytest.mark.slow
+def test_a_served_skip_list_converts_bit_identical_to_its_own_calibration(tmp_path) -> None:
+    """On the digits default, first_last and linear are filled from the calibration without the skip-list
+    (run by the first job, stored, then hit) and give the same q/dq outputs, bit for bit, as a fresh
+    calibration of that skip-list: every observer saw the same float tensors (the prepared model computes in
+    float), in the same order."""
+    from pipeline.engine.pt2e import convert, float_weighted_ops
+    from stages.calibrate import calibrate_or_load
+    from stages.load import load
+
+    loaded = None
+    served_keys, hits = set(), []
+    for name in ("first_last", "linear", "none"):
+        overrides = ["engine=pt2e", "backend=x86", f"skip={name}", f"cache.dir={tmp_path}"]
+        spec = to_spec(compose_config(overrides))
+        loaded = loaded or load(spec.model, spec.data, spec.seed)
+        x = torch.cat([inputs.args[0] for inputs, _ in loaded.data.evaluation])
+        served = calibrate_or_load(spec, loaded)
+        fresh = calibrate_or_load(to_spec(compose_config([*overrides, "cache.enabled=false"])), loaded)
+        program = convert(served.model)
+        with torch.no_grad():
+            assert torch.equal(program(x), convert(fresh.model)(x)), name
+        assert bool(float_weighted_ops(program)) == (name != "none")  # the skip-list did leave layers float
+        served_keys.add(served.cache_key)
+        hits.append(served.cache_hit)
+    assert hits == [False, True, True]  # one calibration, by the first job
+    assert len(served_keys) == 1
+
+
+@pytest.mark.slow
+def test_a_pt2e_skip_list_sweep_calibrates_once_where_every_observer_has_a_source(tmp_path) -> None:
+    """The CLI sweep none, first_last, linear, conv on pt2e x86: the first three share the calibration without
+    the skip-list (one calibration); conv leaves every conv float, so flatten gets an observer of its own that
+    the all-int8 model never had (it shared one across relu -> avgpool -> flatten): that job says so and
+    calibrates on its own, under its own key."""
+    from tests.helpers import parent_and_children, sweep
+
+    skips = ["none", "first_last", "linear", "conv"]
+    result = sweep(tmp_path, "engine=pt2e", "backend=x86", f"skip={','.join(skips)}", "stages=[load,calibrate]")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    _, _, children = parent_and_children(tmp_path)
+    by_skip = {c.data.tags["override.skip"]: c for c in children}
+    assert sorted(by_skip) == sorted(skips)
+    calibrations = {skip: by_skip[skip].data.metrics["calibrate/calibrations"] for skip in skips}
+    assert calibrations == {"none": 1.0, "first_last": 0.0, "linear": 0.0, "conv": 1.0}
+    keys = {skip: by_skip[skip].data.tags["cache_key"] for skip in skips}
+    assert keys["none"] == keys["first_last"] == keys["linear"] != keys["conv"]
+    assert "skip=first_last's observers filled from it by the tensors they observe" in output
+    assert "skip=conv cannot reuse the calibration without the skip-list" in output
+    assert "observes (flatten), which no calibrated observer observed alone" in output

@@ -45,6 +45,16 @@ class UntraceableModule:
     error: BaseException
 
 
+class MissingObserverSource(ValueError):
+    """A saved observer state cannot fill every observer of a prepared model: pt2e's calibration without the
+    skip-list never observed exactly the tensors some observer of the skip-list's model observes. `lines`
+    names each such observer; the caller calibrates that model itself."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
 class Engine(Protocol):
     """One post-training quantization flow: prepare, calibrate-state save/load, reference convert,
     lower, count, per-layer numerics, and the introspection the inspect stage and skip warnings use."""
@@ -106,7 +116,13 @@ class Engine(Protocol):
         ...
 
     def load_observer_state(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load `observer_state`'s output into a freshly prepared model; the keys must match exactly."""
+        """Load `observer_state`'s output into a freshly prepared model. FX: the keys must match exactly.
+        pt2e: every observer is filled by the tensors it observes and `state` may hold more (the model
+        calibrated without the skip-list); MissingObserverSource when one has no source."""
+        ...
+
+    def missing_observer_sources(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+        """One line per observer of `prepared` that `load_observer_state` could not fill from `state`."""
         ...
 
     def convert_reference(

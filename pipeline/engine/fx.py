@@ -420,6 +420,10 @@ class FxEngine:
         assert isinstance(prepared, GraphModule)
         load_observer_state(prepared, state)
 
+    def missing_observer_sources(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+        assert isinstance(prepared, GraphModule)
+        return [f"{key} is not in the observer state" for key in observer_state_dict(prepared) if key not in state]
+
     def convert_reference(
         self,
         prepared: nn.Module,

@@ -8,7 +8,9 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
   with a batch-1 example fails too. The example is repeated to 2 samples.
 - A Quantizer has no convert-time mapping: skip-lists apply at prepare time (`set_module_name_qconfig(name,
   None)`, `set_module_type_qconfig(type, None)`), so pipeline/engine/steps.prepare folds the skip-list into the
-  prepare-time mapping for this engine, and the calibration cache key holds the skip-list.
+  prepare-time mapping for this engine. Observer state is keyed by the graph nodes each observer observes, so
+  the model calibrated without the skip-list can fill a skip-list's model (stages/calibrate.py) when every one
+  of its observers observed exactly what one of the model without it did.
 - What a Quantizer cannot express is refused at start-up with the reason (`check`): call-order entries,
   qconfig names of the FX library, op types the quantizer has no entry for (x86 fuses `add` into the conv
   before it, so there is no add to leave float), custom modules.
@@ -32,7 +34,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
-from pipeline.engine.base import ReferenceConversion, UntraceableModule
+from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
@@ -100,28 +102,108 @@ def prepare(
     return prepared
 
 
-def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
+@dataclass
+class ObservedTensors:
+    """One observer of a prepared program: its (first) module name and the graph nodes whose outputs it
+    observes, in graph order. x86 shares one observer across relu -> avgpool -> flatten: one module called
+    three times under three names, so one entry observing three nodes."""
+
+    name: str
+    module: nn.Module
+    nodes: list[str]
+
+    @property
+    def key(self) -> str:
+        # Export names the float graph's nodes the same way for every skip-list (same model, same export);
+        # node names are identifiers, so '+' and '.' cannot occur in them.
+        return "+".join(self.nodes)
+
+
+def observed_tensors(prepared: nn.Module) -> list[ObservedTensors]:
+    """Every observer the program calls, once each, in graph order (an observer never called is left out:
+    convert_pt2e reads only the ones the graph calls)."""
     pt2e, _, _ = torchao_module()
     kinds = (pt2e.ObserverBase, pt2e.FakeQuantizeBase)
-    return {name: module for name, module in prepared.named_modules() if isinstance(module, kinds)}
+    modules = dict(prepared.named_modules(remove_duplicate=False))
+    found: dict[int, ObservedTensors] = {}
+    for node in prepared.graph.nodes:  # type: ignore[union-attr]
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, kinds):
+            entry = found.setdefault(id(module), ObservedTensors(str(node.target), module, []))
+            entry.nodes.append(node.args[0].name)
+    return list(found.values())
+
+
+def observer_kind(module: nn.Module) -> str:
+    """What must agree for one observer's state to stand for another's: the class and its quantization range."""
+    settings = ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "reduce_range", "bins")
+    return f"{type(module).__name__}({', '.join(f'{s}={getattr(module, s)}' for s in settings if hasattr(module, s))})"
 
 
 def observer_state(prepared: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """Every observer's buffers, with the state_dict's `_metadata` (module versions): without it torchao's
-    observers take the state for an old checkpoint and reset eps (2**-12 -> 1.19e-7), and loaded outputs differ."""
-    prefixes = tuple(f"{name}." for name in _observers(prepared))
-    full = prepared.state_dict()
-    state: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in full.items() if k.startswith(prefixes))
-    state._metadata = copy.copy(getattr(full, "_metadata", OrderedDict()))  # type: ignore[attr-defined]
+    """Every observer's buffers keyed by the tensors it observes (`relu_5+adaptive_avg_pool2d+flatten.min_val`),
+    not by its module name, which shifts between skip-lists (activation_post_process_13 is another tensor's
+    observer once a layer stays float). `_metadata` keeps each observer's state_dict version, its kind and
+    module name: without the version torchao's observers take the state for an old checkpoint and reset eps
+    (2**-12 -> 1.19e-7), and loaded outputs differ."""
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    metadata: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for observer in observed_tensors(prepared):
+        own = observer.module.state_dict()
+        state.update((f"{observer.key}.{buffer}", value) for buffer, value in own.items())
+        version = getattr(own, "_metadata", {}).get("", {})
+        metadata[observer.key] = {**version, "observer": observer_kind(observer.module), "module": observer.name}
+    state._metadata = metadata  # type: ignore[attr-defined]
     return state
 
 
+_OWN_METADATA = ("observer", "module")  # what observer_state adds to each module's state_dict metadata
+
+
+def missing_observer_sources(prepared: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """One line per observer of `prepared` that `state` has no source for: no saved observer observed exactly
+    the same tensors, or it was of another kind. Empty when every observer can be filled from `state`."""
+    saved: dict[str, dict[str, Any]] | None = getattr(state, "_metadata", None)
+    if saved is None:
+        raise ValueError("the observer state has no _metadata (saved by another version of the pipeline)")
+    lines = []
+    for observer in observed_tensors(prepared):
+        tensors = ", ".join(observer.nodes)
+        source = saved.get(observer.key)
+        if source is None:
+            overlapping = [
+                f"{meta.get('module')} observed ({key.replace('+', ', ')})"
+                for key, meta in saved.items()
+                if set(key.split("+")) & set(observer.nodes)
+            ]
+            lines.append(
+                f"{observer.name} observes ({tensors}), which no calibrated observer observed alone"
+                + (f" (there, {'; '.join(overlapping)})" if overlapping else "")
+            )
+        elif source.get("observer") != observer_kind(observer.module):
+            lines.append(
+                f"{observer.name} observes ({tensors}) as {observer_kind(observer.module)}, the calibrated "
+                f"observer was {source.get('observer')}"
+            )
+    return lines
+
+
 def load_observer_state(prepared: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = observer_state(prepared).keys()
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"observer keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    prepared.load_state_dict(state, strict=False)
+    """Fill every observer of `prepared` from `state` (observer_state's output) by the tensors it observes.
+    `state` may hold more observers than `prepared` (the model calibrated without the skip-list serving one
+    with it); MissingObserverSource when an observer of `prepared` has no source."""
+    missing = missing_observer_sources(prepared, state)
+    if missing:
+        raise MissingObserverSource(missing)
+    saved: dict[str, dict[str, Any]] = state._metadata  # type: ignore[attr-defined]
+    for observer in observed_tensors(prepared):
+        prefix = f"{observer.key}."
+        own: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (key[len(prefix) :], value) for key, value in state.items() if key.startswith(prefix)
+        )
+        version = {k: v for k, v in saved[observer.key].items() if k not in _OWN_METADATA}
+        own._metadata = OrderedDict({"": version})  # type: ignore[attr-defined]
+        observer.module.load_state_dict(own)  # strict: every buffer of the observer, nothing else
 
 
 def _is_glue(node: torch.fx.Node) -> bool:
@@ -379,6 +461,9 @@ class Pt2eEngine:
 
     def load_observer_state(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> None:
         load_observer_state(prepared, state)
+
+    def missing_observer_sources(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+        return missing_observer_sources(prepared, state)
 
     def convert_reference(
         self,
