@@ -21,7 +21,13 @@ What it looks for, in this order:
   suggested_skip.yaml lists only the skips that helped.
 It also checks the run's own skip-list (skip.* or the search's winner) against what lowering left float.
 
-Config keys read: diagnose.*, backend.*, qconfig_mapping.*, skip.*, custom_config.*, recovery.*, calibrate.max_batches.
+engine=pt2e: torchao's numeric debugger compares each node of the q/dq program with the same node of the
+calibrated prepared model (engine `module_numerics`): cumulative figures per node, no own, weight or
+kernel SQNR, so layers are ranked by cumulative SQNR and the report says so. A skip suggestion is verified
+by a re-calibration with it (pt2e applies skip-lists at prepare time).
+
+Config keys read: diagnose.*, engine.*, backend.*, qconfig_mapping.*, skip.*, custom_config.*, recovery.*,
+calibrate.max_batches.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from pipeline.engine.suggestions import (
     verify_recalibrated,
     verify_skip,
 )
-from pipeline.schema import CustomConfigSpec, DiagnoseSpec, SkipSpec
+from pipeline.schema import CustomConfigSpec, DiagnoseSpec, EngineSpec, SkipSpec
 from stages.reports.diagnose import write_outputs
 from stages.types import Calibrated, Loaded, Lowered, StageContext
 
@@ -56,7 +62,7 @@ NAME = "diagnose"
 CONSUMES = ("loaded", "calibrated", "lowered")
 USES: tuple[str, ...] = ("reference", "searched_skip", "searched_calibration")
 PRODUCES = ("diagnosis",)
-READS = ("diagnose", "backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
+READS = ("diagnose", "engine", "backend", "qconfig_mapping", "skip", "custom_config", "recovery", "calibrate")
 OPTIONAL = True
 FAILURE_IS_FATAL = False  # an analysis: nothing later needs its report; a failure is recorded and the run goes on
 
@@ -71,7 +77,7 @@ def diagnose(
     reference: Any = None,
 ) -> Diagnosis:
     """The diagnosis; with `setting` (what the run converted with), every suggestion is verified."""
-    engine = get_engine()
+    engine = get_engine(setting.flow if setting is not None else EngineSpec())
     batches = loaded.data.evaluation if spec.full else loaded.data.evaluation[: spec.max_batches]
     inputs = ModelInputs.cat([x for x, _ in batches])
     labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None
@@ -107,7 +113,7 @@ def diagnose(
             verified.append(verify_skip(faulty, calibrated.model, setting, measure, before, spec.min_gain_db))
         if faults and reference is not None:
             for other in ("x86", "fbgemm") if lowered.engine not in ("x86", "fbgemm") else ():
-                verified.append(verify_backend(other, reference, measure, before))
+                verified.append(verify_backend(other, reference, setting, measure, before))
                 if verified[-1].helps:
                     break
         clamp_off = setting.recovery is not None and not clamps_bounded(setting.recovery, lowered.engine)
@@ -182,6 +188,7 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         loaded.model,
         loaded.data.example_inputs,
         loaded.model_name,
+        spec.engine,
     )
     skip = artifacts.get("searched_skip") or spec.skip
     diagnosis = diagnose(

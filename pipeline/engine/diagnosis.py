@@ -88,7 +88,17 @@ def explain(
             + (", on a backend other than qnnpack." if engine == "qnnpack" else ".")
         )
     shown = diagnosis.layers[:3]
-    if shown:
+    cumulative_only = any(layer.cumulative_only for layer in diagnosis.layers)
+    if cumulative_only:
+        parts.append(
+            "Per-node figures (engine=pt2e: torchao's numeric debugger, each node of the q/dq program against the "
+            "same node of the calibrated prepared model) are CUMULATIVE: a node's output carries the error of "
+            "every node before it, so a low figure may start upstream; own, weight and kernel SQNR are not "
+            "measured. Lowest cumulative SQNR: "
+            + ", ".join(f"{layer.module_name} ({layer.quantized_type}) {layer.own_sqnr_db:.1f} dB" for layer in shown)
+            + "."
+        )
+    elif shown:
         parts.append(
             "Most sensitive layers (own SQNR: the int8 layer alone on the float input"
             + (", after the ReLU6 clip where it feeds one" if any(layer.clipped_to for layer in shown) else "")
@@ -97,7 +107,12 @@ def explain(
             + "."
         )
     if diagnosis.verified:
-        parts.append("Suggestions, each re-converted from the calibration and measured on the same batches:")
+        how = (
+            "calibrated anew with it (pt2e skips at prepare time)"
+            if cumulative_only
+            else "re-converted from the calibration"
+        )
+        parts.append(f"Suggestions, each {how} and measured on the same batches:")
         parts.extend(f"  - {v.describe()}" for v in diagnosis.verified)
         helping = [v for v in diagnosis.verified if v.helps]
         if helping:

@@ -1,11 +1,12 @@
 """Diagnose's suggestions, measured (stages/diagnose.py decides which to try): each is applied from the
 run's calibration (a skip-list re-converted, a recovery option re-calibrated, another backend's lowering
 of the same reference model) and the result's output SQNR, and accuracy or agreement, compared with the
-run's on the same batches."""
+run's on the same batches. An engine that applies skip-lists at prepare time (pt2e) re-calibrates with
+the skip-list instead of re-converting."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from pipeline.engine import get_engine, steps
 from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.measure import sqnr_db
-from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
+from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
 
 @dataclass
@@ -84,13 +85,30 @@ class Setting:
     model: nn.Module  # the float model, for a re-calibration
     example_inputs: ModelInputs
     model_name: str
+    flow: EngineSpec = field(default_factory=EngineSpec)  # the config's engine group
 
 
-def _convert(calibrated: nn.Module, setting: Setting, skip: SkipSpec) -> nn.Module:
-    conversion = steps.convert_reference(calibrated, setting.backend, setting.mapping, skip, setting.custom)
+def _convert(calibrated: nn.Module | None, setting: Setting, skip: SkipSpec) -> nn.Module:
+    """The lowered model with `skip`: re-converted from `calibrated`, or from a new calibration when there is
+    none or the engine applies skip-lists at prepare time."""
+    flow = setting.flow
+    if calibrated is None or getattr(get_engine(flow), "skips_at_prepare", False):
+        calibrated = steps.recalibrate(
+            setting.model,
+            setting.example_inputs,
+            setting.model_name,
+            setting.backend,
+            setting.mapping,
+            setting.custom,
+            setting.recovery,
+            setting.calibration,
+            flow=flow,
+            skip=skip,
+        )
+    conversion = steps.convert_reference(calibrated, setting.backend, setting.mapping, skip, setting.custom, flow=flow)
     if setting.recovery is not None and setting.recovery.bias_correction and setting.calibration:
-        steps.correct_bias(conversion, calibrated, setting.calibration, setting.recovery)
-    model, _ = steps.lower(conversion, setting.backend, setting.example_inputs)
+        steps.correct_bias(conversion, calibrated, setting.calibration, setting.recovery, flow)
+    model, _ = steps.lower(conversion, setting.backend, setting.example_inputs, flow=flow)
     return model
 
 
@@ -114,7 +132,7 @@ def verify_skip(
     except steps.NothingQuantizedError:
         return Verified(what, before[0], None, measure.score_name, before[1], None, "nothing left int8")
     sqnr, score = measure(model)
-    kept_float = get_engine().float_outputs(model, names, measure.inputs, setting.backend.engine)
+    kept_float = get_engine(setting.flow).float_outputs(model, names, measure.inputs, setting.backend.engine)
     undone = [name for name in names if kept_float.get(name) is False]
     verified = Verified(what, before[0], sqnr, measure.score_name, before[1], score)
     if undone:
@@ -136,17 +154,7 @@ def verify_recalibrated(
     min_gain_db: float,
 ) -> Verified:
     """Re-calibrate (prepare + the calibration batches) with another recovery setting, then convert and measure."""
-    prepared = steps.recalibrate(
-        setting.model,
-        setting.example_inputs,
-        setting.model_name,
-        setting.backend,
-        setting.mapping,
-        setting.custom,
-        recovery,
-        setting.calibration,
-    )
-    model = _convert(prepared, replace(setting, recovery=recovery), skip)
+    model = _convert(None, replace(setting, recovery=recovery), skip)
     sqnr, score = measure(model)
     verified = Verified(what, before[0], sqnr, measure.score_name, before[1], score)
     verified.helps = verified.gain_db is not None and verified.gain_db >= min_gain_db
@@ -156,12 +164,16 @@ def verify_recalibrated(
 
 
 def verify_backend(
-    engine: str, reference: ReferenceConversion, measure: Measure, before: tuple[float, float | None]
+    engine: str,
+    reference: ReferenceConversion,
+    setting: Setting,
+    measure: Measure,
+    before: tuple[float, float | None],
 ) -> Verified:
     """The same reference model (same calibration) lowered for another backend's kernels."""
     what = f"backend={engine}"
     try:
-        model = get_engine().lower(reference.model, reference.engine_state, engine)
+        model = get_engine(setting.flow).lower(reference.model, reference.engine_state, engine)
         sqnr, score = measure(model, engine)
     except Exception as error:  # a backend that cannot run this reference model: say so, do not suggest it
         return Verified(what, before[0], None, measure.score_name, before[1], None, f"{type(error).__name__}: {error}")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from pipeline.engine.diagnosis import Diagnosis
+from pipeline.engine.numerics import LayerDiagnostics
 from pipeline.schema import DiagnoseSpec, skip_yaml
 
 
@@ -38,7 +39,7 @@ def write_outputs(diagnosis: Diagnosis, spec: DiagnoseSpec, out: Path) -> None:
                     rank,
                     layer.module_name,
                     layer.quantized_type,
-                    _number(layer.own_sqnr_db),
+                    "" if layer.cumulative_only else _number(layer.own_sqnr_db),  # pt2e: not measured
                     _number(layer.cumulative_sqnr_db),
                     _number(layer.weight_sqnr_db),
                     _number(layer.kernel_sqnr_db),
@@ -96,20 +97,27 @@ def _plot(diagnosis: Diagnosis, spec: DiagnoseSpec, path: Path) -> None:
     def shown(value: float | None) -> float:
         return 0.0 if value is None or not math.isfinite(value) and value < 0 else min(value, cap)
 
+    def own(layer: LayerDiagnostics) -> float | None:
+        return None if layer.cumulative_only else layer.own_sqnr_db  # pt2e: not measured, no bar
+
     rows = range(len(layers))
     figure, axis = plt.subplots(figsize=(10, 1.5 + 0.45 * len(layers)))
     height = 0.27
     for offset, label, color, values in (
-        (-height, "own (layer alone, float inputs)", "tab:red", [layer.own_sqnr_db for layer in layers]),
+        (-height, "own (layer alone, float inputs)", "tab:red", [own(layer) for layer in layers]),
         (0.0, "cumulative (through the int8 network)", "tab:blue", [layer.cumulative_sqnr_db for layer in layers]),
         (height, "weight", "0.6", [layer.weight_sqnr_db for layer in layers]),
     ):
-        axis.barh([r + offset for r in rows], [shown(v) for v in values], height=height, color=color, label=label)
+        if any(v is not None for v in values):  # a figure not measured (pt2e's own and weight) gets no legend entry
+            axis.barh([r + offset for r in rows], [shown(v) for v in values], height=height, color=color, label=label)
     axis.set_yticks(list(rows), [f"{layer.module_name} ({layer.quantized_type})" for layer in layers])
     axis.invert_yaxis()  # worst at the top
     axis.axvline(spec.skip_below_db, linestyle="--", color="black", label=f"skip below {spec.skip_below_db:g} dB")
     axis.set_xlabel("SQNR vs float (dB, higher is better)")
-    axis.set_title("Per-layer SQNR, worst own SQNR first")
+    if any(layer.cumulative_only for layer in layers):
+        axis.set_title("Per-node SQNR (engine=pt2e: cumulative only, against the prepared model), worst first")
+    else:
+        axis.set_title("Per-layer SQNR, worst own SQNR first")
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a bar
     figure.tight_layout()
     figure.savefig(path, dpi=100)
