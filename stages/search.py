@@ -23,11 +23,9 @@ data.python_path, cache.* (float outputs from the float-output cache, shared wit
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,16 @@ from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.engine.qconfigs import quantized_engine
+from pipeline.engine.skip_search import (
+    PROPORTIONS,
+    SearchResult,
+    Trial,
+    acceptance_bar,
+    bisect,
+    default_max_trials,
+    pick_winner,
+    wilson_interval,
+)
 from pipeline.errors import ConfigError
 from pipeline.measure import LatencyCache, measure_latency, metric_plan, quality_metrics, resolve_custom_metric
 from pipeline.schema import (
@@ -51,8 +59,8 @@ from pipeline.schema import (
     SearchSpec,
     SkipSpec,
     skip_label,
-    skip_yaml,
 )
+from stages.reports.search import write_outputs
 from stages.types import Calibrated, Loaded, SearchedCalibration, StageContext
 
 log = logging.getLogger(__name__)
@@ -79,42 +87,6 @@ OPTIONAL = True
 FAILURE_IS_FATAL = True
 
 
-PROPORTIONS = ("accuracy", "agreement", "topk")  # criteria whose score is a share of samples
-
-
-@dataclass
-class Trial:
-    number: int
-    skipped: list[str]  # module names left float
-    score: float  # the criterion's value (accuracy, SQNR, mean cosine ...)
-    meets: bool
-    latency_ms: float  # the fastest deployable form at the first evaluate.latency batch size
-    metrics: dict[str, float] = field(default_factory=dict)
-    latency_spread_ms: float = 0.0  # p90 - median of that form: the measurement's noise
-    interval: tuple[float, float] | None = None  # 95% Wilson interval of an accuracy-like score
-    recovery_defaults: bool = False  # converted with the recovery phase's settings (the recovery defaults)
-
-
-@dataclass
-class SearchResult:
-    winner: Trial
-    trials: list[Trial]
-    sensitivity: list[LayerSensitivity]
-    float_score: float
-    bar: float
-    met: bool
-    samples: int = 0  # evaluation samples each trial is scored on
-    max_trials: int = 0  # the budget the search ran with
-    calibration: SearchedCalibration | None = None  # the winner's, when the recovery phase switched settings
-
-    @property
-    def float_layers_searched(self) -> int:
-        return len(self.sensitivity)
-
-    def skip_spec(self, name: str = "searched") -> SkipSpec:
-        return SkipSpec(name=name, module_name=list(self.winner.skipped))
-
-
 def check(spec: PipelineSpec) -> None:
     blocker = get_engine(spec.engine).numerics_blocker(spec.custom_config)
     if blocker is not None:
@@ -129,49 +101,6 @@ def check(spec: PipelineSpec) -> None:
         )
     if spec.search.criterion == "custom" and spec.evaluate.custom_metric is not None:
         resolve_custom_metric(spec.evaluate.custom_metric, [*spec.model.python_path, *spec.data.python_path])
-
-
-def wilson_interval(score: float, samples: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (accuracy, agreement) measured on `samples` samples."""
-    if samples <= 0:
-        return (0.0, 1.0)
-    p = min(max(score, 0.0), 1.0)
-    denominator = 1.0 + z * z / samples
-    centre = (p + z * z / (2 * samples)) / denominator
-    half = z * math.sqrt(p * (1 - p) / samples + z * z / (4 * samples * samples)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def default_max_trials(layers: int) -> int:
-    """2*ceil(log2(layers))+4: a bisection over the sensitivity order plus put-backs and trial 0."""
-    return 2 * math.ceil(math.log2(max(layers, 2))) + 4
-
-
-def pick_winner(trials: list[Trial], latency_tie: float) -> Trial:
-    """The fastest trial meeting the bar, where a latency within the measured noise of the fastest (its
-    p90-median spread, at least `latency_tie` of it) is a tie, won by fewer float layers; with no trial
-    meeting the bar, the best score."""
-    passing = [trial for trial in trials if trial.meets]
-    if not passing:
-        return max(trials, key=lambda trial: trial.score)
-    fastest = min(passing, key=lambda trial: trial.latency_ms)
-
-    def ties(trial: Trial) -> bool:
-        noise = max(fastest.latency_spread_ms, trial.latency_spread_ms, latency_tie * fastest.latency_ms)
-        return trial.latency_ms <= fastest.latency_ms + noise
-
-    return min((trial for trial in passing if ties(trial)), key=lambda trial: (len(trial.skipped), trial.latency_ms))
-
-
-def _bar(spec: SearchSpec, float_score: float) -> float:
-    """The lowest accepted score: a fixed bar (sqnr, cosine, custom) or a drop below float (accuracy, topk,
-    agreement; float agrees with itself, 1.0)."""
-    fixed = {"sqnr": spec.min_sqnr_db, "cosine": spec.min_cosine, "custom": spec.min_value}
-    if spec.criterion in fixed:
-        return fixed[spec.criterion]
-    if spec.drop_mode == "relative":
-        return float_score * (1.0 - spec.max_drop)
-    return float_score - spec.max_drop
 
 
 def search(
@@ -219,7 +148,7 @@ def search(
     float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
-    bar = _bar(spec, float_score)
+    bar = acceptance_bar(spec, float_score)
     samples = inputs.batch_size
     proportion = spec.criterion in PROPORTIONS
     if proportion and spec.drop_mode == "absolute" and 1.0 / samples > spec.max_drop / 4:
@@ -379,31 +308,10 @@ def _recalibrate(
     calibration: list[Any],
 ) -> Calibrated:
     """A calibration with other recovery settings (those acting before calibration need one)."""
-    prepared = steps.prepare(
+    prepared = steps.recalibrate(
         loaded.model, loaded.data.example_inputs, loaded.model_name, backend, mapping, custom, recovery, calibration
     )
-    with quantized_engine(backend.engine), torch.no_grad():
-        for inputs in calibration:
-            ModelInputs.wrap(inputs).call(prepared)
     return Calibrated(prepared, len(calibration), sum(ModelInputs.wrap(x).batch_size for x in calibration))
-
-
-def bisect(
-    order: list[str], run_trial: Callable[[list[str]], Trial], budget_left: Callable[[], bool]
-) -> list[str] | None:
-    """The smallest prefix of `order` (most sensitive first) whose layers left float meet the bar, by
-    bisection (assuming more float layers never hurt): about log2(len(order)) trials. None when the budget
-    ran out before a prefix met the bar, or when even the whole order left float misses it."""
-    low, high, high_met = 0, len(order), False  # prefix `low` misses (trial 0); prefix `high` is assumed to meet
-    while high - low > 1 and budget_left():
-        middle = (low + high) // 2
-        if run_trial(order[:middle]).meets:
-            high, high_met = middle, True
-        else:
-            low = middle
-    if not high_met and high - low <= 1 and budget_left():
-        high_met = run_trial(order[:high]).meets
-    return order[:high] if high_met else None
 
 
 def trial_name(trial: Trial) -> str:
@@ -470,85 +378,3 @@ def write(produced: dict[str, Any], ctx: StageContext) -> dict[str, float]:
         metric_keys.SEARCH_WINNER_FLOAT_LAYERS: float(len(result.winner.skipped)),
         metric_keys.SEARCH_WINNER_LATENCY_MS: result.winner.latency_ms,
     }
-
-
-def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
-    """Trial table, sensitivity table, the winning skip-list as conf/skip YAML, and a history plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with (out / "trials.csv").open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(
-            [
-                "trial",
-                "float_layers",
-                criterion,
-                "ci95_low",
-                "ci95_high",
-                "meets_bar",
-                "latency_ms",
-                "latency_spread_ms",
-                "skipped",
-            ]
-        )
-        for trial in result.trials:
-            low, high = trial.interval or (None, None)
-            writer.writerow(
-                [
-                    trial.number,
-                    len(trial.skipped),
-                    f"{trial.score:.6g}",
-                    "" if low is None else f"{low:.4f}",
-                    "" if high is None else f"{high:.4f}",
-                    trial.meets,
-                    f"{trial.latency_ms:.4f}",
-                    f"{trial.latency_spread_ms:.4f}",
-                    "defaults" if trial.recovery_defaults else "run",
-                    " ".join(trial.skipped),
-                ]
-            )
-    with (out / "sensitivity.csv").open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["module_name", "quantized_type", "own_output_sqnr_db"])
-        for layer in result.sensitivity:
-            writer.writerow([layer.module_name, layer.quantized_type, f"{layer.sqnr_db:.3f}"])
-    header = (
-        f"Found by search=greedy: trial {result.winner.number} of {len(result.trials)}, {criterion} "
-        f"{result.winner.score:.4g} (bar {result.bar:.4g}){'' if result.met else ' - did NOT meet the bar'}, "
-        f"{result.samples} evaluation samples.\n"
-        f"Copy to conf/skip/searched.yaml and run with skip=searched.\n"
-    )
-    (out / "searched_skip.yaml").write_text(skip_yaml(result.skip_spec(), header))
-
-    figure, axis = plt.subplots(figsize=(7, 4))
-    numbers = [trial.number for trial in result.trials]
-    axis.plot(numbers, [trial.score for trial in result.trials], color="0.6", zorder=1)
-    for trial in result.trials:
-        axis.scatter(trial.number, trial.score, color="tab:green" if trial.meets else "tab:red", zorder=2)
-        axis.annotate(
-            f"{len(trial.skipped)} fp32",
-            (trial.number, trial.score),
-            textcoords="offset points",
-            xytext=(0, 6),
-            ha="center",
-            fontsize=8,
-        )
-    axis.axhline(result.bar, linestyle="--", color="tab:blue", label=f"bar {result.bar:.4g}")
-    axis.scatter(
-        [result.winner.number],
-        [result.winner.score],
-        s=200,
-        facecolors="none",
-        edgecolors="black",
-        label=f"winner (trial {result.winner.number})",
-    )
-    axis.set_xlabel("trial")
-    axis.set_ylabel(criterion)
-    axis.set_title("skip search: green meets the bar, red misses; labels = layers left float")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(out / "trials.png", dpi=100)
-    plt.close(figure)

@@ -36,6 +36,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("top", ("pipeline.registry", "pipeline.runner", "pipeline.validation", "pipeline.tracking", "pipeline")),
 ]
 STAGE_HELPERS = ("stages.types", "stages.sources")  # what a stage module may import from stages/
+# stages/reports/<stage>.py: the files one stage writes (tables, plots), private to that stage: stages.<stage>
+# may import it; no other stage, and it imports no stage (it is checked as a stage itself).
+PRIVATE_HELPERS = "stages.reports"
+
+
+def _private_helper(stage: str) -> str:
+    return f"{PRIVATE_HELPERS}.{stage.rpartition('.')[2]}"
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -93,7 +100,10 @@ def violations(root: Path) -> list[str]:
                 problems.append(f"{name} ({own}) imports {target} ({other}), a layer above")
             is_stage = layer_of(name) == layer_of("stages") and not name.startswith(STAGE_HELPERS)
             if is_stage and layer_of(target) == layer_of("stages") and not target.startswith(STAGE_HELPERS):
-                problems.append(f"stage {name} imports stage {target}: pass artifacts, or move the helper down")
+                if target.startswith(PRIVATE_HELPERS + ".") and target != _private_helper(name):
+                    problems.append(f"stage {name} imports {target}, another stage's private helper")
+                elif not target.startswith(PRIVATE_HELPERS):
+                    problems.append(f"stage {name} imports stage {target}: pass artifacts, or move the helper down")
     try:
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as error:
@@ -111,6 +121,8 @@ def test_layers_import_downward_only_and_without_cycles() -> None:
         ("pipeline/schema.py", "from stages import load\n", "imports stages.load (stages), a layer above"),
         ("stages/lower.py", "from pipeline import runner\n", "imports pipeline.runner (top), a layer above"),
         ("stages/lower.py", "from stages import evaluate\n", "stage stages.lower imports stage stages.evaluate"),
+        ("stages/lower.py", "from stages.reports import search\n", "stages.reports.search, another stage's private"),
+        ("stages/reports/search.py", "import stages.lower\n", "stage stages.reports.search imports stage stages.lower"),
         ("pipeline/metric_keys.py", "import pipeline.schema\n", "import cycle"),
     ],
 )

@@ -149,8 +149,8 @@ class Engine(Protocol):
         ...
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        """Why per-layer numerics (module_numerics, layer_sensitivity) cannot run for this engine and
-        custom config, or None (FX: always None, custom modules included)."""
+        """Why per-layer numerics (module_numerics) cannot run for this engine and custom config, or None
+        (FX: always None, custom modules included; pt2e: None, its per-node figures are cumulative only)."""
         ...
 
     def module_numerics(
@@ -165,7 +165,9 @@ class Engine(Protocol):
         """Per quantized module (worst own SQNR first): own, cumulative, weight and kernel SQNR (the int8
         kernel against `reference`'s same-named module on the same input), compared after the clip for the
         modules in `bounds`; and every compared module's cumulative SQNR in execution order. Works on models
-        with custom or non-traceable modules (same-named modules, by forward hooks)."""
+        with custom or non-traceable modules (same-named modules, by forward hooks). An engine that can only
+        compare whole programs (pt2e: torchao's numeric debugger, per node, against the calibrated prepared
+        model) gives cumulative figures alone and marks its layers `cumulative_only`."""
         ...
 
     def layer_sensitivity(
@@ -176,7 +178,8 @@ class Engine(Protocol):
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[LayerSensitivity]:
-        """Each quantized layer's own output SQNR on float inputs, worst first."""
+        """Each quantized layer's own output SQNR on float inputs, worst first (pt2e: ConfigError, it has no
+        own SQNR)."""
         ...
 
     def bounded_producers(self, model: nn.Module, custom: CustomConfigSpec) -> dict[str, tuple[float, float]]:

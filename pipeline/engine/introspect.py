@@ -260,7 +260,10 @@ def ignored_entries(entry_nodes: list[tuple[str, list[str]]], node_kinds: dict[s
 
 def float_io_quantized_ops(model: GraphModule) -> list[str]:
     """The ops of a lowered model that are quantized but take and return float tensors: dynamic int8 and
-    float16 Linear, weight-only Embedding (`name (type)`). torch's ONNX exporter has no form for them."""
+    float16 Linear, weight-only Embedding (`name (type)`). torch's ONNX exporter has no form for them.
+    Empty for a model that is no FX GraphModule (pt2e's compiled q/dq program: static int8 ops only)."""
+    if not isinstance(model, GraphModule):
+        return []
     modules = dict(model.named_modules())
     found = []
     for node in model.graph.nodes:

@@ -63,6 +63,9 @@ class LayerDiagnostics:
     kernel_sqnr_db: float | None = None  # int8 kernel vs the reference model's module on the same input
     clipped_to: tuple[float, float] | None = None  # compared after this ReLU6/hardtanh clip
     has_weight: bool = False
+    # Own SQNR not measured (pt2e: torchao's numeric debugger compares whole programs node by node):
+    # own_sqnr_db then holds the cumulative figure, the one layers are ranked by.
+    cumulative_only: bool = False
 
 
 _GLUE = ("Quantize", "DeQuantize")
@@ -79,17 +82,17 @@ def _sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
 
 
-def _tensor(value: Any) -> torch.Tensor | None:
+def first_tensor(value: Any) -> torch.Tensor | None:
     """The first tensor of a module's output (custom modules may return tuples or dicts)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
         for item in value:
-            found = _tensor(item)
+            found = first_tensor(item)
             if found is not None:
                 return found
     if isinstance(value, dict):
-        return _tensor(list(value.values()))
+        return first_tensor(list(value.values()))
     return None
 
 
@@ -211,7 +214,7 @@ def module_numerics(
             if name not in float_seen:
                 continue
             (int8_args, int8_output), (float_args, float_output) = int8_seen[name], float_seen[name]
-            int8_out, float_out = _tensor(int8_output), _tensor(float_output)
+            int8_out, float_out = first_tensor(int8_output), first_tensor(float_output)
             if int8_out is None or float_out is None or int8_out.shape != float_out.shape:
                 continue
             module = lowered.get_submodule(name)
@@ -259,7 +262,7 @@ def _own(
         else:
             args.append(int8_arg)
     try:
-        output = _tensor(module(*args))
+        output = first_tensor(module(*args))
     except Exception:
         return None
     if output is None or output.shape != float_out.shape:
@@ -279,7 +282,7 @@ def _kernel(
     if kind.__module__.startswith("torch.ao.nn.quantized.modules") or (kind is type(module) and not stateless_float):
         return None  # the same int8 module on both sides (a custom module, or quantized in the reference too)
     try:
-        expected = _tensor(simulation(*(_float(a) if isinstance(a, torch.Tensor) else a for a in int8_args)))
+        expected = first_tensor(simulation(*(_float(a) if isinstance(a, torch.Tensor) else a for a in int8_args)))
     except Exception:
         return None
     if expected is None or expected.shape != int8_out.shape:
@@ -349,7 +352,7 @@ def float_outputs(model: GraphModule, names: list[str], inputs: ModelInputs, eng
         inputs.call(model)
     result = {}
     for name, (_, output) in seen.items():
-        tensor = _tensor(output)
+        tensor = first_tensor(output)
         if tensor is not None:
             result[name] = not tensor.is_quantized
     return result

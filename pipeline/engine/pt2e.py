@@ -14,9 +14,11 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
 - What a Quantizer cannot express is refused at start-up with the reason (`check`): call-order entries,
   qconfig names of the FX library, op types the quantizer has no entry for (x86 fuses `add` into the conv
   before it, so there is no add to leave float), custom modules.
-- The compiled model (torch.compile of the q/dq program) is checked against the q/dq program on the first
-  call at every input shape: a compiled artifact was seen to give wrong outputs (issue 16, AOTInductor with
-  freezing and a dynamic batch on the digits net).
+- The compiled model (torch.compile of the q/dq program, pt2e_compiled.py) is checked against the q/dq
+  program on the first call at every input shape: a compiled artifact was seen to give wrong outputs (issue
+  16, AOTInductor with freezing and a dynamic batch on the digits net).
+- Per-layer numerics (diagnose) come from torchao's numeric debugger, node by node against the calibrated
+  prepared model: cumulative figures only (`node_numerics`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, first_tensor
+from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
+from pipeline.measure import sqnr_db
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -218,16 +223,18 @@ def _module_path(node: torch.fx.Node) -> str:
 _WEIGHTED = ("aten.conv", "aten.linear", "aten.matmul", "aten.addmm")
 
 
+def _int8_weight(node: torch.fx.Node) -> bool | None:
+    """For a conv / linear node: whether a dequantize feeds its weight (None: not a conv / linear)."""
+    if node.op != "call_function" or not str(node.target).startswith(_WEIGHTED):
+        return None
+    weight = node.args[1] if len(node.args) > 1 else None
+    return isinstance(weight, torch.fx.Node) and _is_glue(weight)
+
+
 def float_weighted_ops(program: GraphModule) -> list[str]:
     """conv / linear nodes of a converted program whose weight no dequantize feeds: they run in float (their
     input may still pass a quantize/dequantize pair: the quantizer shares the observer of the op before)."""
-    found = []
-    for node in program.graph.nodes:
-        weighted = node.op == "call_function" and str(node.target).startswith(_WEIGHTED)
-        weight = node.args[1] if weighted and len(node.args) > 1 else None
-        if weighted and not (isinstance(weight, torch.fx.Node) and _is_glue(weight)):
-            found.append(f"{_module_path(node) or node.name} ({node.name})")
-    return found
+    return [f"{_module_path(n) or n.name} ({n.name})" for n in program.graph.nodes if _int8_weight(n) is False]
 
 
 def convert(prepared: GraphModule) -> GraphModule:
@@ -237,85 +244,6 @@ def convert(prepared: GraphModule) -> GraphModule:
         converted = quantize_pt2e.convert_pt2e(copy.deepcopy(prepared))
     pt2e.move_exported_model_to_eval(converted)
     return converted
-
-
-@dataclass
-class Pt2eConvertState:
-    """ReferenceConversion.engine_state of the pt2e engine: what the compiled form is checked with."""
-
-    example: ModelInputs
-    min_sqnr_db: float
-    # Inductor turns x86 q/dq patterns into oneDNN int8 kernels, which need uint8 activations: the XNNPACK
-    # quantizer's signed int8 activations fail there with or without freezing (quantized::packed_weights_conv2drelu,
-    # aten::quantized_max_pool2d), and XNNPACK's own kernels run in ExecuTorch, not here. qnnpack: no compile.
-    compile: bool = True
-
-
-class CompiledMismatchError(RuntimeError):
-    """A compiled form's outputs disagree with the q/dq program it was compiled from."""
-
-
-class CompiledProgram(nn.Module):
-    """torch.compile (inductor, freezing, static shapes) of a q/dq program: the pt2e "lowered" model. The
-    first call at each input shape also runs the q/dq program and refuses (CompiledMismatchError) outputs
-    below `min_sqnr_db` against it. Freezing is an inductor setting read while compiling, so every call
-    runs under it."""
-
-    def __init__(self, program: GraphModule, min_sqnr_db: float, compile: bool = True) -> None:
-        super().__init__()
-        self.program = program
-        self.compile = compile
-        self.min_sqnr_db = min_sqnr_db
-        self.checked: dict[tuple, float] = {}
-        # Not a submodule: the compiled wrapper shares the program's weights.
-        self.__dict__["compiled"] = torch.compile(program, dynamic=False)
-
-    @property
-    def compiled_form(self) -> str:
-        """The form's name in latency metrics; pipeline.measure times it as it is (no TorchScript forms)."""
-        return "compiled" if self.compile else "qdq_eager"
-
-    @property
-    def code(self) -> str:
-        return self.program.code
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        import torch._inductor.config as inductor_config
-
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            out = self.__dict__["compiled"](*args, **kwargs) if self.compile else self.program(*args, **kwargs)
-        key = tuple(tuple(value.shape) for value in [*args, *kwargs.values()] if isinstance(value, torch.Tensor))
-        if key not in self.checked:
-            from pipeline.measure import sqnr_db
-
-            with torch.no_grad():
-                expected = self.program(*args, **kwargs)
-            sqnr = sqnr_db(expected, out)
-            if sqnr < self.min_sqnr_db:
-                raise CompiledMismatchError(
-                    f"torch.compile (inductor, freezing) of the pt2e q/dq program gives outputs {sqnr:.1f} dB from the "
-                    f"q/dq program at input shapes {key} (engine.min_compiled_sqnr_db={self.min_sqnr_db:g}); the "
-                    f"compiled form is refused. evaluate.models=[float,reference] evaluates the q/dq program alone."
-                )
-            self.checked[key] = sqnr
-        return out
-
-
-def lower(reference: GraphModule, state: Pt2eConvertState) -> CompiledProgram:
-    if not state.compile:
-        log.warning(
-            "engine=pt2e, backend=qnnpack: inductor cannot compile the XNNPACK quantizer's signed int8 q/dq program "
-            "(its kernels need uint8 activations) and XNNPACK's kernels run in ExecuTorch, so 'lowered' is the q/dq "
-            "program run eagerly: its accuracy is what the XNNPACK kernels compute, its speed is not theirs."
-        )
-    compiled = CompiledProgram(reference, state.min_sqnr_db, state.compile)
-    compiled(*state.example.positional(reference))  # compile now, at the example's shape, and check it
-    return compiled
-
-
-def program_of(model: nn.Module) -> GraphModule:
-    """The q/dq program behind a pt2e model (the compiled wrapper's, or the model itself)."""
-    return model.program if isinstance(model, CompiledProgram) else model  # type: ignore[return-value]
 
 
 def node_kinds(model: nn.Module) -> dict[str, str]:
@@ -362,6 +290,52 @@ def unmatched_skip_entries(prepared: GraphModule, skip: SkipSpec, prefix: str = 
                 f"{prefix}.module_name_regex[{i}]='{pattern}' matches no module name.{closest(pattern, names)}"
             )
     return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-node numerics (diagnose)
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """`aten.conv2d.default` -> `conv2d`."""
+    return str(node.target).split(".")[1] if str(node.target).startswith("aten.") else node.name
+
+
+def node_numerics(
+    prepared: GraphModule, program: GraphModule, inputs: ModelInputs
+) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
+    """torchao's numeric debugger: every node's output in the q/dq program against the same node (by its
+    torch.export origin) of the calibrated prepared model. The prepared model is the reference, not the float
+    one: prepare_pt2e folds batch norm into the convs, so against the float model a conv differs by the fold,
+    not by quantization (issue 16: -1 to 8 dB per conv, against 37-44 dB). The figures are cumulative (a
+    node's output carries every earlier node's error); own, weight and kernel SQNR are not measured. The
+    debugger runs copies, whose observers pass values through: the calibration learns nothing here.
+    Layers: the conv/linear nodes whose weight is int8, worst first, named by their module."""
+    pt2e, _, _ = torchao_module()
+    reference = pt2e.prepare_for_propagation_comparison(prepared)
+    actual = pt2e.prepare_for_propagation_comparison(program)
+    with torch.no_grad():
+        inputs.call(reference)
+        inputs.call(actual)
+    compared = pt2e.compare_results(
+        pt2e.extract_results_from_loggers(reference), pt2e.extract_results_from_loggers(actual)
+    )
+    nodes = {node.name: node for node in program.graph.nodes}
+    kinds = node_kinds(program)
+    logged: list[LoggedOutput] = []
+    layers: list[LayerDiagnostics] = []
+    for info, summary in compared.items():  # graph order
+        node = nodes.get(info.name)
+        found = [first_tensor(value) for value in (summary.results[0].ref, summary.results[0].actual)]
+        if node is None or found[0] is None or found[1] is None or found[0].shape != found[1].shape:
+            continue
+        sqnr = sqnr_db(found[0].float(), found[1].float())
+        name, op = _module_path(node) or node.name, _op_name(node)
+        weighted = bool(_int8_weight(node))
+        logged.append(LoggedOutput(node.name, name, op, sqnr, weighted, None, kinds.get(node.name) == "quantized"))
+        if weighted:
+            layers.append(LayerDiagnostics(name, op, sqnr, sqnr, None, None, None, True, cumulative_only=True))
+    return sorted(layers, key=lambda layer: layer.own_sqnr_db), logged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,10 +465,7 @@ class Pt2eEngine:
         return node_kinds(model)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        return (
-            "engine=pt2e: the per-layer report compares same-named modules of FX GraphModules by forward hooks; "
-            "a pt2e program has no modules to hook (torchao's numeric debugger, per-node, is not wired in yet)"
-        )
+        return None  # torchao's numeric debugger, per node (custom modules are refused by check())
 
     def layer_sensitivity(
         self,
@@ -505,7 +476,8 @@ class Pt2eEngine:
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list:
         raise ConfigError(
-            "per-layer sensitivity (search) needs engine=fx; " + (self.numerics_blocker(CustomConfigSpec()) or "")
+            "per-layer sensitivity (search) needs engine=fx: torchao's numeric debugger gives each node's "
+            "cumulative SQNR, not a layer's own error on float inputs, which the search ranks by"
         )
 
     def module_numerics(
@@ -516,8 +488,11 @@ class Pt2eEngine:
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,
-    ) -> tuple:
-        raise ConfigError(self.numerics_blocker(CustomConfigSpec()) or "")
+    ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
+        """Cumulative per-node SQNR of the q/dq program (the compiled form is checked against it) against
+        the calibrated prepared model: `node_numerics`. No bounded-activation clips on pt2e."""
+        assert isinstance(prepared, GraphModule)
+        return node_numerics(prepared, program_of(lowered), inputs)
 
     def bounded_producers(self, model: nn.Module, custom: CustomConfigSpec) -> dict[str, tuple[float, float]]:
         return {}

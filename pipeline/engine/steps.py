@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.batch import ModelInputs
 from pipeline.engine import UntraceableModule, get_engine, introspect
 from pipeline.engine import recovery as recovery_options
 from pipeline.engine.base import ReferenceConversion
-from pipeline.engine.qconfigs import import_path
+from pipeline.engine.qconfigs import import_path, quantized_engine
 from pipeline.errors import ConfigError, error_summary
 from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
@@ -80,6 +81,30 @@ def prepare(
                 mapping.name,
                 model_name,
             )
+    return prepared
+
+
+def recalibrate(
+    model: nn.Module,
+    example_inputs: ModelInputs,
+    model_name: str,
+    backend: BackendSpec,
+    mapping: QConfigMappingSpec,
+    custom: CustomConfigSpec,
+    recovery: RecoverySpec | None,
+    calibration: list[Any],
+    *,
+    flow: EngineSpec | None = None,
+    skip: SkipSpec | None = None,
+) -> nn.Module:
+    """`prepare`, then the calibration inputs through it: a calibration with other settings than the run's
+    (the search's recovery phase; diagnose verifying a recovery option, or a pt2e skip-list)."""
+    prepared = prepare(
+        model, example_inputs, model_name, backend, mapping, custom, recovery, calibration, flow=flow, skip=skip
+    )
+    with quantized_engine(backend.engine), torch.no_grad():
+        for inputs in calibration:
+            ModelInputs.wrap(inputs).call(prepared)
     return prepared
 
 
