@@ -31,7 +31,7 @@ def _metrics(run_dir) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run_pipeline) -> None:
-    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86"])
+    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86", "export.onnx=true"])
     metrics = _metrics(run_dir)
     assert metrics["eval/float/accuracy"] > 0.98
     assert metrics["eval/reference/accuracy"] >= metrics["eval/float/accuracy"] - 0.01
@@ -41,6 +41,11 @@ def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run
     assert (run_dir / "export" / "qdq_x86.pt2").is_file()
     assert metrics["export/pt2/disagrees"] == 0.0
     assert metrics["export/pt2/max_abs_diff"] < 1e-5
+    # ONNX through the dynamo exporter, one self-contained file, run by onnxruntime against the q/dq program.
+    assert sorted(path.name for path in (run_dir / "export").glob("*.onnx*")) == ["qdq_x86.onnx"]
+    assert metrics["export/onnx/bytes"] == (run_dir / "export" / "qdq_x86.onnx").stat().st_size
+    assert metrics["export/onnx/sqnr_db"] > 40 and metrics["export/onnx/agreement"] > 0.98
+    assert metrics["export/onnx/disagrees"] == 0.0
     assert metrics["node_counts/quantized"] > 0 if "node_counts/quantized" in metrics else True
     assert "latency/lowered/compiled/b1_median_ms" in metrics
     # diagnose is skipped on pt2e, with the reason, and the run goes on.
@@ -69,6 +74,21 @@ def test_qnnpack_runs_through_the_xnnpack_quantizer(run_pipeline) -> None:
     metrics = _metrics(run_dir)
     assert metrics["eval/reference/accuracy"] > 0.97
     assert metrics["export/pt2/disagrees"] == 0.0
+
+
+@pytest.mark.slow
+def test_pt2e_onnx_is_skipped_with_the_reason_without_onnxscript(run_pipeline, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a)
+    )
+    stages = "stages=[load,calibrate,reference_convert,lower,export]"
+    _, _, run_dir = run_pipeline([*QUICK, "export.onnx=true", "evaluate.latency.enabled=false", stages])
+    skipped = json.loads((run_dir / "export" / "skipped.json").read_text())
+    assert "onnxscript not installed" in skipped["onnx"] and ".[onnx]" in skipped["onnx"]
+    assert not list((run_dir / "export").glob("*.onnx"))
 
 
 @pytest.mark.slow
