@@ -1,12 +1,14 @@
 """engine=pt2e: torch.export + torchao's PT2E flow behind the same config. The digits default end to end
 (the .pt2 file reloaded in a fresh process by the export stage and compared), what pt2e refuses at start-up,
-skip-lists at prepare time, and the calibration cache key per engine."""
+skip-lists at prepare time, and the calibration cache key per engine; the ResNet-18-shaped net end to end
+with every exported file (.pt2, AOTInductor package, ONNX) reloaded in a fresh process and compared."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,20 +54,99 @@ def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run
     assert "pt2e" in (run_dir / "diagnose" / "diagnosis.txt").read_text()
 
 
+# A deployment's loader: plain torch (no torchao, no pipeline) or onnxruntime, in a new process. Prints
+# whether torchao got imported, so a test sees the file did not need it.
+_FRESH_PROCESS = """
+import sys, torch
+path, inputs, result = sys.argv[1:]
+args = torch.load(inputs)
+if path.endswith(".onnx"):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {entry.name: value.numpy() for entry, value in zip(session.get_inputs(), args)}
+    outputs = torch.from_numpy(session.run(None, feed)[0])
+else:
+    import torch.ao.quantization.fx._decomposed  # the quantized_decomposed ops a q/dq program calls
+    if path.endswith(".aoti.pt2"):
+        module = torch._inductor.aoti_load_package(path)
+    else:
+        module = torch.export.load(path).module()
+    with torch.no_grad():
+        outputs = module(*args)
+torch.save(outputs, result)
+print("torchao imported" if "torchao" in sys.modules else "plain torch")
+"""
+
+
+def run_in_fresh_process(path: Path, args: tuple[torch.Tensor, ...], work: Path) -> torch.Tensor:
+    """`path` (.pt2, .aoti.pt2 or .onnx) loaded in a new Python process with plain torch (or onnxruntime) and
+    run on `args`; its outputs."""
+    inputs, result = work / f"{path.name}.inputs.pt", work / f"{path.name}.outputs.pt"
+    torch.save(args, inputs)
+    command = [sys.executable, "-c", _FRESH_PROCESS, str(path), str(inputs), str(result)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "plain torch"
+    return torch.load(result)
+
+
+def qdq_program(state) -> torch.nn.Module:
+    """The run's q/dq program (what every exported file is compared with)."""
+    from pipeline.engine import pt2e
+
+    return pt2e.program_of(state.artifacts["lowered"].model)
+
+
 @pytest.mark.slow
 def test_pt2_file_loads_with_plain_torch_in_a_fresh_process(run_pipeline, tmp_path) -> None:
-    _, _, run_dir = run_pipeline(
+    _, state, run_dir = run_pipeline(
         [*QUICK, "evaluate.latency.enabled=false", "stages=[load,calibrate,reference_convert,lower,export]"]
     )
-    path = run_dir / "export" / "qdq_x86.pt2"
-    code = (
-        "import sys, torch, torch.ao.quantization.fx._decomposed\n"
-        "m = torch.export.load(sys.argv[1]).module()\n"
-        "print(tuple(m(torch.rand(5, 1, 8, 8)).shape), tuple(m(torch.rand(1, 1, 8, 8)).shape))\n"
+    path, program = run_dir / "export" / "qdq_x86.pt2", qdq_program(state)
+    for batch in (5, 1):  # any batch size
+        x = torch.rand(batch, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(run_in_fresh_process(path, (x,), tmp_path), program(x))
+
+
+@pytest.mark.slow
+def test_resnet18_shape_runs_end_to_end_on_pt2e_x86_and_every_file_reloads(run_pipeline, tmp_path) -> None:
+    from pipeline.measure import sqnr_db
+
+    small = ["data.factory.shape=[3,32,32]", "data.factory.calibration_batches=1", "data.factory.batch_size=4"]
+    _, state, run_dir = run_pipeline(
+        [
+            *QUICK,
+            "model=resnet18",
+            "data=synthetic",
+            *small,
+            "data.factory.evaluation_batches=1",
+            "diagnose.enabled=false",
+            "evaluate.latency.batch_sizes=[4]",  # the compiled model's one shape: no extra compile
+            "export.aot_inductor=true",
+            "export.onnx=true",
+        ]
     )
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "(5, 10) (1, 10)"  # any batch size
+    metrics = _metrics(run_dir)
+    assert metrics["eval/reference/sqnr_db"] > 30  # random weights: output SQNR against float, no accuracy
+    assert metrics["eval/lowered/sqnr_db"] > 30
+    assert "latency/lowered/compiled/b4_median_ms" in metrics
+    export = run_dir / "export"
+    files = sorted(path.name for path in export.iterdir() if path.suffix in (".pt2", ".onnx"))
+    assert files == ["compiled_x86_b4.aoti.pt2", "qdq_x86.onnx", "qdq_x86.pt2"]
+    inputs = state.artifacts["loaded"].data.evaluation[0][0]
+    program = qdq_program(state)
+    args = inputs.positional(program)
+    with torch.no_grad():
+        expected = program(*args)
+    assert torch.equal(run_in_fresh_process(export / "qdq_x86.pt2", args, tmp_path), expected)
+    for name in ("compiled_x86_b4.aoti.pt2", "qdq_x86.onnx"):  # other kernels: close, not equal
+        actual = run_in_fresh_process(export / name, args, tmp_path)
+        assert actual.shape == expected.shape == (4, 1000)
+        assert sqnr_db(expected, actual) > 35, name
+        assert (actual.argmax(1) == expected.argmax(1)).float().mean() >= 0.75, name
+    for name in ("pt2", "aot_inductor", "onnx"):  # the export stage's own check agrees
+        assert metrics[f"export/{name}/disagrees"] == 0.0
 
 
 @pytest.mark.slow
