@@ -39,6 +39,7 @@ def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run
     assert metrics["eval/reference/accuracy"] >= metrics["eval/float/accuracy"] - 0.01
     assert metrics["eval/lowered/accuracy"] == metrics["eval/reference/accuracy"]
     assert metrics["eval/reference/sqnr_db"] > 30
+    assert 0.2 < metrics["size/ratio"] < 0.5  # int8 weights, per-channel scales, float biases (as for FX)
     # The .pt2 was reloaded in a fresh process (plain torch) by the export stage and matches the q/dq program.
     assert (run_dir / "export" / "qdq_x86.pt2").is_file()
     assert metrics["export/pt2/disagrees"] == 0.0
@@ -131,6 +132,8 @@ def test_resnet18_shape_runs_end_to_end_on_pt2e_x86_and_every_file_reloads(run_p
     assert metrics["eval/reference/sqnr_db"] > 30  # random weights: output SQNR against float, no accuracy
     assert metrics["eval/lowered/sqnr_db"] > 30
     assert "latency/lowered/compiled/b4_median_ms" in metrics
+    # Sized by the tensors the q/dq program reads, not the float weights convert_pt2e leaves on the module.
+    assert 0.2 < metrics["size/ratio"] < 0.3
     export = run_dir / "export"
     files = sorted(path.name for path in export.iterdir() if path.suffix in (".pt2", ".onnx"))
     assert files == ["compiled_x86_b4.aoti.pt2", "qdq_x86.onnx", "qdq_x86.pt2"]
