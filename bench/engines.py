@@ -8,22 +8,25 @@ file's size and the run's wall time.
 
     python bench/engines.py [--size 112] [--models digits,resnet18]
 
-Prints a table and writes outputs/bench/engines.json (with the CPU model and whether it has VNNI).
+Prints a table and writes outputs/bench/engines.json, with the machine as every run tags it
+(pipeline.machine: CPU model, torch's CPU capability, VNNI, AVX512, AMX) and the load average at start and end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from pipeline.machine import machine_tags
 
 REPO = Path(__file__).resolve().parents[1]
+
 COMMON = [
     "backend=x86",
     "tracking=off",
@@ -77,18 +80,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112, help="ResNet input side (224 = ImageNet)")
     parser.add_argument("--models", default="digits,resnet18")
     args = parser.parse_args()
-    machine = {
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in line
-            ),
-            "unknown",
-        ),
-        "vnni": bool(torch.cpu._is_vnni_supported()),
-        "torch": torch.__version__,
-    }
+    # The CPU as the pipeline detects it (the runs' cpu.* tags); the load: the machine may be shared.
+    machine = {**machine_tags(), "cores": os.cpu_count(), "load_at_start": os.getloadavg()[0]}
     rows = []
     for model, overrides in models(args.size).items():
         if model not in args.models.split(","):
@@ -100,11 +93,18 @@ def main() -> None:
     header = "| model | engine | accuracy | SQNR dB | speedup b1 | speedup b32 | file | MB | run s |"
     lines = [header, "|" + "---|" * 9]
     for r in rows:
+        accuracy = "-" if r["accuracy"] != r["accuracy"] else f"{r['accuracy']:.4f}"  # NaN: random weights
         lines.append(
-            f"| {r['model']} | {r['engine']} | {r['accuracy']:.4f} | {r['sqnr_db']:.1f} | {r['speedup_b1']:.2f}x | "
+            f"| {r['model']} | {r['engine']} | {accuracy} | {r['sqnr_db']:.1f} | {r['speedup_b1']:.2f}x | "
             f"{r['speedup_b32']:.2f}x | {r['file']} | {r['file_mb']:.2f} | {r['seconds']:.0f} |"
         )
-    print(f"\n{machine['cpu']} (VNNI: {machine['vnni']}), torch {machine['torch']}, 1 thread\n")
+    machine["load_at_end"] = os.getloadavg()[0]
+    flags = ", ".join(f"{name} {machine[f'cpu.{name}']}" for name in ("vnni", "avx512", "amx"))
+    print(
+        f"\n{machine['cpu.model']} ({machine['cpu.capability']}; {flags}), {machine['cores']} cores, "
+        f"torch {machine['torch.version']}, latency at 1 thread; load average {machine['load_at_start']:.1f} at "
+        f"start, {machine['load_at_end']:.1f} at end\n"
+    )
     print("\n".join(lines))
     out = REPO / "outputs" / "bench"
     out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> float | None:
         log.debug("traceback", exc_info=True)
         raise JobExit(2) from None
     log.info(
-        "backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",
+        "engine=%s backend=%s qconfig_mapping=%s skip=%s model=%s data=%s -> %s",
+        spec.engine.name,
         spec.backend.engine,
         spec.qconfig_mapping.name,
         spec.skip.name,

@@ -44,9 +44,11 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of the saved state_dict (packed int8 weights included); a lowered GraphModule itself
-    cannot be pickled in torch 2.13."""
+    cannot be pickled in torch 2.13. A model that says what it deploys (pt2e's compiled model:
+    `deployed_state_dict()`, without the float weights its module still holds) is sized by that."""
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    deployed = getattr(model, "deployed_state_dict", None)
+    torch.save(deployed() if deployed is not None else model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
 
 

@@ -171,10 +171,11 @@ def export_metric(name: str) -> str:
 # and the first metric the runs share in the order the run logged them (see pipeline/tracking/headline.py).
 
 HEADLINE_MODEL = "Model"  # param: model.name
+HEADLINE_ENGINE = "Engine"  # param: engine.name (fx or pt2e)
 HEADLINE_BACKEND = "Backend"  # param: backend.engine
 HEADLINE_MAPPING = "Mapping"  # param: qconfig_mapping.name
 HEADLINE_SKIP = "Skip"  # param: the skip-list label (schema.skip_label) or search=<strategy>
-HEADLINE_PARAMS: tuple[str, ...] = (HEADLINE_MODEL, HEADLINE_BACKEND, HEADLINE_MAPPING, HEADLINE_SKIP)
+HEADLINE_PARAMS: tuple[str, ...] = (HEADLINE_MODEL, HEADLINE_ENGINE, HEADLINE_BACKEND, HEADLINE_MAPPING, HEADLINE_SKIP)
 
 HEADLINE_SQNR_DB = "SQNR dB"  # the int8 (lowered) model's output SQNR against float
 HEADLINE_INT8_ACCURACY = "Int8 accuracy"  # the task metric of the int8 (lowered) model, a fraction

@@ -200,7 +200,11 @@ def run(
     def log_model(path: Path, engine: str, example: list[Any], output: Any, model_tags: dict[str, str]) -> None:
         result.model_uri = tracker.log_model(path, engine, example, output)
         if register and result.model_uri is not None and spec.tracking.register:
-            version_tags = {"backend": spec.backend.engine, "skip": result.params[metric_keys.HEADLINE_SKIP]}
+            version_tags = {
+                "engine": spec.engine.name,
+                "backend": spec.backend.engine,
+                "skip": result.params[metric_keys.HEADLINE_SKIP],
+            }
             version_tags |= {
                 "run": str(result.run_id),
                 "metric": _metric_tag(headline_.headline_metrics(result.metrics)),

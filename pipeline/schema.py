@@ -345,14 +345,16 @@ def skip_label(skip: SkipSpec, preset: SkipSpec | None = None) -> str:
 
 
 def run_label(spec: PipelineSpec, skip: str) -> str:
-    """What distinguishes a run, for its MLflow run name and its folder: `digits_cnn x86 backend_default skip=add`
-    (`skip` is skip_label's text); with a search, `search=<strategy>` instead of the skip-list it searches for."""
+    """What distinguishes a run, for its MLflow run name and its folder: `digits_cnn fx x86 backend_default
+    skip=add` (model, engine.name, backend, mapping; `skip` is skip_label's text); with a search,
+    `search=<strategy>` instead of the skip-list it searches for. The engine is always named: a sweep over
+    engine=fx,pt2e otherwise gives pairs of runs and folders with the same name."""
     search = spec.search.strategy if spec.search.enabled else None
-    return _label(spec.model.name, spec.backend.engine, spec.qconfig_mapping.name, search, skip)
+    return _label(spec.model.name, spec.engine.name, spec.backend.engine, spec.qconfig_mapping.name, search, skip)
 
 
-def _label(model: str, engine: str, mapping: str, search: str | None, skip: str) -> str:
-    return f"{model} {engine} {mapping} " + (f"search={search}" if search else f"skip={skip}")
+def _label(model: str, flow: str, backend: str, mapping: str, search: str | None, skip: str) -> str:
+    return f"{model} {flow} {backend} {mapping} " + (f"search={search}" if search else f"skip={skip}")
 
 
 def folder_name(label: str) -> str:
@@ -393,10 +395,11 @@ def _run_label_resolver(*, _root_: DictConfig) -> str:
     """`${run_label:}` in hydra.run.dir / hydra.sweep.subdir: run_label as a folder name."""
     skip = _skip_label_resolver(_root_.skip, _root_=_root_)
     model = OmegaConf.select(_root_, "model.name", default="model")
-    engine = OmegaConf.select(_root_, "backend.engine", default="backend")
+    flow = OmegaConf.select(_root_, "engine.name", default="engine")
+    backend = OmegaConf.select(_root_, "backend.engine", default="backend")
     mapping = OmegaConf.select(_root_, "qconfig_mapping.name", default="mapping")
     search = OmegaConf.select(_root_, "search.strategy") if OmegaConf.select(_root_, "search.enabled") else None
-    return folder_name(_label(model, engine, mapping, search, skip))
+    return folder_name(_label(model, flow, backend, mapping, search, skip))
 
 
 def register() -> None:

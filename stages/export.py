@@ -10,7 +10,8 @@
 - qnnpack only: a lite-interpreter (.ptl) file for PyTorch Mobile.
 - ONNX: a QDQ graph through torch's TorchScript-based exporter, checked against onnxruntime (the
   [onnx] extra; skipped with the reason when it is not installed, or when the model has dynamic,
-  float16 or weight-only quantized ops, which the exporter cannot express).
+  float16 or weight-only quantized ops, which the exporter cannot express). engine=pt2e: the q/dq
+  program through the dynamo exporter, which needs onnxscript (also in the [onnx] extra).
 
 custom_config's preserved attributes (e.g. class names) ride along in the TorchScript and .ptl files
 as the extra file `preserved_attributes.json` (tracing drops plain Python attributes), and in the
@@ -335,11 +336,17 @@ def export_pt2e(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Pat
         if missing:
             skipped["onnx"] = (
                 f"{' and '.join(missing)} not installed; torch's dynamo ONNX exporter (the one that takes a "
-                f"torch.export program) needs onnxscript: pip install onnxscript"
+                f"torch.export program) needs onnxscript: pip install -e '.[onnx]' to export ONNX"
             )
         else:
             path = out_dir / f"qdq_{engine}.onnx"
-            record("onnx", path, pt2e_onnx(program, loaded.data.example_inputs, check_inputs, path))
+            try:
+                actual = pt2e_onnx(program, loaded.data.example_inputs, check_inputs, spec.onnx_opset, path)
+                record("onnx", path, actual)
+            except torch.onnx.errors.OnnxExporterError as error:
+                path.unlink(missing_ok=True)
+                skipped["onnx"] = f"torch's dynamo ONNX exporter cannot express this {engine} q/dq program: {error}"
+                log.warning("export: no ONNX file for engine=pt2e backend=%s: %s", engine, error)
     for name in ("torchscript", "lite_interpreter"):
         if name != "torchscript" or spec.torchscript != "none":
             skipped[name] = "engine=pt2e: a torch.export program has no TorchScript form; the .pt2 file is its format"
@@ -348,14 +355,45 @@ def export_pt2e(lowered: Lowered, loaded: Loaded, spec: ExportSpec, out_dir: Pat
     return ExportBundle(files=files, skipped=skipped, metrics=metrics, disagreements=disagreements)
 
 
-def pt2e_onnx(program: torch.nn.Module, example: ModelInputs, check_inputs: ModelInputs, path: Path) -> torch.Tensor:
-    """The q/dq program through torch.onnx.export(dynamo=True); its outputs on `check_inputs` by onnxruntime."""
+# torch's dynamo exporter cannot write below opset 18: asked for 17 (export.onnx_opset's default, for FX's
+# TorchScript-based exporter), its version converter fails and leaves the model at 18 with a traceback in the log.
+PT2E_MIN_ONNX_OPSET = 18
+
+
+def pt2e_onnx(
+    program: torch.nn.Module, example: ModelInputs, check_inputs: ModelInputs, opset: int, path: Path
+) -> torch.Tensor:
+    """The q/dq program through torch.onnx.export(dynamo=True) (a dynamic batch, opset `opset` or 18 if
+    lower), as one self-contained file; its outputs on `check_inputs` by onnxruntime."""
     import onnxruntime
 
     from pipeline.engine import pt2e
 
+    if opset < PT2E_MIN_ONNX_OPSET:
+        log.info(
+            "export: ONNX opset %d for engine=pt2e (export.onnx_opset=%d; the dynamo exporter writes %d or newer)",
+            PT2E_MIN_ONNX_OPSET,
+            opset,
+            PT2E_MIN_ONNX_OPSET,
+        )
     exported = pt2e.export_program(program, pt2e.export_example(example))
-    torch.onnx.export(exported, f=str(path), dynamo=True)
+    # The exporter warns once per torchvision op it could register (torchvision is not installed here).
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        # external_data=False: weights inside the .onnx (the default writes a <name>.onnx.data beside it, which
+        # export/onnx/bytes would miss and a user could leave behind); verbose=False: no progress prints.
+        torch.onnx.export(
+            exported,
+            f=str(path),
+            dynamo=True,
+            opset_version=max(opset, PT2E_MIN_ONNX_OPSET),
+            external_data=False,
+            verbose=False,
+        )
+    finally:
+        registration.setLevel(level)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {
         entry.name: value.numpy()

@@ -42,11 +42,12 @@ def seed_store(folder: Path) -> Path:
     return target
 
 
-def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline -m <overrides>` with output_dir=tmp_path (its store seeded)."""
+def sweep(tmp_path: Path, *overrides: str, fast: list[str] = SWEEP_FAST) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline -m <overrides> <fast>` with output_dir=tmp_path (its store seeded). Hydra refuses a
+    key given twice: a test that wants another value of a SWEEP_FAST key passes its own `fast`."""
     seed_store(tmp_path)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", "-m", *overrides, *SWEEP_FAST, f"output_dir={tmp_path}"],
+        [sys.executable, "-m", "pipeline", "-m", *overrides, *fast, f"output_dir={tmp_path}"],
         cwd=tmp_path,  # nothing lands in the checkout
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,

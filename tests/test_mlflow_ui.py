@@ -21,7 +21,7 @@ from tests import browser
 from tests.conftest import REPO_ROOT
 
 REGISTERED = "fxq_test_int8"
-JOB_NAMES = {"digits_cnn x86 backend_default skip=add", "digits_cnn qnnpack backend_default skip=add"}
+JOB_NAMES = {"digits_cnn fx x86 backend_default skip=add", "digits_cnn fx qnnpack backend_default skip=add"}
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -68,7 +68,10 @@ def test_runs_and_folders_are_named_by_what_distinguishes_them(small_sweep) -> N
     assert parent.info.run_name.startswith("sweep backend=x86,qnnpack ")
     assert "skip=add" in parent.info.run_name and f"output_dir={out}" in parent.info.run_name
     folders = {path.name for path in out.glob("multirun/*/*_digits_cnn_*")}
-    assert folders == {"0_digits_cnn_x86_backend_default_skip=add", "1_digits_cnn_qnnpack_backend_default_skip=add"}
+    assert folders == {
+        "0_digits_cnn_fx_x86_backend_default_skip=add",
+        "1_digits_cnn_fx_qnnpack_backend_default_skip=add",
+    }
 
 
 @pytest.mark.slow
@@ -97,8 +100,9 @@ def test_headline_params_and_metrics_sort_first_and_the_parent_carries_the_best(
         params, metrics = run.data.params, run.data.metrics
         assert params["Backend"] == run.data.tags["backend"] and params["Skip"] == "add"
         assert params["Mapping"] == "backend_default" and params["Model"] == "digits_cnn"
+        assert params["Engine"] == run.data.tags["engine"] == "fx"
         # Capitals sort before every lowercase key (MLflow's UI sorts by code point).
-        assert sorted(params)[:4] == sorted(metric_keys.HEADLINE_PARAMS)
+        assert sorted(params)[: len(metric_keys.HEADLINE_PARAMS)] == sorted(metric_keys.HEADLINE_PARAMS)
         assert sorted(metrics)[: len(metric_keys.HEADLINE_METRICS)] == sorted(metric_keys.HEADLINE_METRICS)
         # The compare view plots the first metric the runs share, in logging order: SQNR, not a constant.
         assert next(iter(client.get_run(run.info.run_id).data.metrics)) == metric_keys.HEADLINE_SQNR_DB
@@ -161,7 +165,7 @@ def test_every_run_and_the_sweep_end_with_a_summary(small_sweep) -> None:
     out, output, _, experiment, parent, _ = small_sweep
     for name in JOB_NAMES:
         assert f"done: {name}" in output
-    assert "Model       Backend  Mapping          Skip  SQNR dB  Int8 accuracy" in output
+    assert "Model       Engine  Backend  Mapping          Skip  SQNR dB  Int8 accuracy" in output
     assert f"sweep done: {parent.info.run_name}; best: job " in output
     assert f"folder: {next(out.glob('multirun/*'))}" in output
     command = f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db --host 127.0.0.1 --port 5000 --workers 1"
@@ -210,7 +214,8 @@ def test_the_report_speaks_points_and_a_zero_delta_axis_has_no_offset(tmp_path: 
 
     from pipeline.tracking import sweep
 
-    row = {"job": "0", "run": "r", "backend": "x86", "skip": "none", "status": "FINISHED", "speedup_b1": 1.2}
+    row = {"job": "0", "run": "r", "engine": "fx", "backend": "x86", "skip": "none", "status": "FINISHED"}
+    row["speedup_b1"] = 1.2
     rows = [{**row, "acc_delta_pts": headline.delta_points(1e-19)}, {**row, "speedup_b1": 1.5, "acc_delta_pts": 0.0}]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)

@@ -2,12 +2,15 @@
 (the .pt2 file reloaded in a fresh process by the export stage and compared; diagnose through torchao's
 numeric debugger), what pt2e refuses at start-up, skip-lists at prepare time, the calibration cache key per
 engine, and the calibration without the skip-list serving a skip-list sweep (observers filled by the tensors
-they observe, all must find a source).
+they observe, all must find a source); the ResNet-18-shaped net end to end with every exported file (.pt2,
+AOTInductor package, ONNX) reloaded in a fresh process and compared."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,16 +35,22 @@ def _metrics(run_dir) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run_pipeline) -> None:
-    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86"])
+    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86", "export.onnx=true"])
     metrics = _metrics(run_dir)
     assert metrics["eval/float/accuracy"] > 0.98
     assert metrics["eval/reference/accuracy"] >= metrics["eval/float/accuracy"] - 0.01
     assert metrics["eval/lowered/accuracy"] == metrics["eval/reference/accuracy"]
     assert metrics["eval/reference/sqnr_db"] > 30
+    assert 0.2 < metrics["size/ratio"] < 0.5  # int8 weights, per-channel scales, float biases (as for FX)
     # The .pt2 was reloaded in a fresh process (plain torch) by the export stage and matches the q/dq program.
     assert (run_dir / "export" / "qdq_x86.pt2").is_file()
     assert metrics["export/pt2/disagrees"] == 0.0
     assert metrics["export/pt2/max_abs_diff"] < 1e-5
+    # ONNX through the dynamo exporter, one self-contained file, run by onnxruntime against the q/dq program.
+    assert sorted(path.name for path in (run_dir / "export").glob("*.onnx*")) == ["qdq_x86.onnx"]
+    assert metrics["export/onnx/bytes"] == (run_dir / "export" / "qdq_x86.onnx").stat().st_size
+    assert metrics["export/onnx/sqnr_db"] > 40 and metrics["export/onnx/agreement"] > 0.98
+    assert metrics["export/onnx/disagrees"] == 0.0
     assert metrics["node_counts/quantized"] > 0 if "node_counts/quantized" in metrics else True
     assert "latency/lowered/compiled/b1_median_ms" in metrics
     _check_pt2e_diagnosis(run_dir, metrics)
@@ -79,20 +88,101 @@ def _check_pt2e_diagnosis(run_dir, metrics: dict[str, float]) -> None:
     assert "nothing to skip" in text  # nothing below diagnose.skip_below_db
 
 
+# A deployment's loader: plain torch (no torchao, no pipeline) or onnxruntime, in a new process. Prints
+# whether torchao got imported, so a test sees the file did not need it.
+_FRESH_PROCESS = """
+import sys, torch
+path, inputs, result = sys.argv[1:]
+args = torch.load(inputs)
+if path.endswith(".onnx"):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {entry.name: value.numpy() for entry, value in zip(session.get_inputs(), args)}
+    outputs = torch.from_numpy(session.run(None, feed)[0])
+else:
+    import torch.ao.quantization.fx._decomposed  # the quantized_decomposed ops a q/dq program calls
+    if path.endswith(".aoti.pt2"):
+        module = torch._inductor.aoti_load_package(path)
+    else:
+        module = torch.export.load(path).module()
+    with torch.no_grad():
+        outputs = module(*args)
+torch.save(outputs, result)
+print("torchao imported" if "torchao" in sys.modules else "plain torch")
+"""
+
+
+def run_in_fresh_process(path: Path, args: tuple[torch.Tensor, ...], work: Path) -> torch.Tensor:
+    """`path` (.pt2, .aoti.pt2 or .onnx) loaded in a new Python process with plain torch (or onnxruntime) and
+    run on `args`; its outputs."""
+    inputs, result = work / f"{path.name}.inputs.pt", work / f"{path.name}.outputs.pt"
+    torch.save(args, inputs)
+    command = [sys.executable, "-c", _FRESH_PROCESS, str(path), str(inputs), str(result)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "plain torch"
+    return torch.load(result)
+
+
+def qdq_program(state) -> torch.nn.Module:
+    """The run's q/dq program (what every exported file is compared with)."""
+    from pipeline.engine import pt2e
+
+    return pt2e.program_of(state.artifacts["lowered"].model)
+
+
 @pytest.mark.slow
 def test_pt2_file_loads_with_plain_torch_in_a_fresh_process(run_pipeline, tmp_path) -> None:
-    _, _, run_dir = run_pipeline(
+    _, state, run_dir = run_pipeline(
         [*QUICK, "evaluate.latency.enabled=false", "stages=[load,calibrate,reference_convert,lower,export]"]
     )
-    path = run_dir / "export" / "qdq_x86.pt2"
-    code = (
-        "import sys, torch, torch.ao.quantization.fx._decomposed\n"
-        "m = torch.export.load(sys.argv[1]).module()\n"
-        "print(tuple(m(torch.rand(5, 1, 8, 8)).shape), tuple(m(torch.rand(1, 1, 8, 8)).shape))\n"
+    path, program = run_dir / "export" / "qdq_x86.pt2", qdq_program(state)
+    for batch in (5, 1):  # any batch size
+        x = torch.rand(batch, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(run_in_fresh_process(path, (x,), tmp_path), program(x))
+
+
+@pytest.mark.slow
+def test_resnet18_shape_runs_end_to_end_on_pt2e_x86_and_every_file_reloads(run_pipeline, tmp_path) -> None:
+    from pipeline.measure import sqnr_db
+
+    small = ["data.factory.shape=[3,32,32]", "data.factory.calibration_batches=1", "data.factory.batch_size=4"]
+    _, state, run_dir = run_pipeline(
+        [
+            *QUICK,
+            "model=resnet18",
+            "data=synthetic",
+            *small,
+            "data.factory.evaluation_batches=1",
+            "diagnose.enabled=false",
+            "evaluate.latency.batch_sizes=[4]",  # the compiled model's one shape: no extra compile
+            "export.aot_inductor=true",
+            "export.onnx=true",
+        ]
     )
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "(5, 10) (1, 10)"  # any batch size
+    metrics = _metrics(run_dir)
+    assert metrics["eval/reference/sqnr_db"] > 30  # random weights: output SQNR against float, no accuracy
+    assert metrics["eval/lowered/sqnr_db"] > 30
+    assert "latency/lowered/compiled/b4_median_ms" in metrics
+    # Sized by the tensors the q/dq program reads, not the float weights convert_pt2e leaves on the module.
+    assert 0.2 < metrics["size/ratio"] < 0.3
+    export = run_dir / "export"
+    files = sorted(path.name for path in export.iterdir() if path.suffix in (".pt2", ".onnx"))
+    assert files == ["compiled_x86_b4.aoti.pt2", "qdq_x86.onnx", "qdq_x86.pt2"]
+    inputs = state.artifacts["loaded"].data.evaluation[0][0]
+    program = qdq_program(state)
+    args = inputs.positional(program)
+    with torch.no_grad():
+        expected = program(*args)
+    assert torch.equal(run_in_fresh_process(export / "qdq_x86.pt2", args, tmp_path), expected)
+    for name in ("compiled_x86_b4.aoti.pt2", "qdq_x86.onnx"):  # other kernels: close, not equal
+        actual = run_in_fresh_process(export / name, args, tmp_path)
+        assert actual.shape == expected.shape == (4, 1000)
+        assert sqnr_db(expected, actual) > 35, name
+        assert (actual.argmax(1) == expected.argmax(1)).float().mean() >= 0.75, name
+    for name in ("pt2", "aot_inductor", "onnx"):  # the export stage's own check agrees
+        assert metrics[f"export/{name}/disagrees"] == 0.0
 
 
 @pytest.mark.slow
@@ -101,6 +191,21 @@ def test_qnnpack_runs_through_the_xnnpack_quantizer(run_pipeline) -> None:
     metrics = _metrics(run_dir)
     assert metrics["eval/reference/accuracy"] > 0.97
     assert metrics["export/pt2/disagrees"] == 0.0
+
+
+@pytest.mark.slow
+def test_pt2e_onnx_is_skipped_with_the_reason_without_onnxscript(run_pipeline, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a)
+    )
+    stages = "stages=[load,calibrate,reference_convert,lower,export]"
+    _, _, run_dir = run_pipeline([*QUICK, "export.onnx=true", "evaluate.latency.enabled=false", stages])
+    skipped = json.loads((run_dir / "export" / "skipped.json").read_text())
+    assert "onnxscript not installed" in skipped["onnx"] and ".[onnx]" in skipped["onnx"]
+    assert not list((run_dir / "export").glob("*.onnx"))
 
 
 @pytest.mark.slow

@@ -55,13 +55,16 @@ def _run_dir(overrides: list[str]) -> str:
 
 def test_the_run_folder_names_what_runs() -> None:
     # The folder is the MLflow run's name (schema.run_label), spaces as underscores.
-    assert _run_dir(["backend=qnnpack"]).endswith("_digits_cnn_qnnpack_backend_default_skip=none")
-    assert _run_dir(["skip=first_last"]).endswith("_x86_backend_default_skip=first_last")
+    assert _run_dir(["backend=qnnpack"]).endswith("_digits_cnn_fx_qnnpack_backend_default_skip=none")
+    assert _run_dir(["engine=pt2e"]).endswith("_digits_cnn_pt2e_x86_backend_default_skip=none")
+    assert _run_dir(["skip=first_last"]).endswith("_fx_x86_backend_default_skip=first_last")
     same = ["skip=first_last", "skip.module_name=[stem.0,fc]"]
     assert _run_dir(same).endswith("_x86_backend_default_skip=first_last")
     assert _run_dir(["skip.module_name=[fc]"]).endswith("_x86_backend_default_skip=module_name=fc")
     assert _run_dir(["skip=first_last", "skip.module_name=[fc]"]).endswith("_skip=module_name=fc")
-    assert _run_dir(["model=outlier_mlp", "search=greedy"]).endswith("_outlier_mlp_x86_backend_default_search=greedy")
+    assert _run_dir(["model=outlier_mlp", "search=greedy"]).endswith(
+        "_outlier_mlp_fx_x86_backend_default_search=greedy"
+    )
 
 
 @pytest.mark.slow

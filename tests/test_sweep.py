@@ -16,10 +16,11 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.tracking.mlflow import artifact_uri
 from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
-from tests.helpers import check_one_failing_job, parent_and_children, report_rows, sweep
+from tests.helpers import SWEEP_FAST, check_one_failing_job, parent_and_children, report_rows, sweep
 
 SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
 
@@ -41,7 +42,7 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
     assert {row["status"] for row in rows} == {"FINISHED"}
     report_dir = next(tmp_path.glob("multirun/*/report"))
     markdown_rows = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(markdown_rows) == 14  # two tables (quality; speed and cache), each a header + 6 jobs
+    assert len(markdown_rows) == 21  # three tables (quality; speed and cache; per form), each a header + 6 jobs
     assert (report_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.csv", "report/report.md", "report/report.png"} <= logged
@@ -85,8 +86,68 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torchao_available(), reason="engine=pt2e needs torchao (pip install --no-deps torchao==0.18.0)")
+def test_an_engine_sweep_names_the_engine_in_runs_folders_and_report(tmp_path: Path) -> None:
+    # TorchScript on (FX's file), no AOTInductor package (15 s a pt2e job): each engine writes one file.
+    fast = [*(o for o in SWEEP_FAST if not o.startswith("export.torchscript")), "export.aot_inductor=false"]
+    overrides = ["engine=fx,pt2e", "backend=x86", "skip=none,first_last", "diagnose.enabled=false"]
+    result = sweep(tmp_path, *overrides, fast=fast)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    jobs = {(c.data.tags["engine"], c.data.tags["skip"]): c for c in children}
+    assert sorted(jobs) == [("fx", "first_last"), ("fx", "none"), ("pt2e", "first_last"), ("pt2e", "none")]
+    for (engine, skip), child in jobs.items():  # the MLflow children say which engine ran
+        assert child.data.params["Engine"] == child.data.params["engine.name"] == engine
+        assert child.info.run_name == f"digits_cnn {engine} x86 backend_default skip={skip}"
+    folders = sorted(path.name.split("_", 1)[1] for path in tmp_path.glob("multirun/*/*_digits_cnn_*"))
+    assert folders == sorted(child.info.run_name.replace(" ", "_") for child in children)  # four distinct names
+
+    rows = {(row["engine"], row["skip"]): row for row in report_rows(tmp_path)}
+    assert sorted(rows) == sorted(jobs)
+    for (engine, _), row in rows.items():
+        assert float(row["lowered_acc"]) > 0.97 and float(row["sqnr_db"]) > 25, row
+        assert float(row["speedup_b1"]) > 0 and 0 < float(row["size_ratio"]) < 0.5, row
+        forms = ("eager", "traced", "frozen") if engine == "fx" else ("compiled",)
+        assert all(float(row[f"{form}_b1_ms"]) > 0 for form in forms), row  # speed per form
+        assert all(row[f"{form}_b1_ms"] == "" for form in {"eager", "traced", "frozen", "compiled"} - set(forms))
+        own, other = ("torchscript_mb", "pt2_mb") if engine == "fx" else ("pt2_mb", "torchscript_mb")
+        assert 0 < float(row[own]) < 1 and row[other] == "", row  # file size, MB
+    report_dir = next(tmp_path.glob("multirun/*/report"))
+    markdown = (report_dir / "report.md").read_text()
+    assert "| job | engine | backend | skip |" in markdown and "| job | engine | compiled_b1_ms |" in markdown
+    assert "| pt2e | x86 | first_last |" in result.stdout  # the printed table names the engine too
+
+
+@pytest.mark.slow
 def test_a_failing_job_fails_the_parent_and_the_report_marks_it(tmp_path: Path) -> None:
     check_one_failing_job(tmp_path)  # basic launcher; tests/test_faults.py runs it with joblib
+
+
+def test_the_report_has_a_column_per_measured_form_and_exported_file(tmp_path: Path) -> None:
+    from pipeline.tracking.base import RunRecord
+    from pipeline.tracking.off import NoopTracker
+    from pipeline.tracking.sweep import write_report
+
+    common = {"eval/lowered/accuracy": 0.99, "eval/lowered/sqnr_db": 38.0, "size/lowered_bytes": 45_000.0}
+    fx = {
+        f"latency/lowered/{form}/b1_median_ms": ms for form, ms in [("eager", 0.3), ("traced", 0.12), ("frozen", 0.1)]
+    }
+    fx |= {"latency/lowered/frozen/b32_median_ms": 1.5, "export/torchscript/bytes": 46_000.0}
+    pt2e = {"latency/lowered/compiled/b1_median_ms": 0.9, "export/pt2/bytes": 134_000.0, "export/onnx/bytes": 75_000.0}
+    children = [
+        RunRecord("a", "FINISHED", {"job_num": "0", "engine": "fx"}, {**common, **fx}),
+        RunRecord("b", "FINISHED", {"job_num": "1", "engine": "pt2e"}, {**common, **pt2e}),
+    ]
+    rows = write_report(NoopTracker(), tmp_path, children)
+    assert [row["engine"] for row in rows] == ["fx", "pt2e"]
+    assert rows[0]["frozen_b1_ms"] == 0.1 and rows[0]["frozen_b32_ms"] == 1.5 and rows[0]["compiled_b1_ms"] is None
+    assert rows[1]["compiled_b1_ms"] == 0.9 and rows[1]["pt2_mb"] == 0.134 and rows[1]["torchscript_mb"] is None
+    assert rows[0]["lowered_mb"] == 0.045
+    header = (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    forms = ["compiled_b1_ms", "eager_b1_ms", "frozen_b1_ms", "traced_b1_ms", "frozen_b32_ms"]  # by batch, form
+    assert header[2] == "engine" and header[-8:] == [*forms, "onnx_mb", "pt2_mb", "torchscript_mb"]
+    assert "| 1 | pt2e | 0.9 | - | - | - | - | 0.075 | 0.134 | - |" in (tmp_path / "report.md").read_text()
 
 
 def test_pareto_front_keeps_points_nothing_beats_on_both_axes() -> None:

@@ -38,7 +38,7 @@ from torch.fx import GraphModule
 from pipeline.batch import ModelInputs
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, first_tensor
-from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of
+from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of, used_tensor_names
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
@@ -346,7 +346,7 @@ def save_program(program: GraphModule, example: ModelInputs, path: Any) -> None:
     """The q/dq program as a stripped `.pt2`: re-exported from the converted module (so only the weights it
     uses travel, not the float ones) with a dynamic batch, without its example inputs."""
     program = copy.deepcopy(program)
-    used = {str(node.target) for node in program.graph.nodes if node.op == "get_attr"}
+    used = used_tensor_names(program)
     # convert_pt2e leaves the float weights on the module; torch.export would lift every one of them.
     for name in [n for n, _ in [*program.named_parameters(), *program.named_buffers()] if n not in used]:
         owner, _, attribute = name.rpartition(".")

@@ -101,6 +101,7 @@ def run_tags(spec: PipelineSpec) -> dict[str, str]:
     """The tags every pipeline run gets, to filter and compare runs by what they ran and on which CPU
     (pipeline.machine: cpu.model, cpu.capability, cpu.vnni, cpu.avx512, cpu.amx, torch.version)."""
     return {
+        "engine": spec.engine.name,  # fx or pt2e: which quantization flow ran
         "backend": spec.backend.engine,
         "qconfig_mapping": spec.qconfig_mapping.name,
         "skip": spec.skip.name,

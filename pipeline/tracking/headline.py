@@ -18,9 +18,11 @@ UI_HOST, UI_PORT = "127.0.0.1", 5000  # the README's `mlflow ui` command
 
 
 def headline_params(spec: PipelineSpec, skip: str) -> dict[str, str]:
-    """Model, Backend, Mapping, Skip: `skip` is the skip-list label (schema.skip_label), or search=<strategy>."""
+    """Model, Engine, Backend, Mapping, Skip: `skip` is the skip-list label (schema.skip_label), or
+    search=<strategy>."""
     return {
         metric_keys.HEADLINE_MODEL: spec.model.name,
+        metric_keys.HEADLINE_ENGINE: spec.engine.name,
         metric_keys.HEADLINE_BACKEND: spec.backend.engine,
         metric_keys.HEADLINE_MAPPING: spec.qconfig_mapping.name,
         metric_keys.HEADLINE_SKIP: f"search={spec.search.strategy}" if spec.search.enabled else skip,

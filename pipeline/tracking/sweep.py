@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ class SweepCallback(Callback):
         metric = ", ".join(
             f"{key}={format_value(value)}" for key, value in best_metrics(best).items() if key in HEADLINE_TAGGED
         )
-        tags = {"backend": best["backend"], "skip": best["skip"], "metric": metric or "none", "run": str(run.run_id)}
+        tags = {"engine": best["engine"], "backend": best["backend"], "skip": best["skip"]}
+        tags |= {"metric": metric or "none", "run": str(run.run_id)}
         return tracker.register_model(model_uri, {**tags, "sweep": self.name}, run_id=run.run_id)
 
     def _summary(
@@ -164,6 +166,7 @@ def best_metrics(best: dict[str, Any]) -> dict[str, float]:
 REPORT_COLUMNS = [
     ("job", None),
     ("run", None),  # the job's MLflow run name
+    ("engine", None),  # fx or pt2e (the run's `engine` tag)
     ("backend", None),
     ("skip", None),
     ("qconfig_mapping", None),
@@ -175,13 +178,21 @@ REPORT_COLUMNS = [
     ("latency_b1_ms", metric_keys.latency_ms("lowered", 1)),
     ("speedup_b1", metric_keys.speedup(1)),
     ("size_ratio", metric_keys.SIZE_RATIO),
+    ("lowered_mb", metric_keys.LOWERED_BYTES),  # MB in the rows: evaluate's saved size of the int8 model's tensors
     ("cache_hit", metric_keys.CACHE_HIT),
     ("calibrations", metric_keys.CALIBRATIONS),
 ]
 UNITS = (
     "acc_delta_pts: int8 (lowered) minus float accuracy in percentage points (-0.22 = 0.22 points lost); "
-    "accuracies are fractions; speedup_b1: float / int8 latency at batch 1; size_ratio: int8 / float bytes."
+    "accuracies are fractions; speedup_b1: float / int8 latency at batch 1; size_ratio: int8 / float bytes; "
+    "lowered_mb: the int8 model's weights and constants in MB; <form>_b<N>_ms: the int8 model's median latency "
+    "in that form at batch N (fx: eager, traced, frozen TorchScript; pt2e: compiled, or qdq_eager); "
+    "<format>_mb: the exported file's size in MB (fx: torchscript, onnx...; pt2e: pt2, aot_inductor, onnx)."
 )
+# Report columns found in the jobs' metrics (which forms and files a job has depends on its engine and settings):
+# latency/lowered/<form>/b<N>_median_ms -> <form>_b<N>_ms; export/<format>/bytes -> <format>_mb.
+FORM_LATENCY = re.compile(r"latency/lowered/(?P<form>[a-z0-9_]+)/b(?P<batch>\d+)_median_ms")
+FILE_BYTES = re.compile(r"export/(?P<format>[a-z0-9_]+)/bytes")
 # Report column -> the headline metric (metric_keys.HEADLINE_METRICS) it is: the parent run's best row.
 REPORT_HEADLINES = {
     "sqnr_db": metric_keys.HEADLINE_SQNR_DB,
@@ -191,17 +202,33 @@ REPORT_HEADLINES = {
     "speedup_b1": metric_keys.HEADLINE_SPEEDUP,
     "size_ratio": metric_keys.HEADLINE_SIZE_RATIO,
 }
-HEADLINE_REPORT_COLUMNS = ["backend", "skip", *REPORT_HEADLINES]
+HEADLINE_REPORT_COLUMNS = ["engine", "backend", "skip", *REPORT_HEADLINES]
 HEADLINE_TAGGED = (metric_keys.HEADLINE_INT8_ACCURACY, metric_keys.HEADLINE_DELTA_POINTS, metric_keys.HEADLINE_SQNR_DB)
+
+
+def measured_columns(children: list[RunRecord]) -> tuple[list[str], list[str]]:
+    """The per-form latency columns (`frozen_b1_ms`, `compiled_b1_ms`...: by batch size, then form) and
+    per-file size columns (`pt2_mb`, `torchscript_mb`...) that any job's metrics have."""
+    forms: set[tuple[int, str]] = set()
+    files: set[str] = set()
+    for run in children:
+        for key in run.metrics:
+            if match := FORM_LATENCY.fullmatch(key):
+                forms.add((int(match["batch"]), match["form"]))
+            elif match := FILE_BYTES.fullmatch(key):
+                files.add(match["format"])
+    return [f"{form}_b{batch}_ms" for batch, form in sorted(forms)], [f"{name}_mb" for name in sorted(files)]
 
 
 def sweep_rows(children: list[RunRecord]) -> list[dict[str, Any]]:
     """One report row per job (child run), in job order; `run_id` rides along (not a report column)."""
     rows = []
+    form_columns, file_columns = measured_columns(children)
     for run in sorted(children, key=lambda r: int(r.tags.get("job_num", 0))):
         row: dict[str, Any] = {
             "job": run.tags.get("job_num", run.name),
             "run": run.name,
+            "engine": run.tags.get("engine", ""),
             "backend": run.tags.get("backend", ""),
             "skip": run.tags.get("skip", ""),
             "qconfig_mapping": run.tags.get("qconfig_mapping", ""),
@@ -212,6 +239,14 @@ def sweep_rows(children: list[RunRecord]) -> list[dict[str, Any]]:
                 row[column] = run.metrics.get(metric)
         if row["acc_delta_pts"] is not None:
             row["acc_delta_pts"] = delta_points(row["acc_delta_pts"])
+        if row["lowered_mb"] is not None:
+            row["lowered_mb"] = row["lowered_mb"] / 1e6
+        for column in form_columns:
+            form, _, batch = column.removesuffix("_ms").rpartition("_b")
+            row[column] = run.metrics.get(metric_keys.form_latency_ms("lowered", form, int(batch), "median"))
+        for column in file_columns:
+            size = run.metrics.get(metric_keys.export_metric(f"{column.removesuffix('_mb')}/bytes"))
+            row[column] = None if size is None else size / 1e6
         row["run_id"] = run.run_id
         rows.append(row)
     return rows
@@ -223,19 +258,25 @@ def _cell(value: Any) -> str:
 
 def write_report(parent: Tracker, out_dir: Path, children: list[RunRecord] | None = None) -> list[dict[str, Any]]:
     """report.csv, report.md and report.png in out_dir from the parent's child runs, logged to the
-    parent run; also printed. report.md is two narrow tables (MLflow's artifact viewer does not wrap)."""
+    parent run; also printed. report.md is narrow tables (MLflow's artifact viewer does not wrap): quality;
+    speed, size and cache; and, when the jobs measured forms or wrote files, speed per form and file sizes."""
     import csv
 
-    rows = sweep_rows(parent.children() if children is None else children)
+    children = parent.children() if children is None else children
+    rows = sweep_rows(children)
+    form_columns, file_columns = measured_columns(children)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = [column for column, _ in REPORT_COLUMNS]
+    columns = [column for column, _ in REPORT_COLUMNS] + form_columns + file_columns
     with (out_dir / "report.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    quality = ["job", "backend", "skip", "status", "float_acc", "lowered_acc", "acc_delta_pts", "sqnr_db"]
-    rest = ["job", "run", "qconfig_mapping", "latency_b1_ms", "speedup_b1", "size_ratio", "cache_hit", "calibrations"]
-    markdown = "\n".join([_markdown(rows, quality), "", _markdown(rows, rest), "", UNITS]) + "\n"
+    quality = ["job", "engine", "backend", "skip", "status", "float_acc", "lowered_acc", "acc_delta_pts", "sqnr_db"]
+    rest = ["job", "run", "qconfig_mapping", "latency_b1_ms", "speedup_b1", "size_ratio", "lowered_mb"]
+    tables = [_markdown(rows, quality), _markdown(rows, [*rest, "cache_hit", "calibrations"])]
+    if form_columns or file_columns:  # speed per form and file sizes: what differs most between engines
+        tables.append(_markdown(rows, ["job", "engine", *form_columns, *file_columns]))
+    markdown = "\n\n".join([*tables, UNITS]) + "\n"
     (out_dir / "report.md").write_text(markdown)
     _plot_report(rows, out_dir / "report.png")
     parent.log_artifacts(out_dir, "report")
@@ -270,7 +311,7 @@ def _plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     for i, (row, (x, y)) in enumerate(zip(plotted, points, strict=True)):
         axis.scatter(x, y, s=60, color="tab:orange" if i in front else "tab:blue", zorder=3)
         axis.annotate(
-            f"{row['backend']}/{row['skip']}",
+            "/".join(part for part in (row["engine"], row["backend"], row["skip"]) if part),  # pt2e/x86/first_last
             (x, y),
             textcoords="offset points",
             xytext=(5, 5 + 9 * (i % 3)),
