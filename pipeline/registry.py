@@ -36,6 +36,11 @@ def failure_is_fatal(stage: ModuleType) -> bool:
     return bool(getattr(stage, "FAILURE_IS_FATAL", True))
 
 
+def measures_time(stage: ModuleType) -> bool:
+    """A stage's declared MEASURES_TIME (stages/types.py): False unless it says otherwise."""
+    return bool(getattr(stage, "MEASURES_TIME", False))
+
+
 def contract_problems(stages: tuple[ModuleType, ...] = REGISTRY) -> list[str]:
     """Declarations that break the stage contract: a later stage CONSUMES what a stage whose failure is
     not fatal produces (after such a failure that input would be missing; it may only USE it)."""

@@ -172,13 +172,13 @@ def run(
     exported model goes into the Model Registry."""
     stages = registry.plan(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(spec.tracking)
+    # The MLflow store opens on a worker thread while the first stages run (tracking/background.py).
+    tracker = make_tracker(spec.tracking, background=True)
     tags = {**run_tags(spec), **(extra_tags or {})}
     result = RunResult(params=headline_.headline_params(spec, tags["skip"]))
-    # The store first: an unreachable one is a ConfigError before anything is written.
+    # The store first: an unreachable server is a ConfigError before anything is written.
     config = OmegaConf.to_container(resolved, resolve=True)
     tracker.start({**result.params, **config}, tags, parent_run_id, run_name=schema.run_label(spec, tags["skip"]))
-    result.run_id, result.experiment_id = tracker.run_id, tracker.experiment_id
     if parent_run_id is None:
         tracker.share_view(headline_.HEADLINE_VIEW)
     first = headline_.first_headline_metric(spec)
@@ -199,6 +199,7 @@ def run(
 
     def log_model(path: Path, engine: str, example: list[Any], output: Any, model_tags: dict[str, str]) -> None:
         result.model_uri = tracker.log_model(path, engine, example, output)
+        result.run_id = tracker.last_run_id
         if register and result.model_uri is not None and spec.tracking.register:
             version_tags = {
                 "engine": spec.engine.name,
@@ -231,6 +232,8 @@ def run(
                     tracker.log_dataset,
                     log_model,
                 )
+                if registry.measures_time(stage):
+                    tracker.synchronous()  # no tracking work beside latency measurements
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
                 if registry.failure_is_fatal(stage):
@@ -270,6 +273,7 @@ def run(
             if log_file is not None:
                 tracker.log_artifacts(log_file)
             tracker.end(status)
+    result.run_id, result.experiment_id = tracker.last_run_id, tracker.experiment_id
     return result
 
 

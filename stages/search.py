@@ -82,6 +82,7 @@ READS = (
     "cache",
 )
 OPTIONAL = True
+MEASURES_TIME = True  # times models: the runner keeps tracking work from running beside it
 # Fatal although optional: the winner is the skip-list the run converts, evaluates and exports with; a
 # run going on without it would report and export a model other than the one the user asked for.
 FAILURE_IS_FATAL = True

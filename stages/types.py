@@ -15,6 +15,10 @@ runner:
   never in their CONSUMES (pipeline/registry.py checks this). A stage whose result feeds the run
   (search: its winner is the skip-list the run converts with) keeps the default: a failed search
   would otherwise silently give a model other than the one the user asked for;
+- `MEASURES_TIME` (default False): True for a stage that times models (evaluate's and search's
+  latency). Before it starts, the runner waits for the tracker's background work (the MLflow store
+  opening on its worker thread, pipeline/tracking/background.py) and makes tracking calls synchronous
+  from then on, so nothing else runs in the process while it measures;
 - `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;
 - `compute(ctx) -> dict[artifact name, value]` and `write(produced, ctx) -> metrics`, which writes
   the stage's files under `ctx.out_dir` (<run dir>/<NAME>/) and returns its metrics.

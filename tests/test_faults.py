@@ -283,8 +283,8 @@ def test_a_signal_swallowed_by_library_code_still_stops_the_run_before_caching(
     assert state.metrics["calibrate/calibrations"] == 1.0
 
 
-def _start_slow_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], Path]:
-    """The CLI on the slow model (calibration lasts a few seconds), returned once calibration started."""
+def _start_slow_run(tmp_path: Path, name: str, pause: float = 0.3) -> tuple[subprocess.Popen[str], Path]:
+    """The CLI on the slow model (calibration lasts 8 * `pause` seconds), returned once calibration started."""
     run_dir = tmp_path / name
     process = subprocess.Popen(
         [
@@ -297,7 +297,7 @@ def _start_slow_run(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], P
             f"hydra.run.dir={run_dir}",
         ],
         cwd=REPO_ROOT,
-        env={**os.environ, "FXQ_TEST_PAUSE": "0.3"},
+        env={**os.environ, "FXQ_TEST_PAUSE": str(pause)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -391,7 +391,13 @@ def test_a_sigterm_during_the_cache_write_leaves_no_entry_and_the_run_killed(
 
 @pytest.mark.slow
 def test_a_hard_kill_leaves_running_and_close_stale_marks_it_killed(store: MlflowClient, tmp_path: Path) -> None:
-    process, _ = _start_slow_run(tmp_path, "hard-killed")
+    process, _ = _start_slow_run(tmp_path, "hard-killed", pause=2.0)  # calibration lasts until the kill
+    # The store opens on a worker thread while the stages start (tracking/background.py): kill once the run
+    # is open (a kill before that leaves nothing in the store to close).
+    deadline = time.monotonic() + 120
+    while not _runs(store):
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not open"
+        time.sleep(0.1)
     process.kill()
     process.communicate(timeout=60)
     (run,) = _runs(store)

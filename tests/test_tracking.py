@@ -1,13 +1,21 @@
 """The tracking package: make_tracker picks MLflow or the no-op tracker from the config, the no-op one
-touches no store, and importing the package with tracking off does not import mlflow."""
+touches no store, importing the package with tracking off does not import mlflow, and the background
+tracker a run uses opens its store on a worker thread, keeps the calls in order and names a store
+that fails to open."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
+
+from pipeline.errors import ConfigError
 from pipeline.tracking import Tracker, make_tracker
+from pipeline.tracking.background import BackgroundTracker
 from pipeline.tracking.off import NoopTracker
 from tests.conftest import REPO_ROOT, compose_config, to_spec
 
@@ -55,3 +63,85 @@ def test_importing_tracking_does_not_import_mlflow() -> None:
         "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+
+
+class _Recorder:
+    """A Tracker that records its calls and the thread each was made on; its start can wait or raise."""
+
+    def __init__(self, spec: object, gate: threading.Event | None = None, fail: Exception | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.gate, self.fail = gate, fail
+        self.run_id = self.last_run_id = self.experiment_id = None
+
+    def _record(self, name: str) -> None:
+        self.calls.append((name, threading.current_thread().name))
+
+    def start(self, params, tags, parent_run_id=None, run_name=None) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail is not None:
+            raise self.fail
+        self._record("start")
+        self.run_id = self.last_run_id = "run-1"
+
+    def log_metrics(self, metrics) -> None:
+        self._record(f"log_metrics {sorted(metrics)}")
+
+    def end(self, status: str) -> None:
+        self._record(f"end {status}")
+        self.run_id = None
+
+    def synchronous(self) -> None:
+        pass
+
+
+def _background(tmp_path: Path, **recorder: object) -> tuple[BackgroundTracker, list[_Recorder]]:
+    spec = to_spec(compose_config(["tracking=sqlite"], output_dir=tmp_path)).tracking
+    made: list[_Recorder] = []
+
+    def opener(spec: object) -> _Recorder:
+        made.append(_Recorder(spec, **recorder))  # type: ignore[arg-type]
+        return made[-1]
+
+    return BackgroundTracker(spec, opener=opener), made
+
+
+def test_the_background_tracker_opens_the_run_on_its_worker_and_keeps_the_calls_in_order(tmp_path: Path) -> None:
+    gate = threading.Event()
+    tracker, made = _background(tmp_path, gate=gate)
+    assert isinstance(tracker, Tracker)
+    tracker.start({"a": 1}, {"t": "x"})  # returns while the store is still opening (the gate is shut)
+    tracker.log_metrics({"m": 1.0})
+    assert made == [] or made[0].calls == []
+    gate.set()
+    tracker.synchronous()  # waits for what was queued before it
+    (real,) = made
+    assert [name for name, _ in real.calls] == ["start", "log_metrics ['m']"]
+    assert {thread for _, thread in real.calls} != {threading.current_thread().name}  # made on the worker
+    tracker.log_metrics({"n": 2.0})  # after synchronous(): recorded before the call returns
+    assert real.calls[-1][0] == "log_metrics ['n']"
+    assert tracker.run_id == "run-1"
+    tracker.end("FINISHED")
+    tracker.end("FINISHED")
+    assert real.calls[-1][0] == "end FINISHED" and tracker.last_run_id == "run-1"
+
+
+def test_a_store_that_fails_to_open_is_a_config_error_at_the_next_call_and_only_once(tmp_path: Path) -> None:
+    tracker, made = _background(tmp_path, fail=RuntimeError("file is not a database"))
+    tracker.start({}, {})
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri='sqlite:///.*': the MLflow store could not"):
+        tracker.synchronous()
+    tracker.log_metrics({"m": 1.0})  # the error was raised once: nothing more is recorded, nothing raised
+    tracker.end("FAILED")
+    assert made[0].calls == [] and tracker.run_id is None
+
+
+def test_a_run_on_a_store_that_is_not_one_fails_naming_the_store(run_pipeline, tmp_path: Path) -> None:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:  # an SQLite file MLflow refuses
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+        db.execute("INSERT INTO alembic_version VALUES ('0000aaaa0000')")
+    with pytest.raises(ConfigError, match=r"the MLflow store could not be opened \(.*0000aaaa0000"):
+        run_pipeline(LOAD_ONLY)
+    assert (tmp_path / "run" / "load" / "data.json").is_file()  # the stage before the store answered kept its files

@@ -25,6 +25,7 @@ from torch.ao.quantization.quantize_fx import (
     prepare_fx,
 )
 from torch.fx import GraphModule
+from torch.fx.node import map_aggregate
 
 import pipeline.engine.custom_modules as custom_modules
 import pipeline.engine.introspect as introspect
@@ -312,18 +313,34 @@ def _float_out_quantized_op(model: GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "_qualified_op_name", "").startswith("quantized::")
 
 
+class _OutputKinds(torch.fx.Interpreter):
+    """Runs the graph and records, per node, whether it produced a tensor and whether that is one
+    quantized tensor: what node_kinds needs from torch.fx.passes.shape_prop.ShapeProp, without its import
+    of torch.fx.experimental.symbolic_shapes (sympy: about 1 s, in every run's lower stage)."""
+
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self.outputs: dict[str, tuple[bool, bool]] = {}  # node name -> (produced a tensor, a quantized one)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        found = []  # as ShapeProp: a tensor anywhere in a (nested) tuple, list or dict output counts
+        map_aggregate(result, lambda value: found.append(value) if isinstance(value, torch.Tensor) else None)
+        self.outputs[n.name] = (bool(found), isinstance(result, torch.Tensor) and result.is_quantized)
+        return result
+
+
 def node_kinds(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
     """Each tensor-producing compute node's kind, by what it produces on the example inputs: quantized
     (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose
     input and output are float), float (left in float), or quantize_dequantize glue."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with quantized_engine(engine):
-        ShapeProp(model).propagate(*example_inputs.positional(model))
+    interpreter = _OutputKinds(model)
+    with quantized_engine(engine), torch.no_grad():
+        interpreter.run(*example_inputs.positional(model))
     kinds: dict[str, str] = {}
     for node in model.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if node.op not in ("call_module", "call_function", "call_method") or meta is None:
+        produced, quantized = interpreter.outputs.get(node.name, (False, False))
+        if node.op not in ("call_module", "call_function", "call_method") or not produced:
             continue
         is_glue_module = node.op == "call_module" and type(model.get_submodule(str(node.target))).__name__ in (
             "Quantize",
@@ -331,7 +348,7 @@ def node_kinds(model: GraphModule, example_inputs: ModelInputs, engine: str) -> 
         )
         if node.target in _GLUE or is_glue_module:
             kinds[node.name] = "quantize_dequantize"
-        elif getattr(meta, "is_quantized", False) or _float_out_quantized_op(model, node):
+        elif quantized or _float_out_quantized_op(model, node):
             kinds[node.name] = "quantized"
         else:
             kinds[node.name] = "float"

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from pipeline.errors import ConfigError
 from pipeline.machine import machine_tags
-from pipeline.schema import PipelineSpec
+from pipeline.schema import PipelineSpec, TrackingSpec, is_tracking_server
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class Tracker(Protocol):
         """A saved view of the experiment's run list (headline columns, runs matching search_filter)."""
         ...
 
+    def synchronous(self) -> None:
+        """Return once every call made so far is recorded, and from then on record each call before it
+        returns: a stage that times models runs with no tracking work beside it. A no-op for a tracker
+        that records as it is called."""
+        ...
+
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; safe to call twice."""
         ...
@@ -111,3 +118,21 @@ def run_tags(spec: PipelineSpec) -> dict[str, str]:
         "weights": "trained" if spec.model.trained else "random",
         **machine_tags(),
     }
+
+
+def require_server(spec: TrackingSpec) -> None:
+    """A ConfigError when tracking.tracking_uri is a server that does not answer: mlflow itself would retry
+    for minutes, then lose the run's results at the first log call. Imports requests, not mlflow."""
+    uri = spec.tracking_uri
+    if not is_tracking_server(uri):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as error:
+        raise ConfigError(
+            f"tracking.tracking_uri='{uri}' does not answer ({type(error).__name__}). Start the MLflow "
+            f"server, use the local SQLite store (tracking=sqlite), or run offline with tracking=offline "
+            f"and log the run later with `python -m pipeline.tracking sync <run dir> --tracking-uri {uri}`."
+        ) from None

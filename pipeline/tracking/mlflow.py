@@ -28,9 +28,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 
 from pipeline import metric_keys  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.schema import TrackingSpec, is_tracking_server  # noqa: E402
-from pipeline.tracking.base import RunRecord  # noqa: E402
+from pipeline.schema import TrackingSpec  # noqa: E402
+from pipeline.tracking.base import RunRecord, require_server  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +214,9 @@ class MlflowTracker:
         self.client.set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
         return key
 
+    def synchronous(self) -> None:
+        pass  # every call is recorded before it returns
+
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED; safe to call twice."""
         if not self.active:
@@ -226,22 +228,10 @@ class MlflowTracker:
 
 
 def connect(spec: TrackingSpec) -> MlflowClient:
-    """A client for the store, failing fast (before any work) when an http store does not answer:
-    mlflow itself would retry for minutes, then lose the run's results at the first log call."""
-    uri = spec.tracking_uri
-    if is_tracking_server(uri):
-        import requests
-
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
-        except requests.RequestException as error:
-            raise ConfigError(
-                f"tracking.tracking_uri='{uri}' does not answer ({type(error).__name__}). Start the MLflow "
-                f"server, use the local SQLite store (tracking=sqlite), or run offline with tracking=offline "
-                f"and log the run later with `python -m pipeline.tracking sync <run dir> --tracking-uri {uri}`."
-            ) from None
-    _make_sqlite_folder(uri)
-    return open_store(uri)
+    """A client for the store, failing fast (before any work) when an http store does not answer."""
+    require_server(spec)
+    _make_sqlite_folder(spec.tracking_uri)
+    return open_store(spec.tracking_uri)
 
 
 def process_tags() -> dict[str, str]:

@@ -56,5 +56,8 @@ class NoopTracker:
     def share_view(self, key: str, search_filter: str = "") -> str | None:
         return None
 
+    def synchronous(self) -> None:
+        pass
+
     def end(self, status: str) -> None:
         pass
