@@ -145,3 +145,37 @@ def test_a_run_on_a_store_that_is_not_one_fails_naming_the_store(run_pipeline, t
     with pytest.raises(ConfigError, match=r"the MLflow store could not be opened \(.*0000aaaa0000"):
         run_pipeline(LOAD_ONLY)
     assert (tmp_path / "run" / "load" / "data.json").is_file()  # the stage before the store answered kept its files
+
+
+class _RacingClient:
+    """log_inputs fails like the loser of two jobs inserting the same dataset row, `failures` times."""
+
+    def __init__(self, failures: int, message: str) -> None:
+        self.failures, self.message, self.calls = failures, message, 0
+
+    def log_inputs(self, run_id: str, inputs: list) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize(
+    ("failures", "message", "calls", "warned"),
+    [
+        (1, "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest", 2, False),
+        (5, "UNIQUE constraint failed: datasets.experiment_id", 3, True),
+        (1, "BAD_REQUEST: the store is read-only", 1, True),
+    ],
+)
+def test_a_dataset_logged_by_two_jobs_at_once_is_retried_and_never_fails_the_run(
+    failures: int, message: str, calls: int, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Seen in a submitit sweep against an mlflow server: job 0's load stage died on the dataset INSERT race.
+    from pipeline.schema import TrackingSpec
+    from pipeline.tracking.mlflow import MlflowTracker
+
+    tracker = MlflowTracker(TrackingSpec())
+    tracker.client, tracker.run_id = _RacingClient(failures, message), "run"  # type: ignore[assignment]
+    tracker.log_dataset("digits", "abc", "stages.sources.digits.digits_data", {"samples": 1}, "evaluation")
+    assert tracker.client.calls == calls  # type: ignore[union-attr]
+    assert ("dataset input 'digits' was not logged" in caplog.text) is warned

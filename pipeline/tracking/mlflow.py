@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH  # noqa: E402
 
 from pipeline import metric_keys  # noqa: E402
+from pipeline.errors import error_summary  # noqa: E402
 from pipeline.schema import TrackingSpec  # noqa: E402
 from pipeline.tracking.base import RunRecord, require_server  # noqa: E402
 
@@ -171,7 +172,21 @@ class MlflowTracker:
             source=json.dumps({"factory": source}),
             profile=json.dumps(dict(profile)),
         )
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        # Jobs of a parallel sweep (submitit, joblib) log the same dataset at once: the store inserts it once
+        # and the loser's INSERT fails a UNIQUE constraint (seen against an `mlflow server`); by the retry the
+        # row exists and the run only links to it. The dataset input describes the run, so a failure to log it
+        # is a warning, never the load stage's failure.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except Exception as error:  # the store's own exception types differ by backend (SQLAlchemy, REST)
+                if "UNIQUE constraint" in str(error) and attempt < 2:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                log.warning("MLflow: the dataset input '%s' was not logged: %s", name, error_summary(error, 200))
+                return
 
     def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
         """The exported int8 TorchScript file as an MLflow pyfunc model of this run (the run list's Models
