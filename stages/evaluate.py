@@ -1,7 +1,7 @@
 """Stage `evaluate`: the quality metrics evaluate.metrics chooses (accuracy, top-k, SQNR, agreement,
 cosine similarity, a user's function; `auto` = sqnr and cosine for unlabeled data), serialized size, and
 latency of each deployable form (eager GraphModule, TorchScript traced, traced and frozen); see
-pipeline/measure.py.
+pipeline/quality.py and pipeline/measure.py.
 
 The float reference's latency is kept in the latency cache (<cache.dir>/latency/, with cache.enabled), so a
 sweep or repeated runs time it once.
@@ -23,15 +23,9 @@ from pipeline import metric_keys
 from pipeline.batch import ModelInputs
 from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.measure import (
-    LatencyCache,
-    QualityAccumulator,
-    measure_latency,
-    metric_plan,
-    resolve_custom_metric,
-    serialized_bytes,
-)
+from pipeline.measure import LatencyCache, measure_latency, serialized_bytes
 from pipeline.progress import progress
+from pipeline.quality import QualityAccumulator, metric_plan, resolve_custom_metric
 from pipeline.schema import EvaluateSpec, PipelineSpec
 from stages.types import EvaluationReport, Loaded, StageContext, write_json
 

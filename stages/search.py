@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline import measure, metric_keys
+from pipeline import metric_keys, quality
 from pipeline.batch import ModelInputs
 from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine import get_engine, steps
@@ -48,7 +48,8 @@ from pipeline.engine.skip_search import (
     wilson_interval,
 )
 from pipeline.errors import ConfigError
-from pipeline.measure import LatencyCache, measure_latency, metric_plan, quality_metrics, resolve_custom_metric
+from pipeline.measure import LatencyCache, measure_latency
+from pipeline.quality import metric_plan, quality_metrics, resolve_custom_metric
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -146,7 +147,7 @@ def search(
     else:
         with torch.no_grad():
             float_outputs = inputs.call(loaded.model)
-    float_score = measure.float_score(spec.criterion, float_outputs, labels, plan)
+    float_score = quality.float_score(spec.criterion, float_outputs, labels, plan)
     float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
     float_ms = float_latency[metric_keys.latency_ms("float", size)]
     bar = acceptance_bar(spec, float_score)

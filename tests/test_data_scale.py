@@ -14,7 +14,7 @@ import torch
 
 from pipeline import metric_keys
 from pipeline.batches import BatchList, DatasetBatches
-from pipeline.measure import MetricPlan, QualityAccumulator, quality_metrics, wilson_interval
+from pipeline.quality import MetricPlan, QualityAccumulator, quality_metrics, wilson_interval
 from tests.conftest import REPO_ROOT
 from tests.helpers import SWEEP_FAST
 

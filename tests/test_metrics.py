@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import measure
+from pipeline import quality
 from pipeline.errors import ConfigError
 from pipeline.validation import validate
 from tests.conftest import compose_config, to_spec
@@ -35,16 +35,16 @@ not_a_function = 3
 def test_cosine_topk_and_custom_from_output_tensors() -> None:
     reference = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0]])
     approximation = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-    cosine = measure.cosine_per_sample(reference, approximation)
+    cosine = quality.cosine_per_sample(reference, approximation)
     assert cosine.tolist() == pytest.approx([1.0, 0.0, 1.0])
-    assert measure.cosine_per_sample(torch.zeros(2, 4), torch.zeros(2, 4)).tolist() == [1.0, 1.0]
+    assert quality.cosine_per_sample(torch.zeros(2, 4), torch.zeros(2, 4)).tolist() == [1.0, 1.0]
     labels = torch.tensor([2, 1, 0])
-    assert measure.top_k_accuracy(approximation, labels, 1) == pytest.approx(1 / 3)
-    assert measure.top_k_accuracy(approximation, labels, 5) == 1.0  # k capped at the 3 outputs
+    assert quality.top_k_accuracy(approximation, labels, 1) == pytest.approx(1 / 3)
+    assert quality.top_k_accuracy(approximation, labels, 5) == 1.0  # k capped at the 3 outputs
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
-    assert measure.top_k_accuracy(logits, torch.tensor([0, 1, 2]), 2) == pytest.approx(2 / 3)
-    plan = measure.MetricPlan(("accuracy", "cosine", "custom"), top_k=2, custom=lambda f, q, y: 0.25)
-    metrics = measure.quality_metrics("lowered", approximation, reference, labels, plan)
+    assert quality.top_k_accuracy(logits, torch.tensor([0, 1, 2]), 2) == pytest.approx(2 / 3)
+    plan = quality.MetricPlan(("accuracy", "cosine", "custom"), top_k=2, custom=lambda f, q, y: 0.25)
+    metrics = quality.quality_metrics("lowered", approximation, reference, labels, plan)
     assert metrics == {
         "eval/lowered/accuracy": pytest.approx(1 / 3),
         "eval/lowered/cosine_mean": pytest.approx(2 / 3),
@@ -54,15 +54,15 @@ def test_cosine_topk_and_custom_from_output_tensors() -> None:
 
 
 def test_auto_is_sqnr_and_cosine_without_labels() -> None:
-    assert measure.resolve_metric_names(["auto"], labelled=False, has_custom=False) == ("sqnr", "cosine")
-    assert measure.resolve_metric_names(["auto"], labelled=True, has_custom=True) == (
+    assert quality.resolve_metric_names(["auto"], labelled=False, has_custom=False) == ("sqnr", "cosine")
+    assert quality.resolve_metric_names(["auto"], labelled=True, has_custom=True) == (
         "accuracy",
         "sqnr",
         "agreement",
         "cosine",
         "custom",
     )
-    assert measure.resolve_metric_names(["auto", "topk"], labelled=False, has_custom=False) == ("sqnr", "cosine")
+    assert quality.resolve_metric_names(["auto", "topk"], labelled=False, has_custom=False) == ("sqnr", "cosine")
 
 
 def test_unlabeled_run_logs_sqnr_and_cosine_not_agreement(run_pipeline) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import measure
+from pipeline import quality
 from pipeline.engine.numerics import LayerSensitivity
 from pipeline.schema import SearchSpec, SkipSpec
 
@@ -52,7 +52,7 @@ class SearchResult:
 
 def wilson_interval(score: float, samples: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (accuracy, agreement) measured on `samples` samples."""
-    return measure.wilson_interval(min(max(score, 0.0), 1.0) * samples, samples, z)
+    return quality.wilson_interval(min(max(score, 0.0), 1.0) * samples, samples, z)
 
 
 def default_max_trials(layers: int) -> int:
