@@ -4,6 +4,8 @@ bench/accuracy_recovery.py on an AMD EPYC with VNNI (x86 backend), with margin."
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 from dataclasses import replace
 
@@ -17,6 +19,7 @@ from pipeline.batch import ModelInputs
 from pipeline.cache import cache_key
 from pipeline.engine import recovery as recovery_module
 from pipeline.engine import steps
+from pipeline.engine.base import ReferenceConversion
 from pipeline.engine.observers import MSEObserver, PercentileObserver
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.errors import ConfigError
@@ -275,3 +278,49 @@ def test_named_observer_qconfigs_run_by_name(name: str) -> None:
     mapping = replace(LINEAR_ONLY, object_type=[ObjectTypeEntry("torch.nn.Linear", name)])
     figures = quantize(model, data, replace(DEFAULTS, bias_correction=False), mapping)
     assert figures["cosine"] > 0.99, figures
+
+
+def _old_channel_means(output: torch.Tensor, linear: bool) -> torch.Tensor:
+    """Bias correction's per-channel means before they were reduced in place: through a transposed copy."""
+    if linear:
+        return output.reshape(-1, output.shape[-1]).mean(0)
+    return output.transpose(0, 1).reshape(output.shape[1], -1).mean(1)
+
+
+def test_channel_means_equal_the_transposed_copys() -> None:
+    """Up to float32 rounding (the sum runs in another order); the linear case is the same code."""
+    torch.manual_seed(0)
+    conv = torch.randn(16, 32, 28, 28) * 3 + 1
+    torch.testing.assert_close(recovery_module._channel_means(conv, False), _old_channel_means(conv, False))
+    linear = torch.randn(4, 7, 64)
+    assert torch.equal(recovery_module._channel_means(linear, True), _old_channel_means(linear, True))
+
+
+def test_bias_correction_bypasses_observers_with_the_old_copys_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float pass runs the calibrated model itself with its observers bypassed: its observer state is
+    unchanged, and the corrected biases equal, bit for bit, those of the old way (a copy of the calibrated
+    model run with its observers observing), with the same channel means."""
+    model, data = mobile()
+    calibration = [x for x, _ in data.calibration]
+    prepared = steps.prepare(model, data.example_inputs, "m", X86, DEFAULT_MAPPING, CustomConfigSpec(), DEFAULTS)
+    with quantized_engine("x86"), torch.no_grad():
+        for x in calibration[:2]:
+            x.call(prepared)
+    state = {name: value.clone() for name, value in prepared.state_dict().items()}
+
+    def converted() -> ReferenceConversion:
+        return steps.convert_reference(prepared, X86, DEFAULT_MAPPING, SkipSpec(name="none"), CustomConfigSpec())
+
+    new = converted()
+    new_shifts = steps.correct_bias(new, prepared, calibration, DEFAULTS)
+    after = prepared.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+    assert not any("forward" in vars(module) for module in prepared.modules())  # every observer restored
+
+    old = converted()
+    monkeypatch.setattr(recovery_module, "observers_bypassed", contextlib.nullcontext)  # observers observe ...
+    old_shifts = steps.correct_bias(old, copy.deepcopy(prepared), calibration, DEFAULTS)  # ... on a copy
+    assert new_shifts == old_shifts and len(new_shifts) == 16
+    old_biases = dict(old.model.named_parameters())
+    for name, bias in new.model.named_parameters():
+        assert torch.equal(bias, old_biases[name]), name

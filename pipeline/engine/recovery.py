@@ -17,9 +17,10 @@ Each function works on torch objects; steps.py calls them with the specs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -243,9 +244,42 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _channel_means(output: torch.Tensor, linear: bool) -> torch.Tensor:
+    """Per output channel (the last dim of a linear's output, dim 1 of a conv's), the mean over every other
+    dim: reduced in place, no transposed copy of the activation."""
     if linear:
         return output.reshape(-1, output.shape[-1]).mean(0)
-    return output.transpose(0, 1).reshape(output.shape[1], -1).mean(1)
+    return output.mean(dim=[d for d in range(output.dim()) if d != 1])
+
+
+@contextlib.contextmanager
+def observers_bypassed(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every observer a pass-through and every fake-quant's observer off, restored after: a
+    prepared model runs its float function without touching its calibration state (and without the cost of
+    the observers' statistics), no copy made. An observer's forward returns its input unchanged, so the
+    outputs are those of running the model itself."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    bypassed: list[nn.Module] = []
+    observing: list[tuple[nn.Module, torch.Tensor]] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, FakeQuantizeBase):
+                observing.append((module, module.observer_enabled.clone()))
+                module.disable_observer()
+            elif isinstance(module, ObserverBase) and "forward" not in vars(module):
+                module.forward = _identity  # type: ignore[method-assign]
+                bypassed.append(module)
+        yield model
+    finally:
+        for module in bypassed:
+            del module.forward
+        for module, enabled in observing:
+            module.observer_enabled.copy_(enabled)
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 @torch.no_grad()
@@ -254,8 +288,9 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
     of (float output - quantized output) on the first `samples` calibration samples, in graph order: the
     samples run through the reference model once as one batch, and each layer's correction is applied
     before the layers after it see its output. The float outputs come from the calibrated (prepared)
-    model's same-named modules, whose BatchNorms are folded like the reference model's; its observers are
-    not touched (it runs as a copy). Returns the mean absolute shift per corrected layer."""
+    model's same-named modules, whose BatchNorms are folded like the reference model's; it runs with its
+    observers bypassed (observers_bypassed), so its calibration state is untouched. Returns the mean
+    absolute shift per corrected layer."""
     from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 
     inputs = _first_samples(batches, samples)
@@ -264,8 +299,7 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
         for name, module in reference.named_modules()
         if isinstance(module, ReferenceQuantizedModule) and isinstance(module, _WEIGHTED)
     }
-    floats = copy.deepcopy(prepared)
-    float_modules = dict(floats.named_modules())
+    float_modules = dict(prepared.named_modules())
     targets: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in quantized.items():
@@ -281,11 +315,11 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
 
         hooks.append(twin.register_forward_hook(keep))
     try:
-        _call(floats, inputs)
+        with observers_bypassed(prepared):
+            _call(prepared, inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    del floats
 
     shifts: dict[str, float] = {}
 
@@ -300,7 +334,8 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
             shifts[name] = float(shift.abs().mean())
             shape = [1] * output.dim()
             shape[-1 if linear else 1] = -1
-            return output + shift.reshape(shape)
+            output += shift.reshape(shape)  # the layers after see the corrected output (in place, no copy)
+            return None
 
         return hook
 
