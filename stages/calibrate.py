@@ -24,6 +24,7 @@ from pipeline.cache import CalibrationCache, cache_key, skip_list_key
 from pipeline.engine import custom_modules, get_engine, steps
 from pipeline.engine.base import MissingObserverSource
 from pipeline.engine.qconfigs import quantized_engine
+from pipeline.engine.recovery import FloatMeansRecorder
 from pipeline.progress import progress
 from pipeline.schema import (
     BackendSpec,
@@ -85,15 +86,34 @@ def calibrate(
     skip: SkipSpec | None = None,
 ) -> Calibrated:
     prepared = prepare(loaded, backend, mapping, custom, recovery, spec.max_batches, flow, skip)
-    return observe(prepared, loaded, backend, spec)
+    return observe(prepared, loaded, backend, spec, recovery, flow)
 
 
-def observe(prepared: nn.Module, loaded: Loaded, backend: BackendSpec, spec: CalibrateSpec) -> Calibrated:
-    """Run the calibration batches through a prepared model's observers."""
+def observe(
+    prepared: nn.Module,
+    loaded: Loaded,
+    backend: BackendSpec,
+    spec: CalibrateSpec,
+    recovery: RecoverySpec | None = None,
+    flow: EngineSpec | None = None,
+) -> Calibrated:
+    """Run the calibration batches through a prepared model's observers. With recovery.bias_correction on
+    FX, the conv/linear outputs' per-channel means on the first recovery.bias_correction_samples samples are
+    recorded on the way (FloatMeansRecorder): bias correction then needs no float pass of its own."""
     batches = loaded.data.calibration[: spec.max_batches]
-    with quantized_engine(backend.engine), torch.no_grad():
-        for inputs, _ in progress(batches, len(batches), "calibrate", log):
-            inputs.call(prepared)
+    records = recovery is not None and recovery.bias_correction and (flow or EngineSpec()).name == "fx"
+    recorder = FloatMeansRecorder(prepared, recovery.bias_correction_samples) if records and recovery else None
+    try:
+        with quantized_engine(backend.engine), torch.no_grad():
+            for inputs, _ in progress(batches, len(batches), "calibrate", log):
+                if recorder is not None:
+                    recorder.batch(inputs)
+                inputs.call(prepared)
+        if recorder is not None:
+            recorder.keep()
+    finally:
+        if recorder is not None:
+            recorder.close()
     return Calibrated(
         model=prepared,
         num_batches=len(batches),

@@ -129,7 +129,7 @@ def test_cache_key_holds_what_changes_calibration_only() -> None:
 
     base = key()
     assert key("recovery.bias_correction=false") == base  # acts after calibration
-    assert key("recovery.bias_correction_samples=64") == base
+    assert key("recovery.bias_correction_samples=256") == base
     assert key("recovery.smoothquant_alpha=0") != base
     assert key("recovery.activation_bits=7") != key("recovery.activation_bits=8")
     assert key("recovery.bounded_activations=off") != key("recovery.bounded_activations=on")
@@ -319,8 +319,55 @@ def test_bias_correction_bypasses_observers_with_the_old_copys_numerics(monkeypa
 
     old = converted()
     monkeypatch.setattr(recovery_module, "observers_bypassed", contextlib.nullcontext)  # observers observe ...
-    old_shifts = steps.correct_bias(old, copy.deepcopy(prepared), calibration, DEFAULTS)  # ... on a copy
+    unrecorded = copy.deepcopy(prepared)
+    unrecorded.meta.pop(recovery_module.FLOAT_MEANS)  # the means the first correction kept: a float pass again
+    old_shifts = steps.correct_bias(old, unrecorded, calibration, DEFAULTS)  # ... on a copy
     assert new_shifts == old_shifts and len(new_shifts) == 16
     old_biases = dict(old.model.named_parameters())
     for name, bias in new.model.named_parameters():
         assert torch.equal(bias, old_biases[name]), name
+
+
+def test_bias_correction_reuses_the_float_means_of_the_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrating with a FloatMeansRecorder (the calibrate stage does, with bias correction on FX) keeps the
+    float layers' channel means on the first samples: bias correction on those samples runs no float pass and
+    sets the biases the float pass would (up to rounding: sums in float64 per batch against one float32 mean).
+    A correction's own float pass is kept too; other samples (their batches' digests differ) need a pass."""
+    model, data = mobile()
+    calibration = [x for x, _ in data.calibration]  # 8 batches of 32
+    recovery = replace(DEFAULTS, bias_correction_samples=64)
+
+    def calibrated(record: bool) -> torch.nn.Module:
+        prepared = steps.prepare(model, data.example_inputs, "m", X86, DEFAULT_MAPPING, CustomConfigSpec(), recovery)
+        recorder = recovery_module.FloatMeansRecorder(prepared, 64) if record else None
+        with quantized_engine("x86"), torch.no_grad():
+            for x in calibration:
+                if recorder is not None:
+                    recorder.batch(x)
+                x.call(prepared)
+        if recorder is not None:
+            recorder.keep()
+        return prepared
+
+    def converted(prepared: torch.nn.Module) -> ReferenceConversion:
+        return steps.convert_reference(prepared, X86, DEFAULT_MAPPING, SkipSpec(name="none"), CustomConfigSpec())
+
+    def no_float_pass(*args: object) -> None:
+        raise AssertionError("float pass ran")
+
+    recorded, plain = calibrated(True), calibrated(False)
+    states = zip(recorded.state_dict().values(), plain.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in states)
+    assert recovery_module.FLOAT_MEANS not in plain.meta
+    expected = converted(plain)
+    expected_shifts = steps.correct_bias(expected, plain, calibration, recovery)  # a float pass, kept
+    monkeypatch.setattr(recovery_module, "_float_pass", no_float_pass)
+    reused = converted(recorded)
+    shifts = steps.correct_bias(reused, recorded, calibration, recovery)
+    assert shifts.keys() == expected_shifts.keys() and len(shifts) == 16
+    biases = dict(expected.model.named_parameters())
+    for name, bias in reused.model.named_parameters():
+        torch.testing.assert_close(bias, biases[name], rtol=1e-3, atol=1e-4)
+    assert steps.correct_bias(converted(plain), plain, calibration, recovery) == expected_shifts  # kept, reused
+    with pytest.raises(AssertionError, match="float pass ran"):
+        steps.correct_bias(converted(recorded), recorded, calibration[1:], recovery)  # other samples

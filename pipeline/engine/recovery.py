@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -282,15 +283,142 @@ def _identity(x: Any) -> Any:
     return x
 
 
+# The float pass's per-channel means, kept on the prepared model (GraphModule.meta) under this key with the
+# digests of the calibration batches they were taken on: the calibration records them as it runs
+# (FloatMeansRecorder), and a bias correction on the same samples (reference_convert, the search's trials,
+# diagnose's verifications) reads them instead of running the float model over the samples again.
+FLOAT_MEANS = "pipeline_bias_correction_float_means"
+
+
+def _batch_digest(batch: Any) -> str:
+    from pipeline.digest import tensor_digest
+
+    digest = hashlib.sha256(b"bias-correction-batch")
+    for name, tensor in ModelInputs.wrap(batch).named():
+        digest.update(name.encode())
+        tensor_digest(digest, tensor)
+    return digest.hexdigest()
+
+
+def _whole_batch_digests(batches: Sequence[Any], limit: int) -> tuple[str, ...] | None:
+    """Digests of the batches holding the first `limit` samples, or None when `limit` ends inside a batch
+    (its samples' means are then not those of whole batches)."""
+    digests, count = [], 0
+    for batch in batches:
+        size = ModelInputs.wrap(batch).batch_size
+        if count + size > limit:
+            return None
+        digests.append(_batch_digest(batch))
+        count += size
+        if count == limit:
+            break
+    return tuple(digests)
+
+
+def _channel_sums(output: torch.Tensor, linear: bool) -> torch.Tensor:
+    dims = list(range(output.dim() - 1)) if linear else [d for d in range(output.dim()) if d != 1]
+    return output.sum(dim=dims, dtype=torch.float64)
+
+
+class FloatMeansRecorder:
+    """Around a calibration of `prepared`: per conv/linear module, the per-channel mean of its output (first
+    call per forward) over the first `samples` samples, kept in prepared.meta[FLOAT_MEANS] by keep() when
+    those samples are whole batches. Call `batch(inputs)` before each calibration forward, close() always."""
+
+    def __init__(self, prepared: nn.Module, samples: int) -> None:
+        self.prepared, self.limit = prepared, samples
+        self.digests: list[str] = []
+        self.count, self.recording, self.cut = 0, True, False
+        self.sums: dict[str, torch.Tensor] = {}
+        self.elements: dict[str, int] = {}
+        self.seen: set[str] = set()
+        self.hooks = [
+            module.register_forward_hook(self._hook(name, isinstance(module, nn.Linear)))
+            for name, module in prepared.named_modules()
+            if isinstance(module, _WEIGHTED)
+        ]
+
+    def _hook(self, name: str, linear: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.recording or name in self.seen or not isinstance(output, torch.Tensor):
+                return
+            self.seen.add(name)
+            sums = _channel_sums(output.detach(), linear)
+            self.sums[name] = sums if name not in self.sums else self.sums[name] + sums
+            self.elements[name] = self.elements.get(name, 0) + output.numel() // sums.numel()
+
+        return hook
+
+    def batch(self, inputs: Any) -> None:
+        self.seen = set()
+        if not self.recording:
+            return
+        size = ModelInputs.wrap(inputs).batch_size
+        if self.count >= self.limit or self.count + size > self.limit:
+            self.recording, self.cut = False, self.count < self.limit
+            return
+        self.digests.append(_batch_digest(inputs))
+        self.count += size
+
+    def close(self) -> None:
+        """Remove the hooks (also after a failed calibration: nothing is kept then)."""
+        for hook in self.hooks:
+            hook.remove()
+
+    def keep(self) -> None:
+        """After the calibration ran through: the means into prepared.meta, unless a batch straddled the limit."""
+        self.close()
+        if self.cut or not self.digests or not hasattr(self.prepared, "meta"):
+            return
+        means = {name: (self.sums[name] / self.elements[name]).float() for name in self.sums}
+        self.prepared.meta[FLOAT_MEANS] = (tuple(self.digests), means)
+
+
+def _float_means(prepared: nn.Module, batches: Sequence[Any], samples: int) -> dict[str, torch.Tensor] | None:
+    """The means recorded for these samples (by the calibration or an earlier correction), or None. The
+    batches' digests say which samples they were taken on."""
+    kept = getattr(prepared, "meta", {}).get(FLOAT_MEANS)
+    if kept is None:
+        return None
+    digests, means = kept
+    return means if _whole_batch_digests(batches, samples) == digests else None
+
+
+def _float_pass(prepared: nn.Module, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+    """Per conv/linear module of the prepared model, the per-channel mean of its output (first call) on
+    `inputs`: the prepared model run once with its observers bypassed. Every such module, not only those a
+    skip-list leaves quantized, so a later correction with another skip-list finds its layers here."""
+    targets: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in prepared.named_modules():
+        if not isinstance(module, _WEIGHTED):
+            continue
+        linear = isinstance(module, nn.Linear)
+
+        def keep(twin: nn.Module, args: Any, output: torch.Tensor, name: str = name, linear: bool = linear) -> None:
+            if name not in targets:
+                targets[name] = _channel_means(output, linear)
+
+        hooks.append(module.register_forward_hook(keep))
+    try:
+        with observers_bypassed(prepared):
+            _call(prepared, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return targets
+
+
 @torch.no_grad()
 def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[Any], samples: int) -> dict[str, float]:
     """Shift the bias of each quantized conv/linear of the reference model (in place) by the per-channel mean
     of (float output - quantized output) on the first `samples` calibration samples, in graph order: the
     samples run through the reference model once as one batch, and each layer's correction is applied
     before the layers after it see its output. The float outputs come from the calibrated (prepared)
-    model's same-named modules, whose BatchNorms are folded like the reference model's; it runs with its
-    observers bypassed (observers_bypassed), so its calibration state is untouched. Returns the mean
-    absolute shift per corrected layer."""
+    model's same-named modules, whose BatchNorms are folded like the reference model's: recorded by the
+    calibration (FloatMeansRecorder) or an earlier correction on the same samples when their batches'
+    digests match, else one pass of the prepared model with its observers bypassed (observers_bypassed), so
+    its calibration state is untouched. Returns the mean absolute shift per corrected layer."""
     from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 
     inputs = _first_samples(batches, samples)
@@ -300,27 +428,10 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
         if isinstance(module, ReferenceQuantizedModule) and isinstance(module, _WEIGHTED)
     }
     float_modules = dict(prepared.named_modules())
-    targets: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in quantized.items():
-        twin = float_modules.get(name)
-        if twin is None or not isinstance(twin, _WEIGHTED):
-            continue
-        linear = isinstance(module, nn.Linear)
-
-        def keep(
-            twin_module: nn.Module, args: Any, output: torch.Tensor, name: str = name, linear: bool = linear
-        ) -> None:
-            targets.setdefault(name, _channel_means(output, linear))
-
-        hooks.append(twin.register_forward_hook(keep))
-    try:
-        with observers_bypassed(prepared):
-            _call(prepared, inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
+    recorded = _float_means(prepared, batches, samples)
+    targets = dict(recorded) if recorded is not None else _float_pass(prepared, inputs)
+    if recorded is None and hasattr(prepared, "meta") and (digests := _whole_batch_digests(batches, samples)):
+        prepared.meta[FLOAT_MEANS] = (digests, targets)  # for the next correction on these samples
     shifts: dict[str, float] = {}
 
     def correct(name: str, linear: bool) -> Any:
@@ -342,7 +453,7 @@ def correct_bias(reference: nn.Module, prepared: nn.Module, batches: Sequence[An
     hooks = [
         module.register_forward_hook(correct(name, isinstance(module, nn.Linear)))
         for name, module in quantized.items()
-        if name in targets
+        if name in targets and isinstance(float_modules.get(name), _WEIGHTED)
     ]
     try:
         _call(reference, inputs)
