@@ -220,7 +220,7 @@ class DiagnoseSpec:
     """Per-layer numeric-suite report after `lower`: table, chart, plain-words diagnosis, suggested skip-list."""
 
     enabled: bool = True
-    max_batches: int = 2  # evaluation batches compared (and verified on); full=true: all
+    max_batches: int = 1  # evaluation batches compared (and verified on); full=true: all (the full analysis)
     kernel_db: float = 25.0  # an int8 kernel below this against its own float simulation = an engine fault
     skip_below_db: float = 30.0  # skip candidates: layers whose own SQNR is below this ...
     max_skip: int = 3  # ... at most this many, worst first, each verified
