@@ -315,3 +315,29 @@ def test_a_module_called_twice_lowers_and_diagnoses_with_convert_fx_numerics(run
     inputs = torch.cat([x.args[0] for x, _ in state.artifacts["loaded"].data.evaluation])
     with qconfigs.quantized_engine(spec.backend.engine), torch.no_grad():
         assert torch.equal(state.artifacts["lowered"].model(inputs), expected(inputs))
+
+
+def test_module_numerics_leaves_the_calibration_alone() -> None:
+    """The float side runs the calibrated model itself with its observers bypassed (no copy): its observer
+    state is the same after, no bypass is left behind, and its float outputs are the float model's."""
+    from pipeline.batch import ModelInputs
+    from pipeline.engine import steps
+    from pipeline.engine.numerics import module_numerics
+    from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec
+
+    torch.manual_seed(0)
+    model = ConvReLU6Net().eval()
+    backend, mapping = BackendSpec(engine="x86", backend_config="x86"), QConfigMappingSpec(name="backend_default")
+    example = ModelInputs((torch.rand(4, 1, 8, 8),))
+    prepared = steps.prepare(model, example, "m", backend, mapping, CustomConfigSpec(), RecoverySpec())
+    with qconfigs.quantized_engine("x86"), torch.no_grad():
+        prepared(torch.rand(16, 1, 8, 8))
+        conversion = steps.convert_reference(prepared, backend, mapping, SkipSpec(name="none"), CustomConfigSpec())
+        lowered, _ = steps.lower(conversion, backend, example)
+    state = {name: value.clone() for name, value in prepared.state_dict().items()}
+    inputs = ModelInputs((torch.rand(8, 1, 8, 8) * 10,))  # outside the calibrated range: observers would widen
+    layers, logged = module_numerics(prepared, lowered, inputs, "x86", conversion.model)
+    assert {layer.module_name for layer in layers} == {"conv1", "conv2", "fc"}
+    after = prepared.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in state.items())
+    assert not any("forward" in vars(module) for module in prepared.modules())

@@ -145,18 +145,25 @@ def _recording(model: nn.Module, names: list[str]) -> Iterator[dict[str, tuple[t
             handle.remove()
 
 
-def _without_observers(prepared: GraphModule) -> GraphModule:
-    """A copy of the calibrated model whose observers pass values through without recording them (running
-    the calibrated model itself would update its observers with whatever it is fed)."""
-    import copy
-
+@contextmanager
+def _without_observers(prepared: GraphModule) -> Iterator[GraphModule]:
+    """The calibrated model with its observers (and fake-quants) passing values through without recording
+    them, restored on exit: running it as it is would update its observers with whatever it is fed. No copy
+    of the model is made."""
     from torch.ao.quantization import FakeQuantizeBase, ObserverBase
 
-    twin = copy.deepcopy(prepared)
-    for module in twin.modules():
-        if isinstance(module, ObserverBase | FakeQuantizeBase):
+    swapped = [
+        module
+        for module in prepared.modules()
+        if isinstance(module, ObserverBase | FakeQuantizeBase) and "forward" not in vars(module)
+    ]
+    try:
+        for module in swapped:
             module.forward = _identity  # type: ignore[method-assign]
-    return twin
+        yield prepared
+    finally:
+        for module in swapped:
+            vars(module).pop("forward", None)
 
 
 def _identity(value: Any) -> Any:
@@ -201,11 +208,11 @@ def module_numerics(
     """Per quantized module (worst own SQNR first) and every compared module in execution order."""
     bounds = bounds or {}
     names = compared_modules(lowered, prepared)
-    prepared = _without_observers(prepared)  # a copy: the calibration must not learn the evaluation batches
     with quantized_engine(engine), torch.no_grad():
         with _recording(lowered, names) as int8_seen:
             inputs.call(lowered)
-        with _recording(prepared, names) as float_seen:
+        # Observers bypassed: the calibration must not learn the evaluation batches.
+        with _without_observers(prepared), _recording(prepared, names) as float_seen:
             inputs.call(prepared)
         reference_modules = dict(reference.named_modules()) if reference is not None else {}
         logged: list[LoggedOutput] = []
