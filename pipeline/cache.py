@@ -289,10 +289,6 @@ class OutputCache:
             )
             return 1
 
-    def read_all(self, key: str, batches: int) -> torch.Tensor:
-        """Every batch's float outputs concatenated (for a search, which holds its subset in memory)."""
-        return torch.cat([self.read(key, position) for position in range(batches)])
-
     def read(self, key: str, position: int) -> torch.Tensor:
         return torch.load(self.entry(key) / f"batch_{position:06d}.pt", map_location="cpu", weights_only=True)
 
