@@ -46,7 +46,7 @@ class ScoringSet:
             cache_dir = Path(self._temporary.name)
         self.cache = OutputCache(cache_dir)
         self.key = outputs_key(model, batches.fingerprint())
-        self.float_evaluations = self.cache.ensure(self.key, model, batches)  # 1: computed now, 0: cached
+        self.float_evaluations = self.cache.ensure(self.key, model, batches, "search")  # 1: computed now, 0: cached
 
     @property
     def samples(self) -> int:
