@@ -198,3 +198,74 @@ def test_search_memory_stays_flat_as_the_scoring_set_grows_eightfold() -> None:
     assert small["trials"] == large["trials"] == 3 and small["layers"] == large["layers"] == 3
     print(f"search max RSS: 4 batches {small['rss_mb']:.0f} MB, 32 batches {large['rss_mb']:.0f} MB")
     assert large["rss_mb"] - small["rss_mb"] < 30, (small, large)
+
+
+class _Generated:
+    """Samples made from their index on demand (a lazy source holds nothing)."""
+
+    def __len__(self) -> int:
+        return 1 << 20
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
+        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None
+
+
+def test_no_search_pass_joins_the_set_or_feeds_a_model_more_than_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deterministic side of the RSS test: with ModelInputs.cat refused, a whole search (float outputs,
+    trials, layer sensitivity, latency) runs on a lazy source of 6 batches of 8, and every model call it
+    makes (float, calibrated, int8) gets at most one batch."""
+    from torch import nn
+
+    from pipeline.batches import DatasetBatches
+    from pipeline.schema import (
+        BackendSpec,
+        CustomConfigSpec,
+        EvaluateSpec,
+        LatencySpec,
+        QConfigMappingSpec,
+        SearchSpec,
+    )
+    from stages.search import search
+    from stages.types import Calibrated, DataBundle, Loaded
+
+    torch.manual_seed(0)
+    data = DataBundle(
+        "generated",
+        DatasetBatches(_Generated(), range(16), 8, identity="calibration"),
+        DatasetBatches(_Generated(), range(16, 16 + 6 * 8), 8, identity="evaluation"),
+        None,
+        False,
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3)).eval()
+    backend, mapping, custom = BackendSpec(engine="x86", backend_config="x86"), QConfigMappingSpec(), CustomConfigSpec()
+    calibration = [inputs for inputs, _ in data.calibration]
+    prepared = steps.recalibrate(model, data.example_inputs, "tiny", backend, mapping, custom, None, calibration)
+
+    fed: list[int] = []
+    call = ModelInputs.call
+
+    def recorded(self: ModelInputs, target: torch.nn.Module) -> object:
+        fed.append(self.batch_size)
+        return call(self, target)
+
+    def refused(parts: object) -> ModelInputs:
+        raise AssertionError("the search joined batches (ModelInputs.cat)")
+
+    monkeypatch.setattr(ModelInputs, "call", recorded)
+    monkeypatch.setattr(ModelInputs, "cat", staticmethod(refused))
+    latency = LatencySpec(batch_sizes=[1], warmup=1, repeats=3, budget_s=0.05, forms=["eager"])
+    result = search(
+        Loaded(model, data, "tiny", False),
+        Calibrated(prepared, len(calibration), 16),
+        backend,
+        mapping,
+        custom,
+        EvaluateSpec(latency=latency),
+        SearchSpec(enabled=True, criterion="sqnr", min_sqnr_db=90.0, max_trials=3, recovery_phase=False),
+    )
+    assert result.samples == 48 and len(result.trials) == 3 and result.sensitivity
+    assert max(fed) == 8  # one batch at a time, never the set's 48 samples
+    # 6 batches for each pass: the float outputs (once), each trial with an int8 model (one with every layer
+    # float is scored as float), the sensitivity's int8 and calibrated models
+    scored = sum(metric_keys.QUANTIZED_NODES in trial.metrics for trial in result.trials)
+    assert fed.count(8) == 6 * (1 + scored + 2) and scored >= 2
