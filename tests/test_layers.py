@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.digest",
         ),
     ),
-    ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure", "pipeline.quality")),
+    ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure", "pipeline.quality", "pipeline.scoring")),
     ("stages", ("stages",)),
     ("top", ("pipeline.registry", "pipeline.runner", "pipeline.validation", "pipeline.tracking", "pipeline")),
 ]

@@ -10,6 +10,7 @@ which only the engine that made it reads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,7 +175,7 @@ class Engine(Protocol):
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[LayerSensitivity]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -505,7 +506,7 @@ class FxEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[numerics.LayerSensitivity]:

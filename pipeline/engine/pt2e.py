@@ -28,6 +28,7 @@ import copy
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -471,7 +472,7 @@ class Pt2eEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list:
