@@ -176,3 +176,48 @@ def test_custom_block_on_pt2e_stays_float_within_a_point_of_fx_and_its_pt2_reloa
     with torch.no_grad():
         expected = program(x)
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+class Halve(nn.Module):
+    """A block that runs on meta tensors: its fake function runs it (no recorded shape needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.register_buffer("gain", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.gain
+
+
+class HalveNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.halver = Halve()
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.halver(torch.relu(self.stem(x))).flatten(1))
+
+
+def test_a_block_that_runs_on_meta_gets_its_shapes_from_running_it_and_buffers_travel_as_params() -> None:
+    from pipeline.engine import pt2e_custom
+    from pipeline.engine.pt2e import convert
+
+    torch.manual_seed(0)
+    model = HalveNet().eval()
+    custom = CustomConfigSpec(name="halves", prepare={"non_traceable_module_name": ["halver"]}, convert={})
+    prepared = _prepared(model, torch.randn(4, 1, 8, 8), custom)
+    (node,) = _custom_ops(prepared)
+    assert str(node.target) == "ptq_pipeline.halve.default"
+    instance = pt2e_custom._OPS["ptq_pipeline::halve"].instances[node.args[2]]
+    assert instance.meta_ok and instance.out_shape == (4, 3, 4, 4)
+    with torch.no_grad():
+        prepared(torch.randn(16, 1, 8, 8))
+        converted = convert(prepared)
+        (node,) = _custom_ops(converted)
+        lifted = [str(p.target) for p in node.args[1]]
+        assert lifted == ["halver.module.conv.weight", "halver.module.conv.bias", "halver.module.gain"]
+        x = torch.randn(3, 1, 8, 8)
+        assert sqnr_db(model(x), converted(x)) > 25

@@ -219,8 +219,14 @@ def custom_block_names(model: nn.Module, custom: Any) -> list[str]:
     """The blocks custom_config names in `model` (`custom` is a CustomConfigSpec)."""
     from pipeline.engine.custom_modules import build_custom_configs
 
-    prepare_config, _ = build_custom_configs(custom)
+    prepare_config, convert_config = build_custom_configs(custom)
     settings = prepare_config.to_dict()
+    if convert_config.to_dict().get("observed_to_quantized_custom_module_class"):
+        log.info(
+            "custom_config=%s on engine=pt2e: its blocks stay float as custom ops; the observed / quantized "
+            "classes (custom_config.prepare / convert) are FX's and are not used",
+            custom.name,
+        )
     classes = {
         float_class
         for mapping in settings.get("float_to_observed_custom_module_class", {}).values()
