@@ -77,19 +77,26 @@ def reload_in_fresh_process(
     kind: str, path: Path, args: tuple, work: Path, registry: Path | None = None
 ) -> torch.Tensor:
     """Load `path` in a new Python process with plain torch (and the custom-op `registry` when given: then
-    the pipeline's package must import there, as it does from the project folder), run it on `args`, return
+    the pipeline package is put on its PYTHONPATH for the registry's loader), run it on `args`, return
     its outputs."""
+    import os
     import subprocess
     import sys
 
+    import pipeline
+
     inputs, result = work / f"{kind}_check_inputs.pt", work / f"{kind}_check_outputs.pt"
     torch.save(tuple(args), inputs)
+    # The registry's loader is the pipeline's: make it importable from wherever the run was started.
+    root = str(Path(pipeline.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run(
             [sys.executable, "-c", _RELOAD_SCRIPT, kind, str(path), str(inputs), str(result), str(registry or "")],
             capture_output=True,
             text=True,
             timeout=600,
+            env=env if registry else None,
         )
         if done.returncode != 0:
             raise RuntimeError(f"export: reloading {path} in a fresh process failed: {done.stderr.strip()[-2000:]}")
