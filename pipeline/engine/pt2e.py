@@ -13,7 +13,9 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
   of its observers observed exactly what one of the model without it did.
 - What a Quantizer cannot express is refused at start-up with the reason (`check`): call-order entries,
   qconfig names of the FX library, op types the quantizer has no entry for (x86 fuses `add` into the conv
-  before it, so there is no add to leave float), custom modules.
+  before it, so there is no add to leave float). Custom modules (custom_config's float classes) stay float as
+  one `torch.library.custom_op` node each (pt2e_custom.py): torch.export cannot capture a block FX could not
+  trace either, and a Quantizer has no observed / quantized classes.
 - The compiled model (torch.compile of the q/dq program, pt2e_compiled.py) is checked against the q/dq
   program on the first call at every input shape: a compiled artifact was seen to give wrong outputs (issue
   16, AOTInductor with freezing and a dynamic batch on the digits net).
@@ -23,7 +25,6 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -37,9 +38,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
+from pipeline.engine import pt2e_custom
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, first_tensor
-from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of, used_tensor_names
+from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
@@ -90,12 +92,17 @@ def prepare(
     mapping: QConfigMappingSpec,
     engine: EngineSpec,
     bits: int | None = None,
+    custom: CustomConfigSpec | None = None,
 ) -> GraphModule:
     _, quantize_pt2e, _ = torchao_module()
     example = export_example(example_inputs)
     float_model = copy.deepcopy(model).eval()
-    exported = export_program(float_model, example).module()
     quantizer = build_quantizer(float_model, backend, mapping, engine, bits)
+    blocks = pt2e_custom.custom_block_names(float_model, custom) if custom is not None else []
+    if blocks:
+        ops = pt2e_custom.wrap_blocks(float_model, blocks, example.call, f"custom_config={custom.name}")
+        log.info("engine=pt2e: custom blocks kept float as custom ops: %s", ops)
+    exported = export_program(float_model, example).module()
     with quiet_import():
         prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
     prepared.meta["pt2e_origin"] = Pt2eOrigin(
@@ -256,6 +263,8 @@ def node_kinds(model: nn.Module) -> dict[str, str]:
             continue
         if _is_glue(node):
             kinds[node.name] = "quantize_dequantize"
+        elif str(node.target).startswith(f"{pt2e_custom.NAMESPACE}."):
+            kinds[node.name] = "float"  # a custom block: float inside, whatever feeds it
         elif any(_is_glue(arg) for arg in node.all_input_nodes):
             kinds[node.name] = "quantized"
         else:
@@ -340,36 +349,6 @@ def node_numerics(
 
 
 # --------------------------------------------------------------------------------------------------
-# Deployable files
-
-
-def save_program(program: GraphModule, example: ModelInputs, path: Any) -> None:
-    """The q/dq program as a stripped `.pt2`: re-exported from the converted module (so only the weights it
-    uses travel, not the float ones) with a dynamic batch, without its example inputs."""
-    program = copy.deepcopy(program)
-    used = used_tensor_names(program)
-    # convert_pt2e leaves the float weights on the module; torch.export would lift every one of them.
-    for name in [n for n, _ in [*program.named_parameters(), *program.named_buffers()] if n not in used]:
-        owner, _, attribute = name.rpartition(".")
-        delattr(program.get_submodule(owner), attribute)
-    exported = export_program(program, example)
-    with contextlib.suppress(AttributeError):
-        exported._example_inputs = None  # type: ignore[attr-defined]
-    torch.export.save(exported, str(path))
-
-
-def save_aot_inductor(program: GraphModule, inputs: ModelInputs, path: Any) -> None:
-    """An AOTInductor package of the q/dq program with a static batch (inputs' batch size) and freezing: it
-    loads with plain torch (torch._inductor.aoti_load_package) and runs at that batch size only. A dynamic
-    batch with freezing gave wrong outputs on the digits net (issue 16), so the batch is static."""
-    import torch._inductor.config as inductor_config
-
-    exported = torch.export.export(program, inputs.positional(program))
-    with inductor_config.patch(freezing=True):
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
-
-
-# --------------------------------------------------------------------------------------------------
 # The Engine surface
 
 
@@ -399,7 +378,7 @@ class Pt2eEngine:
         import pipeline.engine.recovery as recovery
 
         bits = recovery.activation_bits(recovery_spec, backend.engine) if recovery_spec is not None else None
-        return prepare(model, example_inputs, backend, mapping, self.spec, bits)
+        return prepare(model, example_inputs, backend, mapping, self.spec, bits, custom)
 
     def smooth_quant(
         self, model: nn.Module, batches: list[Any], alpha: float, custom: CustomConfigSpec
@@ -424,7 +403,7 @@ class Pt2eEngine:
     def check_custom_modules(
         self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str
     ) -> None:
-        return None  # custom modules are refused by check()
+        return None  # no observed / quantized classes on pt2e: a custom block is one float custom op
 
     def clamp_bounded_activations(
         self, prepared: nn.Module, model: nn.Module, backend: BackendSpec, custom: CustomConfigSpec
@@ -466,7 +445,7 @@ class Pt2eEngine:
         return node_kinds(model)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        return None  # torchao's numeric debugger, per node (custom modules are refused by check())
+        return None  # torchao's numeric debugger, per node (a custom block is one float node)
 
     def layer_sensitivity(
         self,
