@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.batch",
             "pipeline.batches",
             "pipeline.schema",
+            "pipeline.schema_quant",
             "pipeline.checks",
             "pipeline.paths",
             "pipeline.metric_keys",
