@@ -73,6 +73,12 @@ def run(engine: str, overrides: list[str]) -> dict[str, float]:
             # Timed runs of the lowered model's fastest form: 1 means the measurement was a single call (on
             # main 7f565fb, pt2e's recompile at a new batch size spent the latency budget).
             **{f"lowered_b{size}_runs": runs(metrics, fastest, size) for size in (1, 32)},
+            # The medians behind the speedups (engines compared without float's run-to-run noise).
+            **{
+                f"{model}_b{size}_ms": metrics.get(f"latency/{model}/b{size}_ms", float("nan"))
+                for model in ("float", "lowered")
+                for size in (1, 32)
+            },
             "file": files[0].name if files else "",
             "file_mb": files[0].stat().st_size / 1e6 if files else float("nan"),
             "seconds": seconds,
