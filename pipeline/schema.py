@@ -71,7 +71,7 @@ class LatencySpec:
     enabled: bool = True
     threads: int = 1  # torch.set_num_threads during latency runs
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    warmup: int = 3  # untimed runs first (at most a quarter of budget_s, at least one)
+    warmup: int = 3  # untimed runs first, at least (then until 2 calls agree within 2x); outside budget_s
     repeats: int = 10  # timed runs at least; more until the median's interval is within target_ci
     target_ci: float = 0.05  # stop when the median's 95% interval half-width is within this fraction of it
     budget_s: float = 2.0  # ... or when this many seconds are spent on one (model, form, batch size)
