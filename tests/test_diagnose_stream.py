@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.batch import ModelInputs
 from pipeline.batches import DatasetBatches
 from pipeline.engine import get_engine, steps
+from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.engine.qconfigs import quantized_engine
 from pipeline.engine.suggestions import Setting, _convert, skipped
 from pipeline.measure import sqnr_db
@@ -55,13 +56,21 @@ def _close(streamed: float | None, joined: float | None) -> bool:
 
 
 @pytest.mark.slow
-def test_streamed_diagnosis_equals_the_joined_computation_on_digits(run_pipeline) -> None:
-    spec, state, _ = run_pipeline(DIAGNOSE_3)
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fx",
+        # pt2e: torchao's numeric debugger per node, cumulative; one candidate, verified by a re-calibration
+        pytest.param("pt2e", marks=pytest.mark.skipif(not torchao_available(), reason="torchao is not installed")),
+    ],
+)
+def test_streamed_diagnosis_equals_the_joined_computation_on_digits(run_pipeline, engine: str) -> None:
+    spec, state, _ = run_pipeline([*DIAGNOSE_3, f"engine={engine}", *(["diagnose.max_skip=1"] * (engine == "pt2e"))])
     artifacts = state.artifacts
     loaded, calibrated, lowered, diagnosis = (
         artifacts[name] for name in ("loaded", "calibrated", "lowered", "diagnosis")
     )
-    assert len(diagnosis.layers) == 7 and len(diagnosis.verified) >= 2, diagnosis.text
+    assert len(diagnosis.layers) == 7 and len(diagnosis.verified) >= (2 if engine == "fx" else 1), diagnosis.text
 
     # The old computation: the 3 batches joined, float outputs of the joined inputs.
     batches = list(loaded.data.evaluation[:3])
@@ -111,10 +120,13 @@ def test_streamed_diagnosis_equals_the_joined_computation_on_digits(run_pipeline
     assert _close(diagnosis.output_sqnr_db, before[0])
     for verified in diagnosis.verified:
         assert verified.what.startswith("skip.") and verified.sqnr_after_db is not None, verified
-        assert _close(verified.sqnr_before_db, before[0]) and _close(verified.score_before, before[1])
+        assert _close(verified.sqnr_before_db, before[0])
+        assert verified.score_before == pytest.approx(before[1], abs=1e-6)
         after = joined_figures(_convert(calibrated.model, setting, SkipSpec(name="j", module_name=skipped(verified))))
         assert _close(verified.sqnr_after_db, after[0]), (verified.what, verified.sqnr_after_db, after[0])
-        assert verified.score_after == pytest.approx(after[1], abs=1e-9), verified.what  # counts: exact
+        # The same count of correct samples (the old mean was a float32 mean, hence not `==`).
+        assert verified.score_after is not None and round(verified.score_after * 96) == round(after[1] * 96)
+        assert verified.score_after == pytest.approx(after[1], abs=1e-6), verified.what
 
 
 class _Generated:
