@@ -30,12 +30,15 @@ from pipeline.quality import MetricPlan, QualityAccumulator
 class ScoringSet:
     """`batches` (a BatchSource) and `model`'s outputs on them, from the float-output cache under
     `cache_dir` (computed there if missing), or from a temporary folder with `cache_dir` None. Use it as a
-    context manager, or call close(), to remove the temporary folder."""
+    context manager, or call close(), to remove the temporary folder. `stage`: who asks (search, diagnose),
+    in the log lines and errors."""
 
-    def __init__(self, model: nn.Module, batches: Any, labelled: bool, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batches: Any, labelled: bool, cache_dir: Path | None = None, stage: str = "search"
+    ) -> None:
         if len(batches) == 0:
             raise ValueError(
-                "search: the evaluation data is empty; check data.* (evaluation size), evaluate.max_batches and "
+                f"{stage}: the evaluation data is empty; check data.* (evaluation size), evaluate.max_batches and "
                 "evaluate.max_samples."
             )
         self.batches = batches
@@ -46,7 +49,7 @@ class ScoringSet:
             cache_dir = Path(self._temporary.name)
         self.cache = OutputCache(cache_dir)
         self.key = outputs_key(model, batches.fingerprint())
-        self.float_evaluations = self.cache.ensure(self.key, model, batches, "search")  # 1: computed now, 0: cached
+        self.float_evaluations = self.cache.ensure(self.key, model, batches, stage)  # 1: computed now, 0: cached
 
     @property
     def samples(self) -> int:

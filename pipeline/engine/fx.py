@@ -376,7 +376,7 @@ class FxEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,

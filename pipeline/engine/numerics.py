@@ -72,9 +72,10 @@ _GLUE = ("Quantize", "DeQuantize")
 
 
 @dataclass
-class _Power:
+class Power:
     """Signal and noise power of one comparison, summed batch by batch: its SQNR is the SQNR of the batches
-    joined (up to float rounding), while only one batch is held."""
+    joined (up to float rounding), while only one batch is held (diagnose's per-node pt2e figures and its
+    verified output SQNRs sum them too)."""
 
     signal: float = 0.0
     noise: float = 0.0
@@ -93,8 +94,16 @@ class _Power:
         return 10.0 * torch.log10(torch.tensor(self.signal / self.noise)).item()
 
 
+_Power = Power  # the name tests/test_search_stream.py uses
+
+
+def as_batches(inputs: ModelInputs | torch.Tensor | Iterable[Any]) -> Iterable[Any]:
+    """One batch as a one-batch sequence; batches (any iterable) as they are."""
+    return [inputs] if isinstance(inputs, ModelInputs | torch.Tensor) else inputs
+
+
 def _sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    power = _Power()
+    power = Power()
     power.add(reference, approximation)
     return power.db
 
@@ -216,9 +225,9 @@ class _Compared:
     quantized: bool
     has_weight: bool
     weight_sqnr_db: float | None
-    cumulative: _Power = field(default_factory=_Power)
-    own: _Power | None = None  # None: not measurable (no input, or the module refused the float input)
-    kernel: _Power | None = None  # None: no float simulation to compare the int8 kernel with
+    cumulative: Power = field(default_factory=Power)
+    own: Power | None = None  # None: not measurable (no input, or the module refused the float input)
+    kernel: Power | None = None  # None: no float simulation to compare the int8 kernel with
 
 
 def module_numerics(
@@ -238,7 +247,7 @@ def module_numerics(
     names = compared_modules(lowered, prepared)
     prepared = _without_observers(prepared)  # a copy: the calibration must not learn the evaluation batches
     reference_modules = dict(reference.named_modules()) if reference is not None else {}
-    batches = [inputs] if isinstance(inputs, ModelInputs | torch.Tensor) else inputs
+    batches = as_batches(inputs)
     compared: dict[str, _Compared] = {}  # execution order of the int8 model (on the first batch)
     with quantized_engine(engine), torch.no_grad():
         for batch in batches:
@@ -262,11 +271,11 @@ def module_numerics(
                 figures.cumulative.add(_clip(float_out, clip), _clip(_float(int8_out), clip))
                 own = _own(module, int8_args, float_args, float_out, clip)
                 if own is not None:
-                    figures.own = figures.own or _Power()
+                    figures.own = figures.own or Power()
                     figures.own.add(*own)
                 kernel = _kernel(reference_modules.get(name), module, int8_args, int8_out)
                 if kernel is not None:
-                    figures.kernel = figures.kernel or _Power()
+                    figures.kernel = figures.kernel or Power()
                     figures.kernel.add(*kernel)
             del int8_seen, float_seen  # this batch's recorded activations, before the next batch's
     logged: list[LoggedOutput] = []

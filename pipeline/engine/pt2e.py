@@ -40,12 +40,11 @@ from torch.fx import GraphModule
 from pipeline.batch import ModelInputs
 from pipeline.engine import pt2e_custom
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
-from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, first_tensor
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, Power, as_batches, first_tensor
 from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
-from pipeline.measure import sqnr_db
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -312,7 +311,7 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def node_numerics(
-    prepared: GraphModule, program: GraphModule, inputs: ModelInputs
+    prepared: GraphModule, program: GraphModule, inputs: ModelInputs | Iterable[ModelInputs]
 ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
     """torchao's numeric debugger: every node's output in the q/dq program against the same node (by its
     torch.export origin) of the calibrated prepared model. The prepared model is the reference, not the float
@@ -320,28 +319,32 @@ def node_numerics(
     not by quantization (issue 16: -1 to 8 dB per conv, against 37-44 dB). The figures are cumulative (a
     node's output carries every earlier node's error); own, weight and kernel SQNR are not measured. The
     debugger runs copies, whose observers pass values through: the calibration learns nothing here.
-    Layers: the conv/linear nodes whose weight is int8, worst first, named by their module."""
+    `inputs`: one batch or batches, compared batch by batch (the loggers emptied after each) with signal and
+    noise power summed per node. Layers: the conv/linear nodes whose weight is int8, worst first."""
     pt2e, _, _ = torchao_module()
     reference = pt2e.prepare_for_propagation_comparison(prepared)
     actual = pt2e.prepare_for_propagation_comparison(program)
-    with torch.no_grad():
-        inputs.call(reference)
-        inputs.call(actual)
-    compared = pt2e.compare_results(
-        pt2e.extract_results_from_loggers(reference), pt2e.extract_results_from_loggers(actual)
-    )
+    powers: dict[Any, tuple[str, Power]] = {}  # graph order (of the first batch)
+    for batch in map(ModelInputs.wrap, as_batches(inputs)):
+        with torch.no_grad():
+            batch.call(reference)
+            batch.call(actual)
+        results = [pt2e.extract_results_from_loggers(model) for model in (reference, actual)]
+        for info, summary in pt2e.compare_results(*results).items():
+            found = [first_tensor(value) for value in (summary.results[0].ref, summary.results[0].actual)]
+            if found[0] is not None and found[1] is not None and found[0].shape == found[1].shape:
+                powers.setdefault(info, (info.name, Power()))[1].add(found[0], found[1])
+        for model in (reference, actual):  # this batch's logged outputs, before the next batch's
+            for logger in model.children():
+                getattr(logger, "stats", []).clear()
     nodes = {node.name: node for node in program.graph.nodes}
     kinds = node_kinds(program)
     logged: list[LoggedOutput] = []
     layers: list[LayerDiagnostics] = []
-    for info, summary in compared.items():  # graph order
-        node = nodes.get(info.name)
-        found = [first_tensor(value) for value in (summary.results[0].ref, summary.results[0].actual)]
-        if node is None or found[0] is None or found[1] is None or found[0].shape != found[1].shape:
+    for node_name, power in powers.values():
+        if (node := nodes.get(node_name)) is None:
             continue
-        sqnr = sqnr_db(found[0].float(), found[1].float())
-        name, op = _module_path(node) or node.name, _op_name(node)
-        weighted = bool(_int8_weight(node))
+        sqnr, name, op, weighted = power.db, _module_path(node) or node.name, _op_name(node), bool(_int8_weight(node))
         logged.append(LoggedOutput(node.name, name, op, sqnr, weighted, None, kinds.get(node.name) == "quantized"))
         if weighted:
             layers.append(LayerDiagnostics(name, op, sqnr, sqnr, None, None, None, True, cumulative_only=True))
@@ -464,7 +467,7 @@ class Pt2eEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,
