@@ -126,6 +126,18 @@ def test_the_background_tracker_opens_the_run_on_its_worker_and_keeps_the_calls_
     assert real.calls[-1][0] == "end FINISHED" and tracker.last_run_id == "run-1"
 
 
+def test_tracking_goes_synchronous_before_evaluate_only_when_it_times_models() -> None:
+    """The runner stops tracking work running beside a stage that measures latency, and only then: a run
+    without latency keeps its MLflow calls on the worker thread while evaluate scores the models."""
+    from pipeline import registry
+    from stages import calibrate, evaluate, search
+
+    timed, untimed = to_spec(compose_config([])), to_spec(compose_config(["evaluate.latency.enabled=false"]))
+    assert registry.measures_time(evaluate, timed) and not registry.measures_time(evaluate, untimed)
+    assert registry.measures_time(search, untimed)  # a search times its trials whatever evaluate does
+    assert not registry.measures_time(calibrate, timed)
+
+
 def test_a_store_that_fails_to_open_is_a_config_error_at_the_next_call_and_only_once(tmp_path: Path) -> None:
     tracker, made = _background(tmp_path, fail=RuntimeError("file is not a database"))
     tracker.start({}, {})
