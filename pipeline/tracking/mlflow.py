@@ -136,6 +136,21 @@ class MlflowTracker:
         timestamp = _now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
 
+    def log_batch(
+        self, metrics: Sequence[tuple[str, float, int]], params: Mapping[str, Any], tags: Mapping[str, str]
+    ) -> None:
+        """Metrics as (key, value, timestamp ms), in the order logged (a key twice: both, as its history),
+        params (flattened as log_params does) and tags in one store call."""
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), timestamp, 0) for key, value, timestamp in metrics],
+            params=[Param(k, str(v)) for k, v in flatten(params).items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:
             return
