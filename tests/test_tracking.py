@@ -9,6 +9,7 @@ import contextlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,31 @@ def test_metrics_params_and_tags_logged_while_the_store_opens_are_one_store_call
     assert real.batches[-1] == ([("n", 2.0)], {}, {})
     tracker.end("FINISHED")
     assert real.calls[-1][0] == "end FINISHED"
+
+
+def test_a_batch_waits_up_to_flush_seconds_for_more_unless_the_run_ends(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.tracking import background
+
+    spec = to_spec(compose_config(["tracking=sqlite"], output_dir=tmp_path)).tracking
+    made: list[_BatchRecorder] = []
+    tracker = BackgroundTracker(spec, opener=lambda spec: made.append(_BatchRecorder(spec)) or made[-1])
+    tracker.start({}, {})
+    tracker.log_metrics({"a": 1.0})
+    time.sleep(0.3)  # the store is open; the batch waits for more
+    tracker.log_metrics({"b": 2.0})
+    tracker.end("FINISHED")  # sends it at once
+    assert made[0].batches == [([("a", 1.0), ("b", 2.0)], {}, {})]
+
+    monkeypatch.setattr(background, "FLUSH_SECONDS", 0.05)
+    made.clear()
+    tracker = BackgroundTracker(spec, opener=lambda spec: made.append(_BatchRecorder(spec)) or made[-1])
+    tracker.start({}, {})
+    tracker.log_metrics({"a": 1.0})
+    deadline = time.monotonic() + 10
+    while not (made and made[0].batches) and time.monotonic() < deadline:  # sent without anything waiting
+        time.sleep(0.01)
+    assert made[0].batches == [([("a", 1.0)], {}, {})]
+    tracker.end("FINISHED")
 
 
 def test_tracking_goes_synchronous_before_evaluate_only_when_it_times_models() -> None:
