@@ -209,7 +209,9 @@ class BackgroundTracker:
             began = time.perf_counter()
             try:
                 real = self.opener(self.spec)
-                real.start(params, tags, parent_run_id, run_name)
+                # The params (the resolved config, ~100) join the first batch: one store call fewer.
+                batched = hasattr(real, "log_batch")
+                real.start({} if batched else params, tags, parent_run_id, run_name)
             except ConfigError:
                 raise
             except Exception as error:
@@ -219,6 +221,12 @@ class BackgroundTracker:
                     f"the run later with `python -m pipeline.tracking sync <run dir>`."
                 ) from error
             self.real = real
+            if batched and params:
+                with self.lock:
+                    self.params = {**params, **self.params}
+                    queued, self.flushing = self.flushing, True
+                if not queued:
+                    self.queue.submit(self._flush)  # from the worker itself: never waits for it
             log.debug("MLflow store and run opened in %.2fs on the tracking thread", time.perf_counter() - began)
 
         self._later(open_run)
