@@ -18,7 +18,6 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase, QConfigMapping
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
 from torch.ao.quantization.fx.lower_to_fbgemm import lower_to_fbgemm
-from torch.ao.quantization.fx.qconfig_mapping_utils import _generate_node_name_to_qconfig, _update_qconfig_for_fusion
 from torch.ao.quantization.quantize_fx import (
     attach_preserved_attrs_to_model,
     convert_fx,
@@ -37,7 +36,7 @@ import pipeline.engine.recovery as recovery
 from pipeline.batch import ModelInputs
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
-from pipeline.engine.mappings import check_convert_mapping
+from pipeline.engine.mappings import convert_node_qconfigs
 from pipeline.engine.qconfigs import get_backend_config, quantized_engine, resolve_import
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
@@ -182,32 +181,31 @@ def convert_reference(
     backend_config: Any,
     convert_custom_config: ConvertCustomConfig,
 ) -> ReferenceConversion:
-    """convert_to_reference_fx on a deep copy (a prepared model converts once), keeping the two maps
-    the lowering pass needs: convert_fx computes them internally and drops them with the metadata."""
+    """convert_to_reference_fx on a deep copy (a prepared model converts once, and every caller reuses its
+    calibrated model: bias correction, diagnose, the search's trials), keeping the two maps the lowering
+    pass needs: convert_fx computes them internally and drops them with the metadata.
+
+    convert_fx given a convert-time mapping deep-copies every module to compute the per-node qconfigs
+    (the computation sets each module's `qconfig`) and checks them against prepare's; we need those
+    qconfigs anyway, so they are computed here once, on the copy with its modules' `qconfig` restored
+    afterwards, checked as convert_fx checks them, and handed to convert_to_reference_fx as the observed
+    model's own (mappings.convert_node_qconfigs): one model copy per conversion instead of three, the same
+    converted model."""
     prepared = copy.deepcopy(prepared)
     attrs = prepared.meta["_observed_graph_module_attrs"]
     node_name_to_scope = dict(attrs.node_name_to_scope)
-    # The same computation convert() does before converting: fusion-adjusted convert mapping,
-    # then the per-node qconfig on the not yet converted graph.
-    mapping_for_nodes = copy.deepcopy(convert_mapping)
-    _update_qconfig_for_fusion(prepared, mapping_for_nodes)
-    check_convert_mapping(attrs.qconfig_mapping, mapping_for_nodes)
-    node_name_to_qconfig = _generate_node_name_to_qconfig(
-        prepared,
-        copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),
-        prepared.graph,
-        mapping_for_nodes,
-        node_name_to_scope,
-    )
+    # The same computation convert() does before converting, on the copy's own modules.
+    node_name_to_qconfig = convert_node_qconfigs(prepared, convert_mapping, attrs, node_name_to_scope)
     left_float = sorted(
         name
         for name, qconfig in attrs.node_name_to_qconfig.items()
         if qconfig is not None and node_name_to_qconfig.get(name) is None
     )
+    attrs.node_name_to_qconfig = node_name_to_qconfig  # convert_fx's own choice when given the mapping
     reference = convert_to_reference_fx(
         prepared,
         convert_custom_config=convert_custom_config,
-        qconfig_mapping=convert_mapping,
+        qconfig_mapping=None,
         backend_config=backend_config,
     )
     return ReferenceConversion(reference, FxConvertState(node_name_to_qconfig, node_name_to_scope), left_float)
