@@ -266,32 +266,29 @@ class OutputCache:
             return False
         return True
 
-    def ensure(self, key: str, model: nn.Module, batches: Any) -> int:
+    def ensure(self, key: str, model: nn.Module, batches: Any, stage: str = "evaluate") -> int:
         """Make sure the float outputs of `batches` (a BatchSource) are stored under `key`: 1 when this call
         computed them (a float evaluation), 0 when they were there. Parallel jobs wait on the key's lock,
-        then hit."""
+        then hit. `stage`: who asks, in the log lines."""
         with self.lock(key):
             if self.has(key, len(batches)):
-                log.info("evaluate: float outputs from the cache (%s): no float evaluation", self.entry(key))
+                log.info("%s: float outputs from the cache (%s): no float evaluation", stage, self.entry(key))
                 return 0
 
             def outputs() -> Iterator[torch.Tensor]:
                 with torch.no_grad():
-                    for inputs, _ in progress(batches, len(batches), "evaluate float (cached)", log):
+                    for inputs, _ in progress(batches, len(batches), f"{stage} float (cached)", log):
                         yield inputs.call(model)
 
             size = self.store(key, outputs(), {"samples": batches.num_samples})
             log.info(
-                "evaluate: float evaluation of %d samples cached as %s (%.1f MB)",
+                "%s: float evaluation of %d samples cached as %s (%.1f MB)",
+                stage,
                 batches.num_samples,
                 self.entry(key),
                 size / 1e6,
             )
             return 1
-
-    def read_all(self, key: str, batches: int) -> torch.Tensor:
-        """Every batch's float outputs concatenated (for a search, which holds its subset in memory)."""
-        return torch.cat([self.read(key, position) for position in range(batches)])
 
     def read(self, key: str, position: int) -> torch.Tensor:
         return torch.load(self.entry(key) / f"batch_{position:06d}.pt", map_location="cpu", weights_only=True)

@@ -79,6 +79,56 @@ def _deployable_forms(model: nn.Module, example: ModelInputs, forms: list[str]) 
     return built
 
 
+# Warm-up. torch.compile (pt2e's lowered form) compiles on the first call at each input shape and
+# TorchScript's profiling executor optimizes on the second, so the first calls at a batch size can take
+# seconds against a steady call of a millisecond. Counted in the budget, a compile used it up (pt2e's b1 on
+# experiment=custom_module was timed once, at 0.05x). So every (form, batch size) warms up outside the
+# budget: at least `warmup` calls (those beyond the first stop after budget_s / 4, as before), and on until
+# two consecutive calls are within WARMUP_RATIO of each other, for at most MAX_WARMUP_CALLS calls or budget_s
+# after the first call (the first call, a compile, is never cut).
+WARMUP_RATIO = 2.0
+MAX_WARMUP_CALLS = 20
+WARMUP_LOG_S = 1.0  # a warm-up longer than this is logged (a compile, or a slow model)
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The untimed calls before a measurement: how many, their seconds, the first and last call's."""
+
+    calls: int
+    seconds: float
+    first_s: float
+    last_s: float
+    stable: bool  # the last two calls were within WARMUP_RATIO of each other
+
+
+def warm_up(run: Callable, inputs: tuple, spec: LatencySpec) -> WarmUp:
+    """Untimed calls until at least `spec.warmup` are done (the extra ones within budget_s / 4 of the first
+    call's end) and the last two took within WARMUP_RATIO of each other, or MAX_WARMUP_CALLS / budget_s after
+    the first call is spent: what a compile or recompile at this input shape needs, outside the budget."""
+    began = time.perf_counter()
+    durations: list[float] = []
+    first_end = began
+    stable = False
+    while True:
+        start = time.perf_counter()
+        run(*inputs)
+        end = time.perf_counter()
+        durations.append(end - start)
+        if len(durations) == 1:
+            first_end = end
+        since_first = end - first_end
+        if len(durations) >= 2:
+            shorter, longer = sorted(durations[-2:])
+            stable = longer <= WARMUP_RATIO * shorter
+        counted = len(durations) >= max(1, spec.warmup) or since_first > spec.budget_s / 4.0
+        if stable and counted:
+            break
+        if len(durations) >= MAX_WARMUP_CALLS or since_first > spec.budget_s:
+            break
+    return WarmUp(len(durations), time.perf_counter() - began, durations[0], durations[-1], stable)
+
+
 # Adaptive timing. Like torch.utils.benchmark's Timer.adaptive_autorange (which stops on the spread of
 # its blocks, IQR/median), but the stop rule is the one the report needs: the median's 95% confidence
 # interval (distribution-free, from order statistics) within `target_ci` of the median, or the time budget
@@ -97,7 +147,8 @@ class Timing:
     ci_low: float
     ci_high: float
     runs: int
-    seconds: float  # wall time spent measuring, warm-up included
+    seconds: float  # wall time of the timed runs (the budget's), warm-up excluded
+    warm: WarmUp | None = None
 
     @property
     def relative_half_width(self) -> float:
@@ -126,15 +177,12 @@ def median_interval(samples: list[float]) -> tuple[float, float]:
 
 
 def time_adaptive(run: Callable, inputs: tuple, spec: LatencySpec) -> Timing:
-    """Warm up (`warmup` runs, at most a quarter of the budget, at least one run), then time single runs
+    """Warm up (see warm_up: outside the budget, on until two consecutive calls agree), then time single runs
     until at least `repeats` are in and the median's interval is within `target_ci` of it, or `budget_s`
     is spent (then the interval reached is what is reported)."""
-    began = time.perf_counter()
     with torch.no_grad():
-        for index in range(max(1, spec.warmup)):
-            if index and time.perf_counter() - began > spec.budget_s / 4.0:
-                break  # a slow model (a 224 px ResNet at batch 32) warms up once
-            run(*inputs)
+        warm = warm_up(run, inputs, spec)
+        began = time.perf_counter()
         samples: list[float] = []
         next_check = max(1, spec.repeats)
         while True:
@@ -153,7 +201,7 @@ def time_adaptive(run: Callable, inputs: tuple, spec: LatencySpec) -> Timing:
     samples.sort()
     low, high = median_interval(samples)
     p90 = samples[min(len(samples) - 1, round(0.9 * (len(samples) - 1)))]
-    return Timing(statistics.median(samples), p90, low, high, len(samples), time.perf_counter() - began)
+    return Timing(statistics.median(samples), p90, low, high, len(samples), time.perf_counter() - began, warm)
 
 
 class LatencyCache:
@@ -215,6 +263,7 @@ def _measure_model(
         timings: dict[str, Timing] = {}
         for form, run in _deployable_forms(model, inputs, forms).items():
             timing = time_adaptive(run, positional, spec)
+            _log_warm_up(name, form, size, timing.warm)
             timings[form] = timing
             for statistic in ("median", "p90", "ci_low", "ci_high"):
                 metrics[metric_keys.form_latency_ms(name, form, size, statistic)] = getattr(timing, statistic)
@@ -238,6 +287,36 @@ def _measure_model(
                 )
             forms = [form for form in forms if form not in slower]
     return metrics, fastest
+
+
+def _log_warm_up(name: str, form: str, size: int, warm: WarmUp | None) -> None:
+    """A line when a warm-up took long (a compile at this shape) or never settled."""
+    if warm is None:
+        return
+    if warm.seconds >= WARMUP_LOG_S:
+        compiled = " (a compile at this input shape)" if warm.first_s > 10.0 * warm.last_s else ""
+        log.info(
+            "latency %s/%s b%d: warm-up %.1f s over %d calls, first %.3f s%s, last %.3f ms; outside the timing budget",
+            name,
+            form,
+            size,
+            warm.seconds,
+            warm.calls,
+            warm.first_s,
+            compiled,
+            warm.last_s * 1000.0,
+        )
+    if not warm.stable:
+        log.warning(
+            "latency %s/%s b%d: after %d warm-up calls (%.1f s) two consecutive calls still differ by more than "
+            "%gx; timing anyway",
+            name,
+            form,
+            size,
+            warm.calls,
+            warm.seconds,
+            WARMUP_RATIO,
+        )
 
 
 def measure_latency(

@@ -102,7 +102,9 @@ class QualityAccumulator:
     """The plan's quality metrics of one model, accumulated batch by batch (so evaluation streams):
     accuracy and top-k as correct counts (with accuracy's 95% Wilson interval), SQNR as sums of signal and
     noise power, agreement as a count, cosine as a sum and a minimum over samples. `result()` equals
-    `quality_metrics` on the concatenated outputs.
+    `quality_metrics` on the concatenated outputs. The metrics against float (SQNR, agreement, cosine,
+    custom) are reported only when float outputs came with the batches: evaluate.models without float
+    gives none of them rather than an SQNR of inf and an agreement of 0.
 
     The custom metric is a function of ALL outputs (a recall, a ranking...), so its inputs are gathered
     (float outputs, this model's outputs, labels) and it is called once at the end: memory grows with the
@@ -111,6 +113,7 @@ class QualityAccumulator:
     def __init__(self, name: str, plan: MetricPlan, labelled: bool) -> None:
         self.name, self.plan, self.labelled = name, plan, labelled
         self.samples = 0
+        self.compared = 0  # samples that came with float outputs
         self.correct = 0.0
         self.top_correct = 0.0
         self.signal = 0.0
@@ -135,6 +138,7 @@ class QualityAccumulator:
                 self.top_correct += top_k_accuracy(outputs, labels, self.plan.top_k) * count
         if not self.against_float or float_outputs is None:
             return
+        self.compared += count
         if "sqnr" in names:
             self.signal += float_outputs.double().pow(2).sum().item()
             self.noise += (float_outputs.double() - outputs.double()).pow(2).sum().item()
@@ -161,8 +165,9 @@ class QualityAccumulator:
                 metrics[metric_keys.eval_metric(name, metric_keys.top_k_accuracy(self.plan.top_k))] = (
                     self.top_correct / n
                 )
-        if not self.against_float or not self.samples:
-            return metrics
+        if not self.against_float or not self.compared:
+            return metrics  # nothing was compared with float: no SQNR, agreement, cosine or custom metric
+        n = self.compared
         if "sqnr" in names and (self.signal or self.noise):
             sqnr = float("inf") if self.noise == 0.0 else 10.0 * torch.log10(torch.tensor(self.signal / self.noise))
             metrics[metric_keys.eval_metric(name, metric_keys.SQNR_DB)] = float(sqnr)

@@ -36,9 +36,13 @@ def failure_is_fatal(stage: ModuleType) -> bool:
     return bool(getattr(stage, "FAILURE_IS_FATAL", True))
 
 
-def measures_time(stage: ModuleType) -> bool:
-    """A stage's declared MEASURES_TIME (stages/types.py): False unless it says otherwise."""
-    return bool(getattr(stage, "MEASURES_TIME", False))
+def measures_time(stage: ModuleType, spec: PipelineSpec) -> bool:
+    """Whether the stage times models in this run: its declared MEASURES_TIME (stages/types.py), narrowed by
+    its measures_time(spec) when it has one; False unless it says otherwise."""
+    if not getattr(stage, "MEASURES_TIME", False):
+        return False
+    narrowed = getattr(stage, "measures_time", None)
+    return bool(narrowed(spec)) if narrowed is not None else True
 
 
 def contract_problems(stages: tuple[ModuleType, ...] = REGISTRY) -> list[str]:

@@ -232,7 +232,7 @@ def run(
                     tracker.log_dataset,
                     log_model,
                 )
-                if registry.measures_time(stage):
+                if registry.measures_time(stage, spec):
                     tracker.synchronous()  # no tracking work beside latency measurements
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()

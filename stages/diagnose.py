@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline import metric_keys
-from pipeline.batch import ModelInputs
+from pipeline.batches import as_source, first_batch
 from pipeline.engine import get_engine, introspect
 from pipeline.engine.diagnosis import Diagnosis, explain
 from pipeline.engine.recovery import activation_bits, clamps_bounded
@@ -53,6 +52,7 @@ from pipeline.engine.suggestions import (
     verify_skip,
 )
 from pipeline.schema import CustomConfigSpec, DiagnoseSpec, EngineSpec, SkipSpec
+from pipeline.scoring import ScoringSet
 from stages.reports.diagnose import write_outputs
 from stages.types import Calibrated, Loaded, Lowered, StageContext
 
@@ -75,18 +75,35 @@ def diagnose(
     setting: Setting | None = None,
     skip: SkipSpec | None = None,
     reference: Any = None,
+    cache_dir: Path | None = None,
 ) -> Diagnosis:
-    """The diagnosis; with `setting` (what the run converted with), every suggestion is verified."""
+    """The diagnosis; with `setting` (what the run converted with), every suggestion is verified. The batches
+    stream (issue 19): each figure sums signal and noise power batch by batch, against float outputs from the
+    float-output cache under `cache_dir` (a temporary folder without it), so memory holds one batch."""
+    source = as_source(loaded.data.evaluation)
+    batches = source if spec.full else source.head(spec.max_batches)
+    with ScoringSet(loaded.model, batches, loaded.has_accuracy, cache_dir, NAME) as scoring:
+        return _diagnose(loaded, calibrated, lowered, spec, setting, skip, reference, scoring)
+
+
+def _diagnose(
+    loaded: Loaded,
+    calibrated: Calibrated,
+    lowered: Lowered,
+    spec: DiagnoseSpec,
+    setting: Setting | None,
+    skip: SkipSpec | None,
+    reference: Any,
+    scoring: ScoringSet,
+) -> Diagnosis:
     engine = get_engine(setting.flow if setting is not None else EngineSpec())
-    batches = loaded.data.evaluation if spec.full else loaded.data.evaluation[: spec.max_batches]
-    inputs = ModelInputs.cat([x for x, _ in batches])
-    labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None
+    probe = first_batch(scoring.batches)[0]  # one batch: which modules the lowered model left float
     custom = setting.custom if setting is not None else CustomConfigSpec()
     bounds = engine.bounded_producers(loaded.model, custom)
     layers, logged = engine.module_numerics(
-        calibrated.model, lowered.model, inputs, lowered.engine, getattr(reference, "model", None), bounds
+        calibrated.model, lowered.model, scoring.inputs(), lowered.engine, getattr(reference, "model", None), bounds
     )
-    measure = Measure(loaded.model, inputs, labels, lowered.engine)
+    measure = Measure(scoring, loaded.has_accuracy, lowered.engine, probe)
     before = measure(lowered.model)
     first = next((output for output in logged if output.quantized), None)
     first_sqnr = first.sqnr_db if first is not None else float("nan")
@@ -145,7 +162,7 @@ def diagnose(
             verified.append(verify_skip(names, calibrated.model, setting, measure, before, spec.min_gain_db))
     undone: list[str] = []
     if skip is not None and skip.module_name:
-        kept_float = engine.float_outputs(lowered.model, list(skip.module_name), inputs, lowered.engine)
+        kept_float = engine.float_outputs(lowered.model, list(skip.module_name), probe, lowered.engine)
         undone = [name for name in skip.module_name if kept_float.get(name) is False]
     if spec.verify and setting is not None:
         skips = [v for v in verified if v.helps and v.what.startswith("skip.")]
@@ -191,8 +208,9 @@ def compute(ctx: StageContext) -> dict[str, Any]:
         spec.engine,
     )
     skip = artifacts.get("searched_skip") or spec.skip
+    cache_dir = Path(spec.cache.dir) if spec.cache.enabled and spec.cache.float_outputs else None
     diagnosis = diagnose(
-        loaded, calibrated, artifacts["lowered"], spec.diagnose, setting, skip, artifacts.get("reference")
+        loaded, calibrated, artifacts["lowered"], spec.diagnose, setting, skip, artifacts.get("reference"), cache_dir
     )
     log.log(logging.WARNING if diagnosis.engine_problem else logging.INFO, "diagnose: %s", diagnosis.text)
     if diagnosis.engine_problem:

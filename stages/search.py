@@ -16,6 +16,11 @@ search.fail_on_miss (default), exit code 3 once the run has finished.
 Accuracy-like scores (accuracy, agreement) come with a 95% Wilson interval; when one evaluation sample
 moves the score by more than a quarter of search.max_drop, a warning says the bar rests on a few samples.
 
+Streams (pipeline/scoring.py): each trial runs over the evaluation batches one at a time, its metrics
+accumulated per batch against the float outputs read back per batch from the float-output cache (a
+temporary folder without cache.enabled), the layer sensitivity accumulated per batch too, latency timed on
+the first batch(es): memory stays a few batches whatever evaluate.max_samples or the data's size.
+
 Config keys read: search.*, evaluate.max_batches, evaluate.latency.*, evaluate.metrics, evaluate.top_k,
 evaluate.custom_metric, evaluate.max_samples, backend.*, qconfig_mapping.*, custom_config.convert, model.python_path,
 data.python_path, cache.* (float outputs from the float-output cache, shared with evaluate and other jobs).
@@ -31,12 +36,10 @@ from typing import Any
 
 import torch
 
-from pipeline import metric_keys, quality
+from pipeline import metric_keys
 from pipeline.batch import ModelInputs
-from pipeline.cache import OutputCache, outputs_key
 from pipeline.engine import get_engine, steps
 from pipeline.engine.numerics import LayerSensitivity
-from pipeline.engine.qconfigs import quantized_engine
 from pipeline.engine.skip_search import (
     PROPORTIONS,
     SearchResult,
@@ -49,7 +52,7 @@ from pipeline.engine.skip_search import (
 )
 from pipeline.errors import ConfigError
 from pipeline.measure import LatencyCache, measure_latency
-from pipeline.quality import metric_plan, quality_metrics, resolve_custom_metric
+from pipeline.quality import metric_plan, resolve_custom_metric
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -61,6 +64,7 @@ from pipeline.schema import (
     SkipSpec,
     skip_label,
 )
+from pipeline.scoring import ScoringSet
 from stages.reports.search import write_outputs
 from stages.types import Calibrated, Loaded, SearchedCalibration, StageContext
 
@@ -136,133 +140,129 @@ def search(
     )
     score_key = metric_keys.eval_metric("lowered", metric_keys.criterion_metric(spec.criterion, evaluate_spec.top_k))
     batches = loaded.data.evaluation.head(evaluate_spec.max_batches, evaluate_spec.max_samples)
-    inputs = ModelInputs.cat([x for x, _ in batches])
-    labels = torch.cat([y for _, y in batches]) if loaded.has_accuracy else None  # random weights: no accuracy
     latency_spec = replace(evaluate_spec.latency, batch_sizes=evaluate_spec.latency.batch_sizes[:1])
     size = latency_spec.batch_sizes[0]
-    if cache_dir is not None:  # the float outputs evaluate uses too: computed once per model and data
-        cache, key = OutputCache(cache_dir), outputs_key(loaded.model, batches.fingerprint())
-        cache.ensure(key, loaded.model, batches)
-        float_outputs = cache.read_all(key, len(batches))
-    else:
-        with torch.no_grad():
-            float_outputs = inputs.call(loaded.model)
-    float_score = quality.float_score(spec.criterion, float_outputs, labels, plan)
-    float_latency, _ = measure_latency({"float": loaded.model}, inputs, latency_spec, latency_cache)
-    float_ms = float_latency[metric_keys.latency_ms("float", size)]
-    bar = acceptance_bar(spec, float_score)
-    samples = inputs.batch_size
-    proportion = spec.criterion in PROPORTIONS
-    if proportion and spec.drop_mode == "absolute" and 1.0 / samples > spec.max_drop / 4:
-        log.warning(
-            "search: scored on %d evaluation samples, so one sample moves %s by %.2f points against an accepted "
-            "drop of %.2f (search.max_drop): the bar rests on a few samples. Use more evaluation data (data.*, "
-            "evaluate.max_batches=null); each trial's 95%% Wilson interval is in trials.csv.",
-            samples,
-            spec.criterion,
-            100.0 / samples,
-            100.0 * spec.max_drop,
-        )
     trials: list[Trial] = []
-    lowered_models: dict[int, torch.nn.Module] = {}
-    current: dict[str, Any] = {"calibrated": calibrated, "recovery": recovery}  # the recovery phase may switch
-
-    def run_trial(skipped: list[str]) -> Trial:
-        skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
-        base, settings = current["calibrated"], current["recovery"]
-        conversion = steps.convert_reference(base.model, backend, mapping, skip, custom)
-        if settings is not None and settings.bias_correction and calibration:
-            steps.correct_bias(conversion, base.model, calibration, settings)
-        try:
-            lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
-        except steps.NothingQuantizedError:
-            lowered = None
-        if lowered is None:
-            # Everything float: it meets any bar at float speed; score it as float.
-            score, latency, metrics, spread = float_score, float_ms, {}, 0.0
-        else:
-            with quantized_engine(backend.engine), torch.no_grad():
-                outputs = inputs.call(lowered)
-            timing, fastest = measure_latency({"lowered": lowered}, inputs, latency_spec)
-            latency = timing[metric_keys.latency_ms("lowered", size)]
-            form = fastest[f"lowered/b{size}"]
-            spread = timing[metric_keys.form_latency_ms("lowered", form, size, "p90")] - latency
-            metrics = {
-                **quality_metrics("lowered", outputs, float_outputs, labels, plan),
-                metric_keys.latency_ms("lowered", size): latency,
-                metric_keys.speedup(size): float_ms / latency,
-                metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
-            }
-            score = metrics[score_key]
-            lowered_models[len(trials)] = lowered  # what the sensitivity is measured on (trial 0, or recovery's)
-        metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
-        interval = wilson_interval(score, samples) if proportion else None
-        trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics, max(spread, 0.0), interval)
-        trial.recovery_defaults = current["recovery"] is not recovery
-        trials.append(trial)
-        log.info(
-            "search trial %d: %d layers float, %s %.4g%s (bar %.4g: %s), %.3f ms",
-            trial.number,
-            len(skipped),
-            spec.criterion,
-            score,
-            f" [95% CI {interval[0]:.3f}-{interval[1]:.3f}]" if interval else "",
-            bar,
-            "meets" if trial.meets else "misses",
-            latency,
-        )
-        report_trial(trial)
-        return trial
-
-    first = run_trial([])
     sensitivity: list[LayerSensitivity] = []
-    budget = spec.max_trials or 1
-    switched: SearchedCalibration | None = None
-    defaults = _recovery_defaults(recovery)
-    if not first.meets and spec.recovery_phase and defaults is not None and (spec.max_trials or 2) > 1:
-        log.info("search: recovery phase: trial %d with the recovery defaults (%s)", len(trials), defaults)
-        previous = dict(current)
-        current["calibrated"] = _recalibrate(loaded, backend, mapping, custom, defaults, calibration or [])
-        current["recovery"] = defaults
-        tried = run_trial([])
-        if tried.score > first.score:
-            first = tried
-            switched = SearchedCalibration(current["calibrated"], defaults)
-            log.info("search: recovery phase: the defaults score higher (%.4g) and are kept", tried.score)
-        else:
-            current.update(previous)
-            log.info(
-                "search: recovery phase: the defaults score no higher (%.4g); kept the run's settings", tried.score
+    # Streamed: every trial re-reads the batches and the float outputs (cached on disk, shared with evaluate)
+    # one batch at a time, so memory does not grow with evaluate.max_samples or the data (pipeline/scoring.py).
+    with ScoringSet(loaded.model, batches, loaded.has_accuracy, cache_dir) as scoring:
+        float_score = scoring.float_score(spec.criterion, plan)
+        # Latency needs a representative batch, not the set: the first batches, enough for the batch size.
+        pool = scoring.latency_pool(size)
+        float_latency, _ = measure_latency({"float": loaded.model}, pool, latency_spec, latency_cache)
+        float_ms = float_latency[metric_keys.latency_ms("float", size)]
+        bar = acceptance_bar(spec, float_score)
+        samples = scoring.samples
+        proportion = spec.criterion in PROPORTIONS
+        if proportion and spec.drop_mode == "absolute" and 1.0 / samples > spec.max_drop / 4:
+            log.warning(
+                "search: scored on %d evaluation samples, so one sample moves %s by %.2f points against an "
+                "accepted drop of %.2f (search.max_drop): the bar rests on a few samples. Use more evaluation "
+                "data (data.*, evaluate.max_batches=null); each trial's 95%% Wilson interval is in trials.csv.",
+                samples,
+                spec.criterion,
+                100.0 / samples,
+                100.0 * spec.max_drop,
             )
-    base_trial = first.number
-    lowered_models = {k: v for k, v in lowered_models.items() if k == base_trial}
-    if not first.meets and base_trial in lowered_models:
-        engine = get_engine()
-        bounds = engine.bounded_producers(loaded.model, custom)
-        ranked = engine.layer_sensitivity(
-            current["calibrated"].model, lowered_models[base_trial], inputs, backend.engine, bounds
-        )
-        # Only layers a skip-list leaves float: modules with weights (a ReLU6 or pooling module left float is
-        # re-quantized by lowering); all of them when no layer has weights (custom modules only).
-        sensitivity = [layer for layer in ranked if layer.has_weight] or ranked
-        budget = spec.max_trials or default_max_trials(len(sensitivity))
-        log.info(
-            "search: %d layers ranked by sensitivity (own output SQNR, worst first), at most %d trials%s: %s",
-            len(sensitivity),
-            budget,
-            "" if spec.max_trials else " (search.max_trials=null: 2*ceil(log2(layers))+4)",
-            ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity[:10])
-            + (" ..." if len(sensitivity) > 10 else ""),
-        )
-        order = [layer.module_name for layer in sensitivity]
-        skipped = bisect(order, run_trial, lambda: len(trials) < budget)
-        if skipped is not None and spec.requantize:
-            for name in list(skipped[:-1]):
-                if len(trials) >= budget:
-                    break
-                candidate = [s for s in skipped if s != name]
-                if run_trial(candidate).meets:
-                    skipped = candidate
+        lowered_models: dict[int, torch.nn.Module] = {}
+        current: dict[str, Any] = {"calibrated": calibrated, "recovery": recovery}  # the recovery phase may switch
+
+        def run_trial(skipped: list[str]) -> Trial:
+            skip = SkipSpec(name=f"trial_{len(trials)}", module_name=list(skipped))
+            base, settings = current["calibrated"], current["recovery"]
+            conversion = steps.convert_reference(base.model, backend, mapping, skip, custom)
+            if settings is not None and settings.bias_correction and calibration:
+                steps.correct_bias(conversion, base.model, calibration, settings)
+            try:
+                lowered, counts = steps.lower(conversion, backend, loaded.data.example_inputs)
+            except steps.NothingQuantizedError:
+                lowered = None
+            if lowered is None:
+                # Everything float: it meets any bar at float speed; score it as float.
+                score, latency, metrics, spread = float_score, float_ms, {}, 0.0
+            else:
+                quality_figures = scoring.score("lowered", lowered, plan, backend.engine)  # batch by batch
+                timing, fastest = measure_latency({"lowered": lowered}, pool, latency_spec)
+                latency = timing[metric_keys.latency_ms("lowered", size)]
+                form = fastest[f"lowered/b{size}"]
+                spread = timing[metric_keys.form_latency_ms("lowered", form, size, "p90")] - latency
+                metrics = {
+                    **quality_figures,
+                    metric_keys.latency_ms("lowered", size): latency,
+                    metric_keys.speedup(size): float_ms / latency,
+                    metric_keys.QUANTIZED_NODES: float(counts["quantized"]),
+                }
+                score = metrics[score_key]
+                lowered_models[len(trials)] = lowered  # what the sensitivity is measured on (trial 0, or recovery's)
+            metrics[metric_keys.SEARCH_FLOAT_LAYERS] = float(len(skipped))
+            interval = wilson_interval(score, samples) if proportion else None
+            trial = Trial(len(trials), list(skipped), score, score >= bar, latency, metrics, max(spread, 0.0), interval)
+            trial.recovery_defaults = current["recovery"] is not recovery
+            trials.append(trial)
+            log.info(
+                "search trial %d: %d layers float, %s %.4g%s (bar %.4g: %s), %.3f ms",
+                trial.number,
+                len(skipped),
+                spec.criterion,
+                score,
+                f" [95% CI {interval[0]:.3f}-{interval[1]:.3f}]" if interval else "",
+                bar,
+                "meets" if trial.meets else "misses",
+                latency,
+            )
+            report_trial(trial)
+            return trial
+
+        first = run_trial([])
+        budget = spec.max_trials or 1
+        switched: SearchedCalibration | None = None
+        defaults = _recovery_defaults(recovery)
+        if not first.meets and spec.recovery_phase and defaults is not None and (spec.max_trials or 2) > 1:
+            log.info("search: recovery phase: trial %d with the recovery defaults (%s)", len(trials), defaults)
+            previous = dict(current)
+            current["calibrated"] = _recalibrate(loaded, backend, mapping, custom, defaults, calibration or [])
+            current["recovery"] = defaults
+            tried = run_trial([])
+            if tried.score > first.score:
+                first = tried
+                switched = SearchedCalibration(current["calibrated"], defaults)
+                log.info("search: recovery phase: the defaults score higher (%.4g) and are kept", tried.score)
+            else:
+                current.update(previous)
+                log.info(
+                    "search: recovery phase: the defaults score no higher (%.4g); kept the run's settings",
+                    tried.score,
+                )
+        base_trial = first.number
+        lowered_models = {k: v for k, v in lowered_models.items() if k == base_trial}
+        if not first.meets and base_trial in lowered_models:
+            engine = get_engine()
+            bounds = engine.bounded_producers(loaded.model, custom)
+            ranked = engine.layer_sensitivity(  # accumulated batch by batch, like the trials' scores
+                current["calibrated"].model, lowered_models[base_trial], scoring.inputs(), backend.engine, bounds
+            )
+            # Only layers a skip-list leaves float: modules with weights (a ReLU6 or pooling module left float
+            # is re-quantized by lowering); all of them when no layer has weights (custom modules only).
+            sensitivity = [layer for layer in ranked if layer.has_weight] or ranked
+            budget = spec.max_trials or default_max_trials(len(sensitivity))
+            log.info(
+                "search: %d layers ranked by sensitivity (own output SQNR, worst first), at most %d trials%s: %s",
+                len(sensitivity),
+                budget,
+                "" if spec.max_trials else " (search.max_trials=null: 2*ceil(log2(layers))+4)",
+                ", ".join(f"{layer.module_name} {layer.sqnr_db:.1f} dB" for layer in sensitivity[:10])
+                + (" ..." if len(sensitivity) > 10 else ""),
+            )
+            order = [layer.module_name for layer in sensitivity]
+            skipped = bisect(order, run_trial, lambda: len(trials) < budget)
+            if skipped is not None and spec.requantize:
+                for name in list(skipped[:-1]):
+                    if len(trials) >= budget:
+                        break
+                    candidate = [s for s in skipped if s != name]
+                    if run_trial(candidate).meets:
+                        skipped = candidate
     passing = [trial for trial in trials if trial.meets]
     winner = pick_winner(trials, spec.latency_tie)
     if passing:

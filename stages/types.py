@@ -16,7 +16,9 @@ runner:
   (search: its winner is the skip-list the run converts with) keeps the default: a failed search
   would otherwise silently give a model other than the one the user asked for;
 - `MEASURES_TIME` (default False): True for a stage that times models (evaluate's and search's
-  latency). Before it starts, the runner waits for the tracker's background work (the MLflow store
+  latency); a stage that times only in some runs also defines `measures_time(spec) -> bool` (evaluate:
+  evaluate.latency.enabled).
+  Before it starts, the runner waits for the tracker's background work (the MLflow store
   opening on its worker thread, pipeline/tracking/background.py) and makes tracking calls synchronous
   from then on, so nothing else runs in the process while it measures;
 - `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,32 @@ FAST = [
 ]
 
 schema.register()
+
+# Subprocesses (CLI sweeps, fresh-process reloads) inherit this: on a shared 2-core machine running tests in
+# parallel workers, a child computing on every core oversubscribes them (tests check behaviour, not speed).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A folder every pytest-xdist worker of this session shares (the template MLflow store lives there).
+SESSION_ROOT = "FXQ_TEST_SESSION_ROOT"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_root(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """Under xdist each worker has its own basetemp (.../pytest-N/popen-gwK): their parent is shared."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if hasattr(request.config, "workerinput") else base
+    os.environ[SESSION_ROOT] = str(root)
+    return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With `--dist loadgroup`, tests that share a module-scoped fixture (a trained model, a finished run)
+    stay on one worker, so the fixture is built once; every other test goes to whichever worker is free,
+    which spreads the slow sweeps of one file over both cores."""
+    for item in items:
+        fixture_info = getattr(item, "_fixtureinfo", None)
+        defs = fixture_info.name2fixturedefs.values() if fixture_info is not None else []
+        if any(d.scope == "module" for fixturedefs in defs for d in fixturedefs):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:

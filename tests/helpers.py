@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SESSION_ROOT
 
 SWEEP_FAST = [
     "evaluate.latency.repeats=3",
@@ -24,21 +25,36 @@ SWEEP_FAST = [
 ]
 
 
-_STORE_TEMPLATE: list[Path] = []  # made once per test session
+_STORE_TEMPLATE: list[Path] = []  # this process's copy of the session's template, once found
+
+
+def _template_store() -> Path:
+    """The session's template MLflow store, created once for all pytest-xdist workers: the first worker to
+    get the lock creates it (under the session root conftest exports), the others wait and reuse it."""
+    if _STORE_TEMPLATE:
+        return _STORE_TEMPLATE[0]
+    root = Path(os.environ.get(SESSION_ROOT) or tempfile.mkdtemp(prefix="fxq-tests-")) / "mlflow-template"
+    root.mkdir(parents=True, exist_ok=True)
+    template = root / "mlflow.db"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not template.exists():
+            staging = root / "staging.db"
+            staging.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{staging}").search_experiments()
+            staging.rename(template)  # complete or absent: a crashed creator leaves no half store
+    _STORE_TEMPLATE.append(template)
+    return template
 
 
 def seed_store(folder: Path) -> Path:
     """Put an MLflow SQLite store whose tables already exist at folder/mlflow.db (where the default
     tracking config looks for output_dir=folder): creating the tables runs ~60 alembic migrations, 3-20 s
     here; copying a store made once per session costs nothing. A store already there is kept."""
-    if not _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-        _STORE_TEMPLATE.append(template)
     target = folder / "mlflow.db"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(_STORE_TEMPLATE[0], target)
+        shutil.copy(_template_store(), target)
     return target
 
 

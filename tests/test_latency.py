@@ -6,6 +6,8 @@ speed (no timing assertions)."""
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline import measure
-from pipeline.measure import LatencyCache, measure_latency, median_interval, time_adaptive
+from pipeline.measure import LatencyCache, measure_latency, median_interval, time_adaptive, warm_up
 from pipeline.schema import LatencySpec
 
 
@@ -115,3 +117,63 @@ def test_the_float_reference_is_timed_once_per_cache_key_across_runs(tmp_path: P
     measure_latency(other_weights, pool, spec, cache)
     measure_latency(models, pool, replace(spec, batch_sizes=[2]), cache)  # another shape of the question
     assert timed[3:] == ["float", "float", "lowered"] and cache.misses == 2
+
+
+def test_a_compile_on_the_first_call_is_warmed_up_outside_the_budget(clock, monkeypatch, caplog) -> None:
+    # A 5 s first call (torch.compile at a new shape), then 1 ms calls; the 2 s budget is the timed runs'.
+    # On main 7f565fb the compile spent the budget: one timed run.
+    spec = LatencySpec(warmup=3, repeats=10, target_ci=0.05, budget_s=2.0, batch_sizes=[1])
+    compiling = clock.work([5000.0] + [1.0] * 1000)
+    monkeypatch.setattr(measure, "_deployable_forms", lambda model, inputs, wanted: {"compiled": compiling})
+    with caplog.at_level(logging.INFO, logger="pipeline.measure"):
+        metrics, _ = measure_latency({"lowered": _model(0)}, torch.randn(4, 8), spec)
+    assert metrics["latency/lowered/compiled/b1_runs"] == 10  # every timed run steady: stopped at the minimum
+    assert metrics["latency/lowered/b1_ms"] == pytest.approx(1.0)
+    (line,) = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert "lowered/compiled b1: warm-up 5.0 s over 3 calls" in line and "a compile" in line
+
+
+def test_the_warm_up_is_the_configured_count_when_calls_agree_and_longer_until_they_do(clock) -> None:
+    spec = LatencySpec(warmup=3, repeats=10, target_ci=0.05, budget_s=100.0)
+    steady = time_adaptive(clock.work([2.0, 2.02, 1.98]), (), spec)
+    assert steady.warm is not None and (steady.warm.calls, steady.warm.stable) == (3, True)  # as before
+    # TorchScript's profiling executor: a slow second call (it optimizes), then steady ones.
+    profiling = time_adaptive(clock.work([3.0, 40.0] + [1.0] * 1000), (), spec)
+    assert profiling.warm is not None and profiling.warm.calls == 4  # 3.0, 40.0, 1.0 disagree; 1.0, 1.0 agree
+    assert profiling.median == pytest.approx(1.0)
+    never = warm_up(clock.work([1.0, 10.0]), (), spec)  # never within 2x: stops at the cap
+    assert (never.calls, never.stable) == (measure.MAX_WARMUP_CALLS, False)
+
+
+def _sleepy(model: nn.Module, slow_calls: int, sleep_s: float) -> Callable[..., torch.Tensor]:
+    """`model`, whose first `slow_calls` calls at each input shape also sleep `sleep_s` (a lazy compile)."""
+    seen: dict[tuple, int] = {}
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        shape = tuple(tuple(x.shape) for x in inputs)
+        seen[shape] = seen.get(shape, 0) + 1
+        if seen[shape] <= slow_calls:
+            time.sleep(sleep_s)
+        return model(*inputs)
+
+    return run
+
+
+@pytest.mark.parametrize("slow_calls", [1, 2])  # 2: like TorchScript's profiling executor, optimizing on call 2
+def test_a_model_slow_on_its_first_calls_at_each_shape_is_timed_at_its_steady_state(
+    slow_calls: int, monkeypatch
+) -> None:
+    # Real clock: the check is that no sleep lands in the timed runs (a median below the sleep, every batch
+    # size given its minimum of runs), not how fast the model is. On main 7f565fb the sleep used up the
+    # budget: one timed run per batch size, at slow_calls=2 that one run was the sleep.
+    sleep_s = 0.3
+    model = _model(0)
+    compiled = _sleepy(model, slow_calls, sleep_s)
+    monkeypatch.setattr(measure, "_deployable_forms", lambda m, inputs, wanted: {"compiled": compiled})
+    spec = LatencySpec(warmup=1, repeats=10, batch_sizes=[1, 8], target_ci=0.5, budget_s=0.2)
+    metrics, fastest = measure_latency({"lowered": model}, torch.randn(4, 8), spec)
+    for size in (1, 8):
+        assert fastest[f"lowered/b{size}"] == "compiled"
+        assert metrics[f"latency/lowered/compiled/b{size}_median_ms"] < sleep_s * 1000.0
+        assert metrics[f"latency/lowered/compiled/b{size}_p90_ms"] < sleep_s * 1000.0  # no sleep timed at all
+        assert metrics[f"latency/lowered/compiled/b{size}_runs"] >= spec.repeats

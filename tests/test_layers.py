@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.batch",
             "pipeline.batches",
             "pipeline.schema",
+            "pipeline.schema_quant",
             "pipeline.checks",
             "pipeline.paths",
             "pipeline.metric_keys",
@@ -31,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.digest",
         ),
     ),
-    ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure", "pipeline.quality")),
+    ("engine", ("pipeline.engine", "pipeline.cache", "pipeline.measure", "pipeline.quality", "pipeline.scoring")),
     ("stages", ("stages",)),
     ("top", ("pipeline.registry", "pipeline.runner", "pipeline.validation", "pipeline.tracking", "pipeline")),
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,25 @@ def test_cosine_topk_and_custom_from_output_tensors() -> None:
         "eval/lowered/cosine_min": pytest.approx(0.0),
         "eval/lowered/custom": 0.25,
     }
+
+
+def test_no_float_outputs_means_no_metric_against_float() -> None:
+    """Without float outputs (evaluate.models without float) only the label metrics are reported; with
+    them, identical outputs are an SQNR of inf and a real error a finite one."""
+    plan = quality.MetricPlan(("accuracy", "sqnr", "agreement", "cosine", "custom"), custom=lambda f, q, y: 0.5)
+    outputs, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    blind = quality.QualityAccumulator("lowered", plan, labelled=True)
+    blind.update(outputs, None, labels)
+    blind.update(outputs, None, labels)
+    assert blind.result() == {
+        "eval/lowered/accuracy": 0.5,
+        "eval/lowered/accuracy_ci_low": pytest.approx(quality.wilson_interval(2, 4)[0]),
+        "eval/lowered/accuracy_ci_high": pytest.approx(quality.wilson_interval(2, 4)[1]),
+    }
+    same = quality.quality_metrics("lowered", torch.zeros(2, 2), torch.zeros(2, 2), None, plan)
+    assert same["eval/lowered/sqnr_db"] == float("inf") and same["eval/lowered/agreement"] == 1.0
+    noisy = quality.quality_metrics("lowered", outputs + 0.1, outputs, None, plan)
+    assert noisy["eval/lowered/sqnr_db"] == pytest.approx(10 * math.log10(2 / 0.04))  # signal 2, noise 4 x 0.1^2
 
 
 def test_auto_is_sqnr_and_cosine_without_labels() -> None:

@@ -247,3 +247,32 @@ def test_the_run_list_in_a_browser_shows_the_pipelines_run_names(small_sweep, tm
     for column in ("Backend", "SQNR dB", "Int8 accuracy", "Delta points", "digits"):
         assert column in dom, column
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 10_000
+
+
+def test_the_shared_view_is_written_once_and_again_only_when_it_changes(tmp_path: Path) -> None:
+    """Every run shares the headline view; a store write (a commit) only when the saved one differs."""
+    from pipeline.schema import TrackingSpec
+    from pipeline.tracking.mlflow import SHARED_VIEW_TAG, MlflowTracker
+
+    spec = TrackingSpec(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "a"))
+    writes: list[str] = []
+
+    def tracked() -> MlflowTracker:
+        tracker = MlflowTracker(spec)
+        tracker.start({}, {})
+        assert tracker.client is not None
+        real = tracker.client.set_experiment_tag
+        tracker.client.set_experiment_tag = lambda *args: writes.append(args[1]) or real(*args)  # type: ignore[method-assign]
+        return tracker
+
+    first = tracked()
+    first.share_view("headline")
+    saved = first.client.get_experiment(first.experiment_id).tags[f"{SHARED_VIEW_TAG}headline"]  # type: ignore[union-attr]
+    assert json.loads(saved)["searchFilter"] == "" and writes == [f"{SHARED_VIEW_TAG}headline"]
+    second = tracked()
+    second.share_view("headline")  # the same view: nothing written
+    assert len(writes) == 1
+    second.share_view("headline", "tags.backend = 'x86'")  # changed: written
+    assert len(writes) == 2
+    for tracker in (first, second):
+        tracker.end("FINISHED")

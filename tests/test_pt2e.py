@@ -222,7 +222,6 @@ def test_skip_list_applies_at_prepare_time(run_pipeline) -> None:
         (["backend=onednn"], r"backend=onednn with engine=pt2e"),
         (["skip=add"], r"skip.object_type\[0\]='operator.add' with engine=pt2e.*fuses add into the conv"),
         (["qconfig_mapping=histogram_per_channel"], r"with engine=pt2e: a pt2e Quantizer takes its own"),
-        (["experiment=custom_module"], r"custom_config=.* with engine=pt2e: custom modules"),
         (["search=greedy"], r"search=greedy with engine=pt2e"),
         (["stages=[load,inspect]"], r"inspect with engine=pt2e"),
         (["engine.name=pt3e"], r"engine.name='pt3e' is not valid.*pt2e"),

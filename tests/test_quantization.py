@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine import custom_modules, fx, mappings, qconfigs
+from pipeline.engine import custom_modules, fx, fx_results, mappings, qconfigs
 from pipeline.errors import ConfigError
 from pipeline.schema import (
     BackendSpec,
@@ -208,7 +208,7 @@ def test_count_nodes_sees_what_stayed_float(digits) -> None:
             convert_config,
         )
         lowered = fx.lower(conversion.model, conversion.engine_state, "x86")
-        counts[name] = fx.count_nodes(lowered, data.example_inputs, "x86")
+        counts[name] = fx_results.count_nodes(lowered, data.example_inputs, "x86")
     assert counts["none"]["float"] == 0 and counts["none"]["quantized"] > 0
     assert counts["first_last"]["float"] >= 2
     assert counts["first_last"]["quantized"] < counts["none"]["quantized"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import subprocess
@@ -246,3 +247,47 @@ def test_a_missed_bar_is_loud_and_exits_3(tmp_path: Path) -> None:
         [*command, "search.fail_on_miss=false"], capture_output=True, text=True, env=env, timeout=600
     )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
+
+
+def test_trials_csv_rows_match_its_header(tmp_path: Path) -> None:
+    """Every row has a value per header column, each in its column: the recovery column ("run"/"defaults")
+    was written without a header and pushed the skipped layers out of theirs."""
+    from pipeline.engine.skip_search import SearchResult
+    from stages.reports.search import write_outputs
+
+    first = Trial(0, [], 0.81, False, 1.5, {}, 0.1, (0.75, 0.86))
+    second = Trial(1, ["hidden.1", "hidden.2"], 0.93, True, 1.25, {}, 0.05, (0.88, 0.96), recovery_defaults=True)
+    result = SearchResult(second, [first, second], [], 0.95, 0.94, True, samples=64, max_trials=10)
+    write_outputs(result, "accuracy", tmp_path)
+    with (tmp_path / "trials.csv").open(newline="") as file:
+        reader = csv.DictReader(file)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    assert header == [
+        "trial",
+        "float_layers",
+        "accuracy",
+        "ci95_low",
+        "ci95_high",
+        "meets_bar",
+        "latency_ms",
+        "latency_spread_ms",
+        "recovery",
+        "skipped",
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        assert list(row) == header and None not in row.values()  # no value past the header (DictReader: key None)
+    assert rows[0] == {
+        "trial": "0",
+        "float_layers": "0",
+        "accuracy": "0.81",
+        "ci95_low": "0.7500",
+        "ci95_high": "0.8600",
+        "meets_bar": "False",
+        "latency_ms": "1.5000",
+        "latency_spread_ms": "0.1000",
+        "recovery": "run",
+        "skipped": "",
+    }
+    assert (rows[1]["recovery"], rows[1]["skipped"], rows[1]["float_layers"]) == ("defaults", "hidden.1 hidden.2", "2")

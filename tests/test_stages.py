@@ -158,6 +158,22 @@ def test_evaluate_without_labels_reports_sqnr_and_agreement_only(chain) -> None:
     assert m["eval/lowered/sqnr_db"] > 20
 
 
+def test_evaluate_without_the_float_model_reports_no_metric_against_float(chain) -> None:
+    """evaluate.models=[lowered]: accuracy (labels) but no SQNR, agreement or cosine (nothing to compare
+    with), rather than an SQNR of inf and an agreement of 0."""
+    spec, loaded, _, _, lowered = chain
+    from dataclasses import replace
+
+    only_lowered = replace(spec.evaluate, models=["lowered"], latency=replace(spec.evaluate.latency, enabled=False))
+    m = evaluate(loaded, {"lowered": lowered.model}, "x86", only_lowered).metrics
+    assert m["eval/lowered/accuracy"] >= 0.97
+    assert not any(key.startswith("eval/float/") for key in m)
+    for name in ("sqnr_db", "agreement", "cosine_mean", "cosine_min"):
+        assert f"eval/lowered/{name}" not in m
+    with_float = replace(only_lowered, models=["float", "lowered"])
+    assert 20 < evaluate(loaded, {"lowered": lowered.model}, "x86", with_float).metrics["eval/lowered/sqnr_db"] < 100
+
+
 def test_export_torchscript_and_onnx_reload_and_match(chain, tmp_path: Path) -> None:
     _, loaded, _, _, lowered = chain
     bundle = export(lowered, loaded, ExportSpec(), tmp_path)

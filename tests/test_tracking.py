@@ -9,6 +9,7 @@ import contextlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,77 @@ def test_the_background_tracker_opens_the_run_on_its_worker_and_keeps_the_calls_
     tracker.end("FINISHED")
     tracker.end("FINISHED")
     assert real.calls[-1][0] == "end FINISHED" and tracker.last_run_id == "run-1"
+
+
+class _BatchRecorder(_Recorder):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[tuple[list[tuple[str, float]], dict, dict]] = []
+
+    def log_batch(self, metrics, params, tags) -> None:
+        self._record("log_batch")
+        self.batches.append(([(key, value) for key, value, _ in metrics], dict(params), dict(tags)))
+
+
+def test_metrics_params_and_tags_logged_while_the_store_opens_are_one_store_call(tmp_path: Path) -> None:
+    """What the stages log before the worker gets to it goes to the store in one log_batch (each store
+    write is a commit); a NaN placeholder still waiting is replaced in place by its value."""
+    spec = to_spec(compose_config(["tracking=sqlite"], output_dir=tmp_path)).tracking
+    gate, made = threading.Event(), []
+    tracker = BackgroundTracker(spec, opener=lambda spec: made.append(_BatchRecorder(spec, gate=gate)) or made[-1])
+    tracker.start({}, {})
+    tracker.log_metrics({"sqnr": float("nan")})
+    tracker.log_metrics({"load/seconds": 1.0})
+    tracker.set_tags({"t": "x"})
+    tracker.log_params({"p": "1"})
+    tracker.log_metrics({"sqnr": 30.0})
+    tracker.set_tags({"t": "y"})
+    gate.set()
+    tracker.synchronous()
+    (real,) = made
+    assert [name for name, _ in real.calls] == ["start", "log_batch"]
+    assert real.batches == [([("sqnr", 30.0), ("load/seconds", 1.0)], {"p": "1"}, {"t": "y"})]
+    tracker.log_metrics({"n": 2.0})  # synchronous: sent before the call returns
+    assert real.batches[-1] == ([("n", 2.0)], {}, {})
+    tracker.end("FINISHED")
+    assert real.calls[-1][0] == "end FINISHED"
+
+
+def test_a_batch_waits_up_to_flush_seconds_for_more_unless_the_run_ends(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.tracking import background
+
+    spec = to_spec(compose_config(["tracking=sqlite"], output_dir=tmp_path)).tracking
+    made: list[_BatchRecorder] = []
+    tracker = BackgroundTracker(spec, opener=lambda spec: made.append(_BatchRecorder(spec)) or made[-1])
+    tracker.start({}, {})
+    tracker.log_metrics({"a": 1.0})
+    time.sleep(0.3)  # the store is open; the batch waits for more
+    tracker.log_metrics({"b": 2.0})
+    tracker.end("FINISHED")  # sends it at once
+    assert made[0].batches == [([("a", 1.0), ("b", 2.0)], {}, {})]
+
+    monkeypatch.setattr(background, "FLUSH_SECONDS", 0.05)
+    made.clear()
+    tracker = BackgroundTracker(spec, opener=lambda spec: made.append(_BatchRecorder(spec)) or made[-1])
+    tracker.start({}, {})
+    tracker.log_metrics({"a": 1.0})
+    deadline = time.monotonic() + 10
+    while not (made and made[0].batches) and time.monotonic() < deadline:  # sent without anything waiting
+        time.sleep(0.01)
+    assert made[0].batches == [([("a", 1.0)], {}, {})]
+    tracker.end("FINISHED")
+
+
+def test_tracking_goes_synchronous_before_evaluate_only_when_it_times_models() -> None:
+    """The runner stops tracking work running beside a stage that measures latency, and only then: a run
+    without latency keeps its MLflow calls on the worker thread while evaluate scores the models."""
+    from pipeline import registry
+    from stages import calibrate, evaluate, search
+
+    timed, untimed = to_spec(compose_config([])), to_spec(compose_config(["evaluate.latency.enabled=false"]))
+    assert registry.measures_time(evaluate, timed) and not registry.measures_time(evaluate, untimed)
+    assert registry.measures_time(search, untimed)  # a search times its trials whatever evaluate does
+    assert not registry.measures_time(calibrate, timed)
 
 
 def test_a_store_that_fails_to_open_is_a_config_error_at_the_next_call_and_only_once(tmp_path: Path) -> None:

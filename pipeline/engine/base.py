@@ -10,6 +10,7 @@ which only the engine that made it reads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -157,7 +158,7 @@ class Engine(Protocol):
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,
@@ -167,14 +168,15 @@ class Engine(Protocol):
         modules in `bounds`; and every compared module's cumulative SQNR in execution order. Works on models
         with custom or non-traceable modules (same-named modules, by forward hooks). An engine that can only
         compare whole programs (pt2e: torchao's numeric debugger, per node, against the calibrated prepared
-        model) gives cumulative figures alone and marks its layers `cumulative_only`."""
+        model) gives cumulative figures alone and marks its layers `cumulative_only`. `inputs`: one batch, or
+        batches (iterated once) whose signal and noise powers are summed: the figures of the batches joined."""
         ...
 
     def layer_sensitivity(
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[LayerSensitivity]:

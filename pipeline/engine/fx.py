@@ -1,13 +1,14 @@
-"""The FX engine: prepare_fx, the observer state a calibration cache saves and loads, the reference
-convert, the lowering pass, node counts and which module FX could not trace. The only module of the
-project that imports torch.ao.quantization.quantize_fx; `FxEngine` is its `Engine` (engine/base.py).
+"""The FX engine: prepare_fx, the reference convert and the lowering pass; the observer state a
+calibration cache saves and loads, node counts and which module FX could not trace are in
+engine/fx_results.py. The only module of the project that imports torch.ao.quantization.quantize_fx;
+`FxEngine` is its `Engine` (engine/base.py).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,6 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase, QConfigMapping
 from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
 from torch.ao.quantization.fx.lower_to_fbgemm import lower_to_fbgemm
-from torch.ao.quantization.fx.qconfig_mapping_utils import _generate_node_name_to_qconfig, _update_qconfig_for_fusion
 from torch.ao.quantization.quantize_fx import (
     attach_preserved_attrs_to_model,
     convert_fx,
@@ -25,9 +25,9 @@ from torch.ao.quantization.quantize_fx import (
     prepare_fx,
 )
 from torch.fx import GraphModule
-from torch.fx.node import map_aggregate
 
 import pipeline.engine.custom_modules as custom_modules
+import pipeline.engine.fx_results as fx_results
 import pipeline.engine.introspect as introspect
 import pipeline.engine.mappings as mappings
 import pipeline.engine.numerics as numerics
@@ -36,7 +36,7 @@ import pipeline.engine.recovery as recovery
 from pipeline.batch import ModelInputs
 from pipeline.engine.base import ReferenceConversion, UntraceableModule
 from pipeline.engine.custom_modules import preserved_attributes
-from pipeline.engine.mappings import check_convert_mapping
+from pipeline.engine.mappings import convert_node_qconfigs
 from pipeline.engine.qconfigs import get_backend_config, quantized_engine, resolve_import
 from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
@@ -51,62 +51,6 @@ if os.environ.get("PIPELINE_FX_STACK_TRACES", "") != "1":
 # prepared.meta key: the activation bit width the prepare-time mapping was built with (None: the library's
 # own), so every convert-time mapping of that model is built the same way (convert_fx compares them).
 ACTIVATION_BITS_META = "pipeline_activation_bits"
-
-# --------------------------------------------------------------------------------------------------
-# Models FX cannot trace
-
-
-def untraceable_module(error: BaseException) -> UntraceableModule | None:
-    """The innermost module whose forward raised while FX traced the model, from the traceback: the
-    tracer's frame holds the root module, the frames after it the modules being traced. None when the
-    error was not raised during symbolic tracing."""
-    import traceback
-
-    root: nn.Module | None = None
-    innermost: nn.Module | None = None
-    for frame, _ in traceback.walk_tb(error.__traceback__):
-        owner = frame.f_locals.get("self")
-        if root is None:
-            if isinstance(owner, torch.fx.Tracer) and frame.f_code.co_name == "trace":
-                root = owner.root
-        elif isinstance(owner, nn.Module):
-            innermost = owner
-    if root is None:
-        return None
-    names = {id(module): name for name, module in root.named_modules(remove_duplicate=False)}
-    module = innermost if innermost is not None and id(innermost) in names else root
-    return UntraceableModule(names[id(module)], type(module), error)
-
-
-# --------------------------------------------------------------------------------------------------
-# What calibration produced
-
-
-def observer_state_dict(prepared: GraphModule) -> OrderedDict[str, torch.Tensor]:
-    """The calibration result alone: every observer's buffers (min/max, histograms), as the state_dict's
-    OrderedDict with its `_metadata` (module versions). Not the weights: prepare_fx rebuilds them from the
-    float model (for ResNet-18, 47 MB against 0.2 MB of observers)."""
-    prefixes = tuple(
-        f"{name}." for name, module in prepared.named_modules() if isinstance(module, ObserverBase | FakeQuantizeBase)
-    )
-    full = prepared.state_dict()
-    state: OrderedDict[str, torch.Tensor] = OrderedDict(
-        (key, value) for key, value in full.items() if key.startswith(prefixes)
-    )
-    # Each module's state_dict version travels in _metadata; load_state_dict hands it to the module's
-    # _load_from_state_dict, and observers that see no version assume an old layout (torchao's reset eps).
-    state._metadata = copy.copy(getattr(full, "_metadata", OrderedDict()))  # type: ignore[attr-defined]
-    return state
-
-
-def load_observer_state(prepared: GraphModule, state: dict[str, torch.Tensor]) -> None:
-    """Load observer_state_dict's output into a freshly prepared model; the keys must match exactly."""
-    expected = observer_state_dict(prepared).keys()
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"observer keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    prepared.load_state_dict(state, strict=False)
-
 
 # --------------------------------------------------------------------------------------------------
 # prepare / reference-convert / lower
@@ -237,32 +181,31 @@ def convert_reference(
     backend_config: Any,
     convert_custom_config: ConvertCustomConfig,
 ) -> ReferenceConversion:
-    """convert_to_reference_fx on a deep copy (a prepared model converts once), keeping the two maps
-    the lowering pass needs: convert_fx computes them internally and drops them with the metadata."""
+    """convert_to_reference_fx on a deep copy (a prepared model converts once, and every caller reuses its
+    calibrated model: bias correction, diagnose, the search's trials), keeping the two maps the lowering
+    pass needs: convert_fx computes them internally and drops them with the metadata.
+
+    convert_fx given a convert-time mapping deep-copies every module to compute the per-node qconfigs
+    (the computation sets each module's `qconfig`) and checks them against prepare's; we need those
+    qconfigs anyway, so they are computed here once, on the copy with its modules' `qconfig` restored
+    afterwards, checked as convert_fx checks them, and handed to convert_to_reference_fx as the observed
+    model's own (mappings.convert_node_qconfigs): one model copy per conversion instead of three, the same
+    converted model."""
     prepared = copy.deepcopy(prepared)
     attrs = prepared.meta["_observed_graph_module_attrs"]
     node_name_to_scope = dict(attrs.node_name_to_scope)
-    # The same computation convert() does before converting: fusion-adjusted convert mapping,
-    # then the per-node qconfig on the not yet converted graph.
-    mapping_for_nodes = copy.deepcopy(convert_mapping)
-    _update_qconfig_for_fusion(prepared, mapping_for_nodes)
-    check_convert_mapping(attrs.qconfig_mapping, mapping_for_nodes)
-    node_name_to_qconfig = _generate_node_name_to_qconfig(
-        prepared,
-        copy.deepcopy(dict(prepared.named_modules(remove_duplicate=False))),
-        prepared.graph,
-        mapping_for_nodes,
-        node_name_to_scope,
-    )
+    # The same computation convert() does before converting, on the copy's own modules.
+    node_name_to_qconfig = convert_node_qconfigs(prepared, convert_mapping, attrs, node_name_to_scope)
     left_float = sorted(
         name
         for name, qconfig in attrs.node_name_to_qconfig.items()
         if qconfig is not None and node_name_to_qconfig.get(name) is None
     )
+    attrs.node_name_to_qconfig = node_name_to_qconfig  # convert_fx's own choice when given the mapping
     reference = convert_to_reference_fx(
         prepared,
         convert_custom_config=convert_custom_config,
-        qconfig_mapping=convert_mapping,
+        qconfig_mapping=None,
         backend_config=backend_config,
     )
     return ReferenceConversion(reference, FxConvertState(node_name_to_qconfig, node_name_to_scope), left_float)
@@ -295,72 +238,6 @@ def convert_in_one_step(
             qconfig_mapping=convert_mapping,
             backend_config=backend_config,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# What got quantized
-
-_GLUE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.dequantize, "dequantize"}
-
-
-def _float_out_quantized_op(model: GraphModule, node: torch.fx.Node) -> bool:
-    """A quantized op with float input and output: dynamic int8 / fp16 Linear (torch.ao.nn.quantized.dynamic,
-    or quantized::linear_dynamic for functional linear) and weight-only Embedding (quantized::embedding_byte)."""
-    if node.op == "call_module":
-        return type(model.get_submodule(str(node.target))).__module__.startswith(
-            ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
-        )
-    return node.op == "call_function" and getattr(node.target, "_qualified_op_name", "").startswith("quantized::")
-
-
-class _OutputKinds(torch.fx.Interpreter):
-    """Runs the graph and records, per node, whether it produced a tensor and whether that is one
-    quantized tensor: what node_kinds needs from torch.fx.passes.shape_prop.ShapeProp, without its import
-    of torch.fx.experimental.symbolic_shapes (sympy: about 1 s, in every run's lower stage)."""
-
-    def __init__(self, module: GraphModule) -> None:
-        super().__init__(module)
-        self.outputs: dict[str, tuple[bool, bool]] = {}  # node name -> (produced a tensor, a quantized one)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
-        found = []  # as ShapeProp: a tensor anywhere in a (nested) tuple, list or dict output counts
-        map_aggregate(result, lambda value: found.append(value) if isinstance(value, torch.Tensor) else None)
-        self.outputs[n.name] = (bool(found), isinstance(result, torch.Tensor) and result.is_quantized)
-        return result
-
-
-def node_kinds(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
-    """Each tensor-producing compute node's kind, by what it produces on the example inputs: quantized
-    (int8 kernels, ops running on int8 tensors, and dynamic / fp16 / weight-only quantized ops, whose
-    input and output are float), float (left in float), or quantize_dequantize glue."""
-    interpreter = _OutputKinds(model)
-    with quantized_engine(engine), torch.no_grad():
-        interpreter.run(*example_inputs.positional(model))
-    kinds: dict[str, str] = {}
-    for node in model.graph.nodes:
-        produced, quantized = interpreter.outputs.get(node.name, (False, False))
-        if node.op not in ("call_module", "call_function", "call_method") or not produced:
-            continue
-        is_glue_module = node.op == "call_module" and type(model.get_submodule(str(node.target))).__name__ in (
-            "Quantize",
-            "DeQuantize",
-        )
-        if node.target in _GLUE or is_glue_module:
-            kinds[node.name] = "quantize_dequantize"
-        elif quantized or _float_out_quantized_op(model, node):
-            kinds[node.name] = "quantized"
-        else:
-            kinds[node.name] = "float"
-    return kinds
-
-
-def count_nodes(model: GraphModule, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
-    """node_kinds counted: {'quantized': n, 'float': n, 'quantize_dequantize': n}."""
-    counts = {"quantized": 0, "float": 0, "quantize_dequantize": 0}
-    for kind in node_kinds(model, example_inputs, engine).values():
-        counts[kind] += 1
-    return counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +297,7 @@ class FxEngine:
         return recovery.correct_bias(conversion.model, prepared, batches, samples)
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
-        return untraceable_module(error)
+        return fx_results.untraceable_module(error)
 
     def clamp_bounded_activations(
         self, prepared: nn.Module, model: nn.Module, backend: BackendSpec, custom: CustomConfigSpec
@@ -431,15 +308,19 @@ class FxEngine:
 
     def observer_state(self, prepared: nn.Module) -> dict[str, torch.Tensor]:
         assert isinstance(prepared, GraphModule)
-        return observer_state_dict(prepared)
+        return fx_results.observer_state_dict(prepared)
 
     def load_observer_state(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> None:
         assert isinstance(prepared, GraphModule)
-        load_observer_state(prepared, state)
+        fx_results.load_observer_state(prepared, state)
 
     def missing_observer_sources(self, prepared: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
         assert isinstance(prepared, GraphModule)
-        return [f"{key} is not in the observer state" for key in observer_state_dict(prepared) if key not in state]
+        return [
+            f"{key} is not in the observer state"
+            for key in fx_results.observer_state_dict(prepared)
+            if key not in state
+        ]
 
     def convert_reference(
         self,
@@ -475,11 +356,11 @@ class FxEngine:
 
     def count_nodes(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, int]:
         assert isinstance(model, GraphModule)
-        return count_nodes(model, example_inputs, engine)
+        return fx_results.count_nodes(model, example_inputs, engine)
 
     def node_kinds(self, model: nn.Module, example_inputs: ModelInputs, engine: str) -> dict[str, str]:
         assert isinstance(model, GraphModule)
-        return node_kinds(model, example_inputs, engine)
+        return fx_results.node_kinds(model, example_inputs, engine)
 
     def check_custom_modules(
         self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str
@@ -493,7 +374,7 @@ class FxEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,
@@ -505,7 +386,7 @@ class FxEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list[numerics.LayerSensitivity]:

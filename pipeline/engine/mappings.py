@@ -3,12 +3,14 @@ entries to None), convert_fx's rule on the two checked up front, and the fused t
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import OrderedDict
 from typing import Any
 
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+from torch.ao.quantization.fx.qconfig_mapping_utils import _generate_node_name_to_qconfig, _update_qconfig_for_fusion
 from torch.ao.quantization.qconfig import qconfig_equals
 
 from pipeline.engine.qconfigs import import_path, named_qconfig, resolve_import
@@ -197,6 +199,40 @@ def check_convert_mapping(prepare_mapping: QConfigMapping, convert_mapping: QCon
                     f"{kind} entry {shown} is new at convert time with {_describe(added)} (prepare had no such "
                     f"entry): {rule}."
                 )
+
+
+def convert_node_qconfigs(
+    prepared: nn.Module, convert_mapping: QConfigMapping, attrs: Any, node_name_to_scope: dict[str, tuple[str, type]]
+) -> dict[str, Any]:
+    """Each node's convert-time qconfig, as convert_fx computes it when given a convert-time mapping (the
+    mapping adjusted for fusion, checked against prepare's, the per-node qconfigs checked against the
+    observed ones), without its deep copy of every module: the computation sets `qconfig` on the modules it
+    visits, and the prepare-time values are put back instead. `attrs`: the prepared model's
+    ObservedGraphModuleAttrs."""
+    mapping = copy.deepcopy(convert_mapping)
+    _update_qconfig_for_fusion(prepared, mapping)
+    check_convert_mapping(attrs.qconfig_mapping, mapping)
+    modules = dict(prepared.named_modules(remove_duplicate=False))
+    missing = object()
+    before = {name: module.__dict__.get("qconfig", missing) for name, module in modules.items()}
+    try:
+        found = _generate_node_name_to_qconfig(prepared, modules, prepared.graph, mapping, node_name_to_scope)
+    finally:
+        for name, module in modules.items():
+            if before[name] is missing:
+                module.__dict__.pop("qconfig", None)
+            else:
+                module.__dict__["qconfig"] = before[name]
+    for name, observed in attrs.node_name_to_qconfig.items():  # convert_fx's per-node check
+        if name not in found:
+            raise RuntimeError(f"convert: node {name} of the prepared model has no convert-time qconfig")
+        if found[name] is not None and not qconfig_equals(observed, found[name]):
+            raise ConfigError(
+                f"convert: node {name} was observed with {_describe(observed)} but the convert-time mapping gives "
+                f"it {_describe(found[name])}; a skip-list may only set qconfigs to None (a different qconfig "
+                f"needs a new calibration)."
+            )
+    return found
 
 
 def check_specs(backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpec) -> None:

@@ -18,9 +18,9 @@ design, and comparing it with the unclipped float output would blame the layer f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,15 +71,41 @@ class LayerDiagnostics:
 _GLUE = ("Quantize", "DeQuantize")
 
 
+@dataclass
+class Power:
+    """Signal and noise power of one comparison, summed batch by batch: its SQNR is the SQNR of the batches
+    joined (up to float rounding), while only one batch is held (diagnose's per-node pt2e figures and its
+    verified output SQNRs sum them too)."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def add(self, reference: torch.Tensor, approximation: torch.Tensor) -> None:
+        reference, approximation = reference.detach().float(), approximation.detach().float()
+        self.noise += (reference - approximation).pow(2).sum().item()
+        self.signal += reference.pow(2).sum().item()
+
+    @property
+    def db(self) -> float:
+        if self.noise == 0.0:
+            return float("inf")
+        if self.signal == 0.0:
+            return float("-inf")
+        return 10.0 * torch.log10(torch.tensor(self.signal / self.noise)).item()
+
+
+_Power = Power  # the name tests/test_search_stream.py uses
+
+
+def as_batches(inputs: ModelInputs | torch.Tensor | Iterable[Any]) -> Iterable[Any]:
+    """One batch as a one-batch sequence; batches (any iterable) as they are."""
+    return [inputs] if isinstance(inputs, ModelInputs | torch.Tensor) else inputs
+
+
 def _sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    reference, approximation = reference.detach().float(), approximation.detach().float()
-    noise = (reference - approximation).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+    power = Power()
+    power.add(reference, approximation)
+    return power.db
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -197,59 +223,114 @@ def _clip(value: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tens
     return value if bounds is None else value.clamp(*bounds)
 
 
+@dataclass
+class _Compared:
+    """One compared module's figures, accumulated over the batches."""
+
+    kind: str
+    clip: tuple[float, float] | None
+    quantized: bool
+    has_weight: bool
+    weight_sqnr_db: float | None
+    cumulative: Power = field(default_factory=Power)
+    own: Power | None = None  # None: not measurable (no input, or the module refused the float input)
+    kernel: Power | None = None  # None: no float simulation to compare the int8 kernel with
+
+
 def module_numerics(
     prepared: GraphModule,
     lowered: GraphModule,
-    inputs: ModelInputs,
+    inputs: ModelInputs | Iterable[ModelInputs],
     engine: str,
     reference: nn.Module | None = None,
     bounds: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
-    """Per quantized module (worst own SQNR first) and every compared module in execution order."""
+    """Per quantized module (worst own SQNR first) and every compared module in execution order.
+
+    `inputs`: one batch, or batches (any iterable, consumed once): each SQNR sums its signal and noise power
+    over the batches, so it equals the SQNR on the batches joined (up to float rounding) while memory holds
+    one batch and the activations recorded for it, whatever the number of batches."""
     bounds = bounds or {}
     names = compared_modules(lowered, prepared)
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
+    batches = as_batches(inputs)
+    compared: dict[str, _Compared] = {}  # execution order of the int8 model (on the first batch)
     with quantized_engine(engine), torch.no_grad():
-        with _recording(lowered, names) as int8_seen:
-            inputs.call(lowered)
-        # Observers bypassed: the calibration must not learn the evaluation batches.
-        with _without_observers(prepared), _recording(prepared, names) as float_seen:
-            inputs.call(prepared)
-        reference_modules = dict(reference.named_modules()) if reference is not None else {}
-        logged: list[LoggedOutput] = []
-        layers: list[LayerDiagnostics] = []
-        for name in int8_seen:  # execution order of the int8 model
-            if name not in float_seen:
-                continue
-            (int8_args, int8_output), (float_args, float_output) = int8_seen[name], float_seen[name]
-            int8_out, float_out = first_tensor(int8_output), first_tensor(float_output)
-            if int8_out is None or float_out is None or int8_out.shape != float_out.shape:
-                continue
-            module = lowered.get_submodule(name)
-            kind = type(module).__name__
-            clip = bounds.get(name)
-            quantized = int8_out.is_quantized or type(module).__module__.startswith(
-                ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
-            )
-            cumulative = _sqnr(_clip(float_out, clip), _clip(_float(int8_out), clip))
-            own = _own(module, int8_args, float_args, float_out, clip)
-            kernel = _kernel(reference_modules.get(name), module, int8_args, int8_out)
-            float_weight, int8_weight = _weight(prepared.get_submodule(name)), _weight(module)
-            weight = (
-                _sqnr(float_weight, int8_weight)
-                if float_weight is not None and int8_weight is not None and float_weight.shape == int8_weight.shape
-                else None
-            )
-            has_weight = int8_weight is not None
-            logged.append(LoggedOutput(name, name, kind, cumulative, has_weight, kernel, quantized))
-            # Layers: what a skip-list leaves float (modules with weights, custom modules). Pooling, ReLU6 and
-            # the like run on int8 tensors between int8 neighbours: lowering re-quantizes them if skipped.
-            if quantized and (has_weight or not type(module).__module__.startswith("torch.")):
-                layers.append(
-                    LayerDiagnostics(
-                        name, kind, cumulative if own is None else own, cumulative, weight, kernel, clip, has_weight
-                    )
+        for batch in batches:
+            batch = ModelInputs.wrap(batch)
+            with _recording(lowered, names) as int8_seen:
+                batch.call(lowered)
+            # Observers bypassed (no copy): the calibration must not learn the evaluation batches.
+            with _without_observers(prepared), _recording(prepared, names) as float_seen:
+                batch.call(prepared)
+            for name in int8_seen:
+                if name not in float_seen:
+                    continue
+                (int8_args, int8_output), (float_args, float_output) = int8_seen[name], float_seen[name]
+                int8_out, float_out = first_tensor(int8_output), first_tensor(float_output)
+                if int8_out is None or float_out is None or int8_out.shape != float_out.shape:
+                    continue
+                module = lowered.get_submodule(name)
+                figures = compared.get(name)
+                if figures is None:
+                    figures = compared[name] = _first_seen(name, module, prepared, int8_out, bounds)
+                clip = figures.clip
+                figures.cumulative.add(_clip(float_out, clip), _clip(_float(int8_out), clip))
+                own = _own(module, int8_args, float_args, float_out, clip)
+                if own is not None:
+                    figures.own = figures.own or Power()
+                    figures.own.add(*own)
+                kernel = _kernel(reference_modules.get(name), module, int8_args, int8_out)
+                if kernel is not None:
+                    figures.kernel = figures.kernel or Power()
+                    figures.kernel.add(*kernel)
+            del int8_seen, float_seen  # this batch's recorded activations, before the next batch's
+    logged: list[LoggedOutput] = []
+    layers: list[LayerDiagnostics] = []
+    for name, figures in compared.items():
+        cumulative = figures.cumulative.db
+        own_db = figures.own.db if figures.own is not None else None
+        kernel_db = figures.kernel.db if figures.kernel is not None else None
+        logged.append(
+            LoggedOutput(name, name, figures.kind, cumulative, figures.has_weight, kernel_db, figures.quantized)
+        )
+        # Layers: what a skip-list leaves float (modules with weights, custom modules). Pooling, ReLU6 and
+        # the like run on int8 tensors between int8 neighbours: lowering re-quantizes them if skipped.
+        module = lowered.get_submodule(name)
+        if figures.quantized and (figures.has_weight or not type(module).__module__.startswith("torch.")):
+            layers.append(
+                LayerDiagnostics(
+                    name,
+                    figures.kind,
+                    cumulative if own_db is None else own_db,
+                    cumulative,
+                    figures.weight_sqnr_db,
+                    kernel_db,
+                    figures.clip,
+                    figures.has_weight,
                 )
+            )
     return sorted(layers, key=lambda layer: layer.own_sqnr_db), logged
+
+
+def _first_seen(
+    name: str,
+    module: nn.Module,
+    prepared: nn.Module,
+    int8_out: torch.Tensor,
+    bounds: dict[str, tuple[float, float]],
+) -> _Compared:
+    """What does not change from batch to batch: the module's kind, clip, whether it is int8, its weight SQNR."""
+    quantized = int8_out.is_quantized or type(module).__module__.startswith(
+        ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+    )
+    float_weight, int8_weight = _weight(prepared.get_submodule(name)), _weight(module)
+    weight = (
+        _sqnr(float_weight, int8_weight)
+        if float_weight is not None and int8_weight is not None and float_weight.shape == int8_weight.shape
+        else None
+    )
+    return _Compared(type(module).__name__, bounds.get(name), quantized, int8_weight is not None, weight)
 
 
 def _own(
@@ -258,8 +339,9 @@ def _own(
     float_args: tuple[Any, ...],
     float_out: torch.Tensor,
     clip: tuple[float, float] | None,
-) -> float | None:
-    """The int8 module on the float model's input to it (quantized with the int8 input's qparams)."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 module on the float model's input to it (quantized with the int8 input's qparams): the float
+    output and that output, to compare."""
     if not int8_args or not float_args:
         return None
     args = []
@@ -274,14 +356,14 @@ def _own(
         return None
     if output is None or output.shape != float_out.shape:
         return None
-    return _sqnr(_clip(float_out, clip), _clip(_float(output), clip))
+    return _clip(float_out, clip), _clip(_float(output), clip)
 
 
 def _kernel(
     simulation: nn.Module | None, module: nn.Module, int8_args: tuple[Any, ...], int8_out: torch.Tensor
-) -> float | None:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The int8 module's output against its float simulation (the reference model's module, run on the
-    dequantized int8 input and rounded to the output's int8 grid)."""
+    dequantized int8 input and rounded to the output's int8 grid): the simulation and the output, to compare."""
     if simulation is None or not int8_out.is_quantized or simulation is module:
         return None
     kind = type(simulation)
@@ -294,7 +376,7 @@ def _kernel(
         return None
     if expected is None or expected.shape != int8_out.shape:
         return None
-    return _sqnr(_float(_requantized_like(_float(expected), int8_out)), _float(int8_out))
+    return _float(_requantized_like(_float(expected), int8_out)), _float(int8_out)
 
 
 def consumers(prepared: GraphModule, names: list[str]) -> dict[str, set[str]]:
@@ -324,14 +406,15 @@ def consumers(prepared: GraphModule, names: list[str]) -> dict[str, set[str]]:
 def layer_sensitivity(
     prepared: GraphModule,
     lowered: GraphModule,
-    inputs: ModelInputs,
+    inputs: ModelInputs | Iterable[ModelInputs],
     engine: str,
     bounds: dict[str, tuple[float, float]] | None = None,
 ) -> list[LayerSensitivity]:
     """Each quantized layer's error, worst first: its own SQNR (the int8 layer on the float model's input,
     so one bad layer does not make every later one look bad), or, when lower, the own SQNR of a layer
     its output feeds. A layer that suffers from its int8 input (an activation outlier produced upstream)
-    is only fixed with its producer float too, so the producer ranks with it (what a skip search ranks by)."""
+    is only fixed with its producer float too, so the producer ranks with it (what a skip search ranks by).
+    `inputs`: one batch or an iterable of batches, accumulated (module_numerics): a search streams its set."""
     layers, _ = module_numerics(prepared, lowered, inputs, engine, None, bounds)
     own = {layer.module_name: layer.own_sqnr_db for layer in layers}
     feeds = consumers(prepared, list(own))

@@ -13,7 +13,9 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
   of its observers observed exactly what one of the model without it did.
 - What a Quantizer cannot express is refused at start-up with the reason (`check`): call-order entries,
   qconfig names of the FX library, op types the quantizer has no entry for (x86 fuses `add` into the conv
-  before it, so there is no add to leave float), custom modules.
+  before it, so there is no add to leave float). Custom modules (custom_config's float classes) stay float as
+  one `torch.library.custom_op` node each (pt2e_custom.py): torch.export cannot capture a block FX could not
+  trace either, and a Quantizer has no observed / quantized classes.
 - The compiled model (torch.compile of the q/dq program, pt2e_compiled.py) is checked against the q/dq
   program on the first call at every input shape: a compiled artifact was seen to give wrong outputs (issue
   16, AOTInductor with freezing and a dynamic batch on the digits net).
@@ -23,11 +25,11 @@ What differs from FX, and why (measured with torch 2.13.0 and torchao 0.18.0, se
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +38,13 @@ from torch import nn
 from torch.fx import GraphModule
 
 from pipeline.batch import ModelInputs
+from pipeline.engine import pt2e_custom
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
-from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, first_tensor
-from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of, used_tensor_names
+from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, Power, as_batches, first_tensor
+from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of
 from pipeline.engine.pt2e_quantizers import build_quantizer, check_specs, quiet_import, torchao_module
 from pipeline.engine.qconfigs import import_path, resolve_import
 from pipeline.errors import ConfigError, closest
-from pipeline.measure import sqnr_db
 from pipeline.schema import (
     BackendSpec,
     CustomConfigSpec,
@@ -89,12 +91,17 @@ def prepare(
     mapping: QConfigMappingSpec,
     engine: EngineSpec,
     bits: int | None = None,
+    custom: CustomConfigSpec | None = None,
 ) -> GraphModule:
     _, quantize_pt2e, _ = torchao_module()
     example = export_example(example_inputs)
     float_model = copy.deepcopy(model).eval()
-    exported = export_program(float_model, example).module()
     quantizer = build_quantizer(float_model, backend, mapping, engine, bits)
+    blocks = pt2e_custom.custom_block_names(float_model, custom) if custom is not None else []
+    if blocks:
+        ops = pt2e_custom.wrap_blocks(float_model, blocks, example.call, f"custom_config={custom.name}")
+        log.info("engine=pt2e: custom blocks kept float as custom ops: %s", ops)
+    exported = export_program(float_model, example).module()
     with quiet_import():
         prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
     prepared.meta["pt2e_origin"] = Pt2eOrigin(
@@ -255,6 +262,8 @@ def node_kinds(model: nn.Module) -> dict[str, str]:
             continue
         if _is_glue(node):
             kinds[node.name] = "quantize_dequantize"
+        elif str(node.target).startswith(f"{pt2e_custom.NAMESPACE}."):
+            kinds[node.name] = "float"  # a custom block: float inside, whatever feeds it
         elif any(_is_glue(arg) for arg in node.all_input_nodes):
             kinds[node.name] = "quantized"
         else:
@@ -302,7 +311,7 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def node_numerics(
-    prepared: GraphModule, program: GraphModule, inputs: ModelInputs
+    prepared: GraphModule, program: GraphModule, inputs: ModelInputs | Iterable[ModelInputs]
 ) -> tuple[list[LayerDiagnostics], list[LoggedOutput]]:
     """torchao's numeric debugger: every node's output in the q/dq program against the same node (by its
     torch.export origin) of the calibrated prepared model. The prepared model is the reference, not the float
@@ -310,62 +319,36 @@ def node_numerics(
     not by quantization (issue 16: -1 to 8 dB per conv, against 37-44 dB). The figures are cumulative (a
     node's output carries every earlier node's error); own, weight and kernel SQNR are not measured. The
     debugger runs copies, whose observers pass values through: the calibration learns nothing here.
-    Layers: the conv/linear nodes whose weight is int8, worst first, named by their module."""
+    `inputs`: one batch or batches, compared batch by batch (the loggers emptied after each) with signal and
+    noise power summed per node. Layers: the conv/linear nodes whose weight is int8, worst first."""
     pt2e, _, _ = torchao_module()
     reference = pt2e.prepare_for_propagation_comparison(prepared)
     actual = pt2e.prepare_for_propagation_comparison(program)
-    with torch.no_grad():
-        inputs.call(reference)
-        inputs.call(actual)
-    compared = pt2e.compare_results(
-        pt2e.extract_results_from_loggers(reference), pt2e.extract_results_from_loggers(actual)
-    )
+    powers: dict[Any, tuple[str, Power]] = {}  # graph order (of the first batch)
+    for batch in map(ModelInputs.wrap, as_batches(inputs)):
+        with torch.no_grad():
+            batch.call(reference)
+            batch.call(actual)
+        results = [pt2e.extract_results_from_loggers(model) for model in (reference, actual)]
+        for info, summary in pt2e.compare_results(*results).items():
+            found = [first_tensor(value) for value in (summary.results[0].ref, summary.results[0].actual)]
+            if found[0] is not None and found[1] is not None and found[0].shape == found[1].shape:
+                powers.setdefault(info, (info.name, Power()))[1].add(found[0], found[1])
+        for model in (reference, actual):  # this batch's logged outputs, before the next batch's
+            for logger in model.children():
+                getattr(logger, "stats", []).clear()
     nodes = {node.name: node for node in program.graph.nodes}
     kinds = node_kinds(program)
     logged: list[LoggedOutput] = []
     layers: list[LayerDiagnostics] = []
-    for info, summary in compared.items():  # graph order
-        node = nodes.get(info.name)
-        found = [first_tensor(value) for value in (summary.results[0].ref, summary.results[0].actual)]
-        if node is None or found[0] is None or found[1] is None or found[0].shape != found[1].shape:
+    for node_name, power in powers.values():
+        if (node := nodes.get(node_name)) is None:
             continue
-        sqnr = sqnr_db(found[0].float(), found[1].float())
-        name, op = _module_path(node) or node.name, _op_name(node)
-        weighted = bool(_int8_weight(node))
+        sqnr, name, op, weighted = power.db, _module_path(node) or node.name, _op_name(node), bool(_int8_weight(node))
         logged.append(LoggedOutput(node.name, name, op, sqnr, weighted, None, kinds.get(node.name) == "quantized"))
         if weighted:
             layers.append(LayerDiagnostics(name, op, sqnr, sqnr, None, None, None, True, cumulative_only=True))
     return sorted(layers, key=lambda layer: layer.own_sqnr_db), logged
-
-
-# --------------------------------------------------------------------------------------------------
-# Deployable files
-
-
-def save_program(program: GraphModule, example: ModelInputs, path: Any) -> None:
-    """The q/dq program as a stripped `.pt2`: re-exported from the converted module (so only the weights it
-    uses travel, not the float ones) with a dynamic batch, without its example inputs."""
-    program = copy.deepcopy(program)
-    used = used_tensor_names(program)
-    # convert_pt2e leaves the float weights on the module; torch.export would lift every one of them.
-    for name in [n for n, _ in [*program.named_parameters(), *program.named_buffers()] if n not in used]:
-        owner, _, attribute = name.rpartition(".")
-        delattr(program.get_submodule(owner), attribute)
-    exported = export_program(program, example)
-    with contextlib.suppress(AttributeError):
-        exported._example_inputs = None  # type: ignore[attr-defined]
-    torch.export.save(exported, str(path))
-
-
-def save_aot_inductor(program: GraphModule, inputs: ModelInputs, path: Any) -> None:
-    """An AOTInductor package of the q/dq program with a static batch (inputs' batch size) and freezing: it
-    loads with plain torch (torch._inductor.aoti_load_package) and runs at that batch size only. A dynamic
-    batch with freezing gave wrong outputs on the digits net (issue 16), so the batch is static."""
-    import torch._inductor.config as inductor_config
-
-    exported = torch.export.export(program, inputs.positional(program))
-    with inductor_config.patch(freezing=True):
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +381,7 @@ class Pt2eEngine:
         import pipeline.engine.recovery as recovery
 
         bits = recovery.activation_bits(recovery_spec, backend.engine) if recovery_spec is not None else None
-        return prepare(model, example_inputs, backend, mapping, self.spec, bits)
+        return prepare(model, example_inputs, backend, mapping, self.spec, bits, custom)
 
     def smooth_quant(
         self, model: nn.Module, batches: list[Any], alpha: float, custom: CustomConfigSpec
@@ -423,7 +406,7 @@ class Pt2eEngine:
     def check_custom_modules(
         self, prepared: nn.Module, example_inputs: ModelInputs, custom: CustomConfigSpec, engine: str
     ) -> None:
-        return None  # custom modules are refused by check()
+        return None  # no observed / quantized classes on pt2e: a custom block is one float custom op
 
     def clamp_bounded_activations(
         self, prepared: nn.Module, model: nn.Module, backend: BackendSpec, custom: CustomConfigSpec
@@ -465,13 +448,13 @@ class Pt2eEngine:
         return node_kinds(model)
 
     def numerics_blocker(self, custom: CustomConfigSpec) -> str | None:
-        return None  # torchao's numeric debugger, per node (custom modules are refused by check())
+        return None  # torchao's numeric debugger, per node (a custom block is one float node)
 
     def layer_sensitivity(
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         bounds: dict[str, tuple[float, float]] | None = None,
     ) -> list:
@@ -484,7 +467,7 @@ class Pt2eEngine:
         self,
         prepared: nn.Module,
         lowered: nn.Module,
-        inputs: ModelInputs,
+        inputs: ModelInputs | Iterable[ModelInputs],
         engine: str,
         reference: nn.Module | None = None,
         bounds: dict[str, tuple[float, float]] | None = None,

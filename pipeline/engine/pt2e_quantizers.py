@@ -1,6 +1,7 @@
 """torchao for the PT2E engine (engine/pt2e.py): importing it quietly, the Quantizer for a backend, and the
 start-up checks of what a Quantizer can express (skip-lists and mapping entries fold into its prepare-time
-configuration; call-order entries, FX library qconfig names and unconfigurable op types are refused)."""
+configuration; call-order entries, FX library qconfig names and unconfigurable op types are refused; custom
+modules stay float as custom ops, pt2e_custom.py)."""
 
 from __future__ import annotations
 
@@ -129,11 +130,10 @@ def check_specs(backend: BackendSpec, mapping: QConfigMappingSpec, skip: SkipSpe
     if backend.engine == "qnnpack":
         _xnnpack()
     if custom.prepare or custom.convert:
-        raise ConfigError(
-            f"custom_config={custom.name} with engine=pt2e: custom modules (observed / quantized classes) are an "
-            f"FX prepare/convert feature; under torch.export a block stays float only as a torch.library.custom_op, "
-            f"which this pipeline does not build. Use engine=fx, or custom_config=none."
-        )
+        # Class paths checked here; a block's call signature is checked when it is wrapped (pt2e_custom.py).
+        from pipeline.engine.custom_modules import check_custom_config
+
+        check_custom_config(custom)
     if mapping.clamp_bounded_activations:
         raise ConfigError(
             "qconfig_mapping.clamp_bounded_activations=true with engine=pt2e: the clamp edits FX observers; "

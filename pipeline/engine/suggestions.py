@@ -6,6 +6,7 @@ the skip-list instead of re-converting."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import nn
 from pipeline.batch import ModelInputs
 from pipeline.engine import get_engine, steps
 from pipeline.engine.base import ReferenceConversion
+from pipeline.engine.numerics import Power
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.measure import sqnr_db
 from pipeline.schema import BackendSpec, CustomConfigSpec, EngineSpec, QConfigMappingSpec, RecoverySpec, SkipSpec
 
 
@@ -52,25 +53,36 @@ class Verified:
 
 
 class Measure:
-    """Output SQNR (and accuracy or agreement) of a candidate model on the diagnose batches."""
+    """Output SQNR (and accuracy or agreement) of a candidate model on the diagnose batches, streamed:
+    `scoring` (a pipeline/scoring.py ScoringSet) yields (inputs, the float model's outputs, labels or None)
+    batch by batch on each pass. The SQNR sums signal and noise power and the score counts per batch, so
+    both equal the figures on the batches joined (up to float rounding) while one batch is held. `probe`
+    (the first batch's inputs) is what `float_outputs` runs to see which modules a candidate left float."""
 
-    def __init__(self, model: nn.Module, inputs: ModelInputs, labels: torch.Tensor | None, engine: str) -> None:
-        self.inputs, self.labels, self.engine = inputs, labels, engine
-        with torch.no_grad():
-            self.float_outputs = inputs.call(model)
-        self.score_name = "accuracy" if labels is not None else "agreement"
+    def __init__(
+        self,
+        scoring: Iterable[tuple[ModelInputs, Any, torch.Tensor | None]],
+        labelled: bool,
+        engine: str,
+        probe: ModelInputs,
+    ) -> None:
+        self.scoring, self.engine, self.probe = scoring, engine, probe
+        self.score_name = "accuracy" if labelled else "agreement"
 
     def __call__(self, model: nn.Module, engine: str | None = None) -> tuple[float, float | None]:
+        power, correct, count, scored = Power(), 0, 0, True
         with quantized_engine(engine or self.engine), torch.no_grad():
-            outputs = self.inputs.call(model)
-        if not isinstance(outputs, torch.Tensor) or not isinstance(self.float_outputs, torch.Tensor):
-            return float("nan"), None
-        sqnr = sqnr_db(self.float_outputs, outputs)
-        score = None
-        if outputs.dim() == 2:
-            target = self.labels if self.labels is not None else self.float_outputs.argmax(1)
-            score = (outputs.argmax(1) == target).float().mean().item()
-        return sqnr, score
+            for inputs, float_outputs, labels in self.scoring:
+                outputs = inputs.call(model)
+                if not isinstance(outputs, torch.Tensor) or not isinstance(float_outputs, torch.Tensor):
+                    return float("nan"), None
+                power.add(float_outputs, outputs)
+                scored = scored and outputs.dim() == 2
+                if scored:
+                    target = labels if labels is not None else float_outputs.argmax(1)
+                    correct += int((outputs.argmax(1) == target).sum())
+                    count += int(outputs.shape[0])
+        return power.db, correct / count if scored and count else None
 
 
 @dataclass
@@ -132,7 +144,7 @@ def verify_skip(
     except steps.NothingQuantizedError:
         return Verified(what, before[0], None, measure.score_name, before[1], None, "nothing left int8")
     sqnr, score = measure(model)
-    kept_float = get_engine(setting.flow).float_outputs(model, names, measure.inputs, setting.backend.engine)
+    kept_float = get_engine(setting.flow).float_outputs(model, names, measure.probe, setting.backend.engine)
     undone = [name for name in names if kept_float.get(name) is False]
     verified = Verified(what, before[0], sqnr, measure.score_name, before[1], score)
     if undone:

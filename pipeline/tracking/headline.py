@@ -59,8 +59,10 @@ def delta_points(delta: float) -> float:
 def first_headline_metric(spec: PipelineSpec) -> str | None:
     """The headline metric logged first (as NaN until evaluate measures it), so that MLflow's compare view,
     which plots the first metric the runs share in logging order, opens on it rather than on a constant
-    such as data/calibration_samples. None when the run does not evaluate."""
-    return metric_keys.HEADLINE_SQNR_DB if "evaluate" in spec.stages else None
+    such as data/calibration_samples. None when the run does not evaluate, or evaluates without the float
+    model (evaluate.models): there is then no SQNR to replace the placeholder."""
+    evaluates_against_float = "evaluate" in spec.stages and "float" in spec.evaluate.models
+    return metric_keys.HEADLINE_SQNR_DB if evaluates_against_float else None
 
 
 def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

@@ -69,6 +69,7 @@ class MlflowTracker:
         self.nested = False
         self.kind = "run"  # how the log lines name it: "sweep parent run" for a sweep's (tag sweep=true)
         self.experiment_id: str | None = None
+        self.experiment_tags: dict[str, str] = {}  # as start() found them: share_view writes only a change
         self.last_run_id: str | None = None  # the run's id after end(), for the closing summary
 
     @classmethod
@@ -92,7 +93,7 @@ class MlflowTracker:
         run_name: str | None = None,
     ) -> None:
         self.client = connect(self.spec)
-        experiment_id = ensure_experiment(self.client, self.spec)
+        experiment_id, self.experiment_tags = _ensure_experiment(self.client, self.spec)
         close_stale_runs(self.client, experiment_id)
         all_tags = {**tags, **process_tags()}
         if parent_run_id:
@@ -135,6 +136,21 @@ class MlflowTracker:
         assert self.client is not None and self.run_id is not None
         timestamp = _now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
+
+    def log_batch(
+        self, metrics: Sequence[tuple[str, float, int]], params: Mapping[str, Any], tags: Mapping[str, str]
+    ) -> None:
+        """Metrics as (key, value, timestamp ms), in the order logged (a key twice: both, as its history),
+        params (flattened as log_params does) and tags in one store call."""
+        if not self.active:
+            return
+        assert self.client is not None and self.run_id is not None
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), timestamp, 0) for key, value, timestamp in metrics],
+            params=[Param(k, str(v)) for k, v in flatten(params).items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:
@@ -226,7 +242,10 @@ class MlflowTracker:
             # Grouped by backend: the groups open expanded, where a sweep's parent run would hide its jobs.
             "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "Backend"}]},
         }
-        self.client.set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
+        tag, value = f"{SHARED_VIEW_TAG}{key}", json.dumps(state)
+        if self.experiment_tags.get(tag) != value:  # every run shares the same view: a store write once
+            self.client.set_experiment_tag(self.experiment_id, tag, value)
+            self.experiment_tags[tag] = value
         return key
 
     def synchronous(self) -> None:
@@ -290,22 +309,30 @@ def ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> str:
     """The experiment's id, creating it with artifacts under outputs/ (with a SQLite store, mlflow
     otherwise puts them in ./mlruns of whatever folder the process runs in) and the kind that makes the
     UI open it on its runs; an existing experiment without a chosen kind gets that kind too."""
+    return _ensure_experiment(client, spec)[0]
+
+
+def _ensure_experiment(client: MlflowClient, spec: TrackingSpec) -> tuple[str, dict[str, str]]:
+    """ensure_experiment, and the experiment's tags as found (or created)."""
     experiment = client.get_experiment_by_name(spec.experiment_name)
     if experiment is not None:
-        if experiment.tags.get(EXPERIMENT_KIND_TAG) in GUESSED_KINDS:
+        tags = dict(experiment.tags)
+        if tags.get(EXPERIMENT_KIND_TAG) in GUESSED_KINDS:
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment.experiment_id
+            tags[EXPERIMENT_KIND_TAG] = EXPERIMENT_KIND
+        return experiment.experiment_id, tags
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, CREATED_BY_TAG: "fx-quant-pipeline"}
     try:
-        return client.create_experiment(
+        created = client.create_experiment(
             spec.experiment_name, artifact_location=artifact_uri(spec.artifact_location), tags=tags
         )
+        return created, dict(tags)
     except Exception:
         # Another process created it between our lookup and create.
         experiment = client.get_experiment_by_name(spec.experiment_name)
         if experiment is None:
             raise
-        return experiment.experiment_id
+        return experiment.experiment_id, dict(experiment.tags)
 
 
 def headline_columns() -> list[str]:

@@ -28,6 +28,7 @@ def write_outputs(result: SearchResult, criterion: str, out: Path) -> None:
                 "meets_bar",
                 "latency_ms",
                 "latency_spread_ms",
+                "recovery",
                 "skipped",
             ]
         )
