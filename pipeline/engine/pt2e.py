@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+import pipeline.engine.pt2e_custom as pt2e_custom
 from pipeline.batch import ModelInputs
-from pipeline.engine import pt2e_custom
 from pipeline.engine.base import MissingObserverSource, ReferenceConversion, UntraceableModule
 from pipeline.engine.numerics import LayerDiagnostics, LoggedOutput, Power, as_batches, first_tensor
 from pipeline.engine.pt2e_compiled import Pt2eConvertState, lower, program_of

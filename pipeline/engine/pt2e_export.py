@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+import pipeline.engine.pt2e_custom as pt2e_custom
 from pipeline.batch import ModelInputs
-from pipeline.engine import pt2e_custom
 from pipeline.engine.pt2e import export_program
 from pipeline.engine.pt2e_compiled import used_tensor_names
 
