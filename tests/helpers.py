@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -104,3 +106,60 @@ def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
     assert finished.data.metrics["eval/lowered/accuracy"] > 0.9
     rows = {row["status"]: row for row in report_rows(tmp_path)}
     assert sorted(rows) == ["FAILED", "FINISHED"]
+
+
+# The start of a child process's script for the streaming memory tests: a lazy generated set (each sample
+# made from its index, nothing held; argv[1] evaluation batches of 64 3x64x64 inputs), a tiny conv net and
+# its calibration (`data`, `model`, `backend`, `mapping`, `custom`, `calibration`, `prepared`). A test appends
+# the stage it measures and prints one JSON line.
+GENERATED_SET_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from torch import nn
+    from pipeline.batches import DatasetBatches
+    from pipeline.engine import steps
+    from pipeline.schema import BackendSpec, CustomConfigSpec, QConfigMappingSpec
+    from stages.types import DataBundle
+
+    class Generated:
+        '''Samples made from their index on demand: nothing is held, the set costs no memory of its own.'''
+        def __len__(self):
+            return 1 << 20
+        def __getitem__(self, index):
+            generator = torch.Generator().manual_seed(index)
+            return torch.randn(3, 64, 64, generator=generator), None
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    batches = int(sys.argv[1])
+    data = DataBundle(
+        "generated",
+        DatasetBatches(Generated(), range(64), 16, identity="calibration"),
+        DatasetBatches(Generated(), range(64, 64 + 64 * batches), 64, identity="evaluation"),
+        None,
+        False,
+    )
+    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    model = nn.Sequential(*layers, nn.Linear(8, 4)).eval()
+    backend = BackendSpec(engine="x86", backend_config="x86")
+    mapping, custom = QConfigMappingSpec(), CustomConfigSpec()
+    calibration = [inputs for inputs, _ in data.calibration]
+    prepared = steps.recalibrate(model, data.example_inputs, "tiny", backend, mapping, custom, None, calibration)
+    """
+)
+
+
+def run_generated_set_child(stage_script: str, batches: int, root: Path = REPO_ROOT) -> dict[str, float]:
+    """Run GENERATED_SET_CHILD + stage_script in a fresh process (its max RSS is its own) on `batches`
+    evaluation batches, with the checkout at `root` (another one measures older code); its JSON line."""
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATED_SET_CHILD + textwrap.dedent(stage_script), str(batches)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

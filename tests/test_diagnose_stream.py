@@ -4,11 +4,6 @@ or feeds a model more than one batch, diagnose.full=true included."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import fields
 from pathlib import Path
 
@@ -35,6 +30,7 @@ from stages.lower import lower
 from stages.reference_convert import reference_convert
 from stages.types import Calibrated, DataBundle, Loaded
 from tests.conftest import REPO_ROOT
+from tests.helpers import run_generated_set_child
 
 # The digits default (digits CNN, evaluation batches of 32) up to lower, diagnose on 3 batches with every
 # layer a candidate (below 60 dB), two verified alone (and together when neither helps).
@@ -187,13 +183,7 @@ def test_full_diagnose_joins_no_batches_and_feeds_each_model_one_batch(monkeypat
     assert fed.count(8) >= 6 * (1 + 2 + 1 + len(skips)), fed
 
 
-_MEMORY_CHILD = textwrap.dedent(
-    """
-    import json, resource, sys
-    import torch
-    from torch import nn
-    from pipeline.batches import DatasetBatches
-    from pipeline.engine import steps
+_MEMORY_CHILD = """
     from pipeline.engine.suggestions import Setting
     from pipeline.schema import BackendSpec, CustomConfigSpec, DiagnoseSpec, QConfigMappingSpec, SkipSpec
     from stages.diagnose import diagnose
@@ -201,30 +191,6 @@ _MEMORY_CHILD = textwrap.dedent(
     from stages.reference_convert import reference_convert
     from stages.types import Calibrated, DataBundle, Loaded
 
-    class Generated:
-        '''Samples made from their index on demand: nothing is held, the set costs no memory of its own.'''
-        def __len__(self):
-            return 1 << 20
-        def __getitem__(self, index):
-            generator = torch.Generator().manual_seed(index)
-            return torch.randn(3, 64, 64, generator=generator), None
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    batches = int(sys.argv[1])
-    data = DataBundle(
-        "generated",
-        DatasetBatches(Generated(), range(64), 16, identity="calibration"),
-        DatasetBatches(Generated(), range(64, 64 + 64 * batches), 64, identity="evaluation"),
-        None,
-        False,
-    )
-    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    model = nn.Sequential(*layers, nn.Linear(8, 4)).eval()
-    backend = BackendSpec(engine="x86", backend_config="x86")
-    mapping, custom = QConfigMappingSpec(), CustomConfigSpec()
-    calibration = [inputs for inputs, _ in data.calibration]
-    prepared = steps.recalibrate(model, data.example_inputs, "tiny", backend, mapping, custom, None, calibration)
     calibrated = Calibrated(prepared, len(calibration), 64)
     reference = reference_convert(calibrated, backend, mapping, SkipSpec(), custom)
     lowered = lower(reference, backend, data.example_inputs)
@@ -236,22 +202,12 @@ _MEMORY_CHILD = textwrap.dedent(
     figures = {"layers": len(diagnosis.layers), "verified": len(diagnosis.verified)}
     print(json.dumps({"rss_mb": rss, "before_mb": before, **figures}))
     """
-)
 
 
 def diagnose_max_rss_mb(batches: int, root: Path = REPO_ROOT) -> dict[str, float]:
     """The max RSS of a child process running diagnose.full=true on `batches` batches of 64 generated
     3x64x64 inputs, with the checkout at `root` (another one measures the code before this change)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(batches)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_generated_set_child(_MEMORY_CHILD, batches, root)
 
 
 @pytest.mark.slow

@@ -3,11 +3,6 @@ accumulated batch by batch and equal the figures of the old computation on the b
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +15,7 @@ from pipeline.engine.qconfigs import quantized_engine
 from pipeline.quality import metric_plan
 from pipeline.schema import SkipSpec
 from pipeline.scoring import ScoringSet
-from tests.conftest import REPO_ROOT
+from tests.helpers import run_generated_set_child
 
 # The digits default (digits CNN, 450 evaluation images in 15 batches of 32, recovery defaults, cache on),
 # searched on SQNR with a bar no trial meets, so it ranks the layers and runs several trials.
@@ -123,41 +118,11 @@ def test_module_numerics_of_batches_sums_powers_like_one_joined_batch() -> None:
     assert abs(power.db - mean_of_batches) > 1.0  # the batches differ: a mean of dB would be another figure
 
 
-_MEMORY_CHILD = textwrap.dedent(
-    """
-    import json, resource, sys
-    import torch
-    from torch import nn
-    from pipeline.batches import DatasetBatches
-    from pipeline.engine import steps
+_MEMORY_CHILD = """
     from pipeline.schema import BackendSpec, CustomConfigSpec, EvaluateSpec, LatencySpec, QConfigMappingSpec, SearchSpec
     from stages.search import search
     from stages.types import Calibrated, DataBundle, Loaded
 
-    class Generated:
-        '''Samples made from their index on demand: nothing is held, the set costs no memory of its own.'''
-        def __len__(self):
-            return 1 << 20
-        def __getitem__(self, index):
-            generator = torch.Generator().manual_seed(index)
-            return torch.randn(3, 64, 64, generator=generator), None
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    batches = int(sys.argv[1])
-    data = DataBundle(
-        "generated",
-        DatasetBatches(Generated(), range(64), 16, identity="calibration"),
-        DatasetBatches(Generated(), range(64, 64 + 64 * batches), 64, identity="evaluation"),
-        None,
-        False,
-    )
-    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    model = nn.Sequential(*layers, nn.Linear(8, 4)).eval()
-    backend = BackendSpec(engine="x86", backend_config="x86")
-    mapping, custom = QConfigMappingSpec(), CustomConfigSpec()
-    calibration = [inputs for inputs, _ in data.calibration]
-    prepared = steps.recalibrate(model, data.example_inputs, "tiny", backend, mapping, custom, None, calibration)
     latency = LatencySpec(batch_sizes=[1], warmup=1, repeats=3, budget_s=0.1, forms=["eager"])
     spec = SearchSpec(enabled=True, criterion="sqnr", min_sqnr_db=90.0, max_trials=3, recovery_phase=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, the models: before the search
@@ -170,20 +135,10 @@ _MEMORY_CHILD = textwrap.dedent(
     figures = {"samples": result.samples, "trials": len(result.trials), "layers": len(result.sensitivity)}
     print(json.dumps({"rss_mb": rss, "before_mb": before, **figures}))
     """
-)
 
 
 def _search_max_rss_mb(batches: int) -> dict[str, float]:
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(batches)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_generated_set_child(_MEMORY_CHILD, batches)
 
 
 @pytest.mark.slow
