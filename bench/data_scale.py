@@ -53,9 +53,10 @@ def generate_images(folder: Path, count: int, size: int = 224, seed: int = 0) ->
     return folder
 
 
-def _run(overrides: list[str], out: Path) -> dict[str, Any]:
-    """One `python -m pipeline` (or a -m sweep) in a wrapper process that reports its max RSS; its wall
-    time and the evaluation pass times parsed from the progress lines."""
+def run_measured(overrides: list[str], out: Path, root: Path = ROOT, **env: str) -> tuple[str, float, float]:
+    """One `python -m pipeline <overrides>` under the checkout `root` (extra environment `env`) in a wrapper
+    process that reports its max RSS: (the run's log, its wall seconds, its max RSS in MB); raises with the
+    log's tail when the run fails."""
     wrapper = (
         "import resource, subprocess, sys\n"
         "code = subprocess.run(sys.argv[1:]).returncode\n"
@@ -64,13 +65,19 @@ def _run(overrides: list[str], out: Path) -> dict[str, Any]:
     command = [sys.executable, "-c", wrapper, sys.executable, "-m", "pipeline", *overrides, f"output_dir={out}"]
     start = time.perf_counter()
     result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+        command, cwd=root, env={**os.environ, "PYTHONPATH": str(root), **env}, capture_output=True, text=True
     )
     wall = time.perf_counter() - start
     log = result.stdout + result.stderr
     found = re.search(r"MAXRSS (\d+) (-?\d+)", log)
     if found is None or found.group(2) != "0":
-        raise RuntimeError(f"pipeline failed: {' '.join(overrides)}\n{log[-4000:]}")
+        raise RuntimeError(f"pipeline failed under {root}: {' '.join(overrides)}\n{log[-4000:]}")
+    return log, wall, int(found.group(1)) / 1024
+
+
+def _run(overrides: list[str], out: Path) -> dict[str, Any]:
+    """One run's max RSS, wall time and the evaluation pass times parsed from the progress lines."""
+    log, wall, max_rss_mb = run_measured(overrides, out)
 
     def last_pass(label: str) -> float | None:
         times = re.findall(rf"{re.escape(label)}: (\d+)/(\d+) \(([\d.]+)s", log)
@@ -78,7 +85,7 @@ def _run(overrides: list[str], out: Path) -> dict[str, Any]:
 
     return {
         "wall_s": wall,
-        "max_rss_mb": int(found.group(1)) / 1024,
+        "max_rss_mb": max_rss_mb,
         "float_pass_s": last_pass("evaluate float (cached)"),
         "main_pass_s": last_pass("evaluate"),
         "float_evaluations": len(re.findall(r"float evaluation of", log)),

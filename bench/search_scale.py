@@ -18,9 +18,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +28,18 @@ CALIBRATION = 32
 
 
 def _search(root: Path, overrides: list[str], out: Path) -> dict[str, Any]:
-    """One `python -m pipeline` under `root` in a wrapper process that reports its max RSS; the search
-    stage's time and trial count parsed from the log."""
-    wrapper = (
-        "import resource, subprocess, sys\n"
-        "code = subprocess.run(sys.argv[1:]).returncode\n"
-        "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code, file=sys.stderr)\n"
-    )
-    command = [sys.executable, "-c", wrapper, sys.executable, "-m", "pipeline", *overrides, f"output_dir={out}"]
-    start = time.perf_counter()
-    result = subprocess.run(
-        command,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - start
-    log = result.stdout + result.stderr
-    found = re.search(r"MAXRSS (\d+) (-?\d+)", log)
+    """One `python -m pipeline` under `root` with its max RSS; the search stage's time and trial count parsed
+    from the log."""
+    from bench.data_scale import run_measured
+
+    log, wall, max_rss_mb = run_measured(overrides, out, root, OMP_NUM_THREADS="1")
     stage = re.search(r"search done in ([\d.]+)s", log)
-    trials = re.findall(r"search trial (\d+):", log)
-    if found is None or found.group(2) != "0" or stage is None:
-        raise RuntimeError(f"pipeline failed under {root}: {' '.join(overrides)}\n{log[-4000:]}")
+    if stage is None:
+        raise RuntimeError(f"no search stage in the run under {root}: {' '.join(overrides)}\n{log[-4000:]}")
     return {
-        "max_rss_mb": round(int(found.group(1)) / 1024),
+        "max_rss_mb": round(max_rss_mb),
         "search_s": float(stage.group(1)),
-        "trials": len(trials),
+        "trials": len(re.findall(r"search trial (\d+):", log)),
         "wall_s": round(wall, 1),
     }
 

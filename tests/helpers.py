@@ -13,6 +13,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT, SESSION_ROOT
@@ -163,3 +165,23 @@ def run_generated_set_child(stage_script: str, batches: int, root: Path = REPO_R
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def record_batches_refuse_joins(monkeypatch: pytest.MonkeyPatch, who: str) -> list[int]:
+    """The streaming tests' probe: every model call's batch size is appended to the returned list, and
+    ModelInputs.cat (joining batches) raises "<who> joined batches"."""
+    from pipeline.batch import ModelInputs
+
+    fed: list[int] = []
+    call = ModelInputs.call
+
+    def recorded(self: ModelInputs, target: torch.nn.Module) -> object:
+        fed.append(self.batch_size)
+        return call(self, target)
+
+    def refused(parts: object) -> ModelInputs:
+        raise AssertionError(f"{who} joined batches (ModelInputs.cat)")
+
+    monkeypatch.setattr(ModelInputs, "call", recorded)
+    monkeypatch.setattr(ModelInputs, "cat", staticmethod(refused))
+    return fed

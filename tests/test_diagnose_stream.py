@@ -30,7 +30,7 @@ from stages.lower import lower
 from stages.reference_convert import reference_convert
 from stages.types import Calibrated, DataBundle, Loaded
 from tests.conftest import REPO_ROOT
-from tests.helpers import run_generated_set_child
+from tests.helpers import record_batches_refuse_joins, run_generated_set_child
 
 # The digits default (digits CNN, evaluation batches of 32) up to lower, diagnose on 3 batches with every
 # layer a candidate (below 60 dB), two verified alone (and together when neither helps).
@@ -157,18 +157,7 @@ def test_full_diagnose_joins_no_batches_and_feeds_each_model_one_batch(monkeypat
     lowered = lower(reference, backend, data.example_inputs)
     setting = Setting(backend, mapping, custom, None, calibration, model, data.example_inputs, "tiny")
 
-    fed: list[int] = []
-    call = ModelInputs.call
-
-    def recorded(self: ModelInputs, target: torch.nn.Module) -> object:
-        fed.append(self.batch_size)
-        return call(self, target)
-
-    def refused(parts: object) -> ModelInputs:
-        raise AssertionError("diagnose joined batches (ModelInputs.cat)")
-
-    monkeypatch.setattr(ModelInputs, "call", recorded)
-    monkeypatch.setattr(ModelInputs, "cat", staticmethod(refused))
+    fed = record_batches_refuse_joins(monkeypatch, "diagnose")
     spec = DiagnoseSpec(full=True, skip_below_db=99.0, max_skip=1)  # full: every layer below 99 dB verified
     user_skip = SkipSpec(name="user", module_name=["2"])
     diagnosis = diagnose(Loaded(model, data, "tiny", False), calibrated, lowered, spec, setting, user_skip, reference)

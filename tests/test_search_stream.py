@@ -15,7 +15,7 @@ from pipeline.engine.qconfigs import quantized_engine
 from pipeline.quality import metric_plan
 from pipeline.schema import SkipSpec
 from pipeline.scoring import ScoringSet
-from tests.helpers import run_generated_set_child
+from tests.helpers import record_batches_refuse_joins, run_generated_set_child
 
 # The digits default (digits CNN, 450 evaluation images in 15 batches of 32, recovery defaults, cache on),
 # searched on SQNR with a bar no trial meets, so it ranks the layers and runs several trials.
@@ -196,18 +196,7 @@ def test_no_search_pass_joins_the_set_or_feeds_a_model_more_than_one_batch(monke
     calibration = [inputs for inputs, _ in data.calibration]
     prepared = steps.recalibrate(model, data.example_inputs, "tiny", backend, mapping, custom, None, calibration)
 
-    fed: list[int] = []
-    call = ModelInputs.call
-
-    def recorded(self: ModelInputs, target: torch.nn.Module) -> object:
-        fed.append(self.batch_size)
-        return call(self, target)
-
-    def refused(parts: object) -> ModelInputs:
-        raise AssertionError("the search joined batches (ModelInputs.cat)")
-
-    monkeypatch.setattr(ModelInputs, "call", recorded)
-    monkeypatch.setattr(ModelInputs, "cat", staticmethod(refused))
+    fed = record_batches_refuse_joins(monkeypatch, "the search")
     latency = LatencySpec(batch_sizes=[1], warmup=1, repeats=3, budget_s=0.05, forms=["eager"])
     result = search(
         Loaded(model, data, "tiny", False),
