@@ -185,3 +185,13 @@ def record_batches_refuse_joins(monkeypatch: pytest.MonkeyPatch, who: str) -> li
     monkeypatch.setattr(ModelInputs, "call", recorded)
     monkeypatch.setattr(ModelInputs, "cat", staticmethod(refused))
     return fed
+
+
+class LazyGenerated:
+    """A data set of 3x16x16 samples made from their index on demand: a lazy source that holds nothing."""
+
+    def __len__(self) -> int:
+        return 1 << 20
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
+        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None

@@ -30,7 +30,7 @@ from stages.lower import lower
 from stages.reference_convert import reference_convert
 from stages.types import Calibrated, DataBundle, Loaded
 from tests.conftest import REPO_ROOT
-from tests.helpers import record_batches_refuse_joins, run_generated_set_child
+from tests.helpers import LazyGenerated, record_batches_refuse_joins, run_generated_set_child
 
 # The digits default (digits CNN, evaluation batches of 32) up to lower, diagnose on 3 batches with every
 # layer a candidate (below 60 dB), two verified alone (and together when neither helps).
@@ -125,16 +125,6 @@ def test_streamed_diagnosis_equals_the_joined_computation_on_digits(run_pipeline
         assert verified.score_after == pytest.approx(after[1], abs=1e-6), verified.what
 
 
-class _Generated:
-    """Samples made from their index on demand (a lazy source holds nothing)."""
-
-    def __len__(self) -> int:
-        return 1 << 20
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
-        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None
-
-
 def test_full_diagnose_joins_no_batches_and_feeds_each_model_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """diagnose.full=true on a lazy source of 6 batches of 8 with ModelInputs.cat refused: the per-layer
     figures, every candidate's verification and the user's skip check run, and every model call (float,
@@ -142,8 +132,8 @@ def test_full_diagnose_joins_no_batches_and_feeds_each_model_one_batch(monkeypat
     torch.manual_seed(0)
     data = DataBundle(
         "generated",
-        DatasetBatches(_Generated(), range(16), 8, identity="calibration"),
-        DatasetBatches(_Generated(), range(16, 16 + 6 * 8), 8, identity="evaluation"),
+        DatasetBatches(LazyGenerated(), range(16), 8, identity="calibration"),
+        DatasetBatches(LazyGenerated(), range(16, 16 + 6 * 8), 8, identity="evaluation"),
         None,
         False,
     )

@@ -15,7 +15,7 @@ from pipeline.engine.qconfigs import quantized_engine
 from pipeline.quality import metric_plan
 from pipeline.schema import SkipSpec
 from pipeline.scoring import ScoringSet
-from tests.helpers import record_batches_refuse_joins, run_generated_set_child
+from tests.helpers import LazyGenerated, record_batches_refuse_joins, run_generated_set_child
 
 # The digits default (digits CNN, 450 evaluation images in 15 batches of 32, recovery defaults, cache on),
 # searched on SQNR with a bar no trial meets, so it ranks the layers and runs several trials.
@@ -155,16 +155,6 @@ def test_search_memory_stays_flat_as_the_scoring_set_grows_eightfold() -> None:
     assert large["rss_mb"] - small["rss_mb"] < 30, (small, large)
 
 
-class _Generated:
-    """Samples made from their index on demand (a lazy source holds nothing)."""
-
-    def __len__(self) -> int:
-        return 1 << 20
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
-        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None
-
-
 def test_no_search_pass_joins_the_set_or_feeds_a_model_more_than_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deterministic side of the RSS test: with ModelInputs.cat refused, a whole search (float outputs,
     trials, layer sensitivity, latency) runs on a lazy source of 6 batches of 8, and every model call it
@@ -186,8 +176,8 @@ def test_no_search_pass_joins_the_set_or_feeds_a_model_more_than_one_batch(monke
     torch.manual_seed(0)
     data = DataBundle(
         "generated",
-        DatasetBatches(_Generated(), range(16), 8, identity="calibration"),
-        DatasetBatches(_Generated(), range(16, 16 + 6 * 8), 8, identity="evaluation"),
+        DatasetBatches(LazyGenerated(), range(16), 8, identity="calibration"),
+        DatasetBatches(LazyGenerated(), range(16, 16 + 6 * 8), 8, identity="evaluation"),
         None,
         False,
     )
