@@ -251,3 +251,45 @@ def test_a_dataset_logged_by_two_jobs_at_once_is_retried_and_never_fails_the_run
     tracker.log_dataset("digits", "abc", "stages.sources.digits.digits_data", {"samples": 1}, "evaluation")
     assert tracker.client.calls == calls  # type: ignore[union-attr]
     assert ("dataset input 'digits' was not logged" in caplog.text) is warned
+
+
+# Two threads parse while a collector finalizer (run mid-parse) hands the GIL over: the race CPython < 3.13
+# loses (gh-106905) and CI's run hit in evaluate (mlflow's imports on the worker, torch.jit on the main thread).
+AST_RACE = """
+import ast, gc, sys, threading
+guard = sys.argv[1] == "guarded"
+if guard:
+    from pipeline.tracking.background import _Queue
+    _Queue()  # what a run's tracker makes: the guard is installed with its worker
+line = "def f{}(a, b=1, *c, d=[1, (2, {{3: 4}})], **e):\\n    return [x for x in a if x > b]"
+source = "\\n".join(line.format(i) for i in range(30))
+errors = []
+class Cycle:
+    def __init__(self): self.me = self
+    def __del__(self):
+        for _ in range(50): pass  # Python code run by the collector: a thread switch can happen here
+def parse(times):
+    for _ in range(times):
+        for _ in range(5): Cycle()
+        try:
+            ast.parse(source)
+        except SystemError as error:
+            errors.append(str(error)); return
+gc.set_threshold(10); sys.setswitchinterval(1e-6)
+threads = [threading.Thread(target=parse, args=(300,)) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors[0] if errors else "no error")
+"""
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="Python 3.13 counts each parse's recursion on its own")
+def test_the_tracking_worker_serializes_ast_parse_so_two_threads_cannot_corrupt_it() -> None:
+    def race(mode: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", AST_RACE, mode], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    assert "recursion depth mismatch" in race("bare")  # the race is real on this interpreter
+    assert race("guarded") == "no error"

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
 from pipeline.schema import TrackingSpec
+from pipeline.tracking.ast_guard import serialize_ast_parse
 from pipeline.tracking.base import RunRecord, Tracker, require_server
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class _Queue:
     """The one worker thread of a run and its children, and the first error of a queued call."""
 
     def __init__(self) -> None:
+        serialize_ast_parse()  # the worker's imports parse text while the stages script models
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking")
         self.error: BaseException | None = None
         self.delivered = False  # the error was raised to the caller: record nothing more
