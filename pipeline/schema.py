@@ -72,7 +72,7 @@ class LatencySpec:
     threads: int = 1  # torch.set_num_threads during latency runs
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3  # untimed runs first, at least (then until 2 calls agree within 2x); outside budget_s
-    repeats: int = 10  # timed runs at least; more until the median's interval is within target_ci
+    repeats: int = 6  # timed runs at least; more until the median's interval is within target_ci
     target_ci: float = 0.05  # stop when the median's 95% interval half-width is within this fraction of it
     budget_s: float = 2.0  # ... or when this many seconds are spent on one (model, form, batch size)
     prune: bool = True  # a form clearly slower at the smallest batch size is not timed at larger ones
@@ -81,7 +81,7 @@ class LatencySpec:
 
 @dataclass
 class EvaluateSpec:
-    models: list[str] = field(default_factory=lambda: ["float", "reference", "lowered"])
+    models: list[str] = field(default_factory=lambda: ["float", "lowered"])
     max_batches: int | None = None  # null: the whole evaluation part
     # null: every sample (of max_batches); a count scores on the first samples only (a search or sweep on a
     # subset, the final run on the full set); accuracy's 95% Wilson interval is logged beside it.

@@ -26,7 +26,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Quick: no AOTInductor package (about 15 s to build on 2 cores), no ONNX; the .pt2 is written and reloaded.
-QUICK = ["engine=pt2e", "tracking=off", "export.aot_inductor=false", "export.onnx=false"]
+# The q/dq program ("reference") is evaluated too: its figures are what these tests compare.
+QUICK = [
+    "engine=pt2e",
+    "tracking=off",
+    "export.aot_inductor=false",
+    "export.onnx=false",
+    "evaluate.models=[float,reference,lowered]",
+]
 
 
 def _metrics(run_dir) -> dict[str, float]:

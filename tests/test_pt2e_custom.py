@@ -143,7 +143,13 @@ def test_custom_block_on_pt2e_stays_float_within_a_point_of_fx_and_its_pt2_reloa
 ) -> None:
     from pipeline.engine.pt2e import program_of
 
-    quick = ["tracking=off", "evaluate.latency.enabled=false", "experiment=custom_module", "backend=x86"]
+    quick = [
+        "tracking=off",
+        "evaluate.latency.enabled=false",
+        "experiment=custom_module",
+        "backend=x86",
+        "evaluate.models=[float,reference,lowered]",
+    ]
     _, _, fx_dir = run_pipeline([*quick, "engine=fx", "stages=[load,calibrate,reference_convert,evaluate]"])
     fx_accuracy = json.loads((fx_dir / "metrics.json").read_text())["eval/reference/accuracy"]
     _, state, run_dir = run_pipeline([*quick, "engine=pt2e", "export.aot_inductor=false", "export.onnx=true"])
