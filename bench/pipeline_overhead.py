@@ -6,9 +6,10 @@ share of the run, (2) that full run's wall time against a plain script that buil
 data, calibrates (prepare_fx), converts (convert_fx) and computes accuracy (argmax agreement with float
 for the random-weight ResNet) once, and (3) the pipeline running only the plain script's work (no
 diagnose, latency, export, bias correction or SmoothQuant; tracking on, as a user runs it), all
-in-process after imports, median of N repeats. The full run's extra work is config validation, MLflow
-logging, the per-layer diagnosis, latency (adaptive, intervals logged), the exported files and writing
-each stage's outputs. Every run calibrates (cache.enabled=false); the float reference's latency cache
+in-process after imports, median of N repeats (a full, a same-work and a plain run per repeat,
+interleaved; each ratio is the median of the repeats' own ratios). The full run's extra work is config
+validation, MLflow logging, the per-layer diagnosis, latency (adaptive, intervals logged), the exported
+files and writing each stage's outputs. Every run calibrates (cache.enabled=false); the float reference's latency cache
 (<cache.dir>/latency) is on in the full runs, so the first full run times the float model
 (reported separately: `first_full_run_seconds`) and the repeats reuse it, as a sweep does.
 
@@ -136,16 +137,19 @@ def main() -> None:
     plain_script(chosen)
 
     first_full = full_run()  # a fresh output folder: calibrates and times the float reference
-    full = [full_run() for _ in range(args.repeats)]
-    comparable = [pipeline_run([*chosen, *COMPARABLE])[0] for _ in range(args.repeats)]
-    plain = [plain_script(chosen) for _ in range(args.repeats)]
+    # Interleaved, one of each per repeat, so a load that comes and goes on a shared machine hits all three
+    # alike; the ratios are the medians of each repeat's own ratio.
+    full, comparable, plain = [], [], []
+    for _ in range(args.repeats):
+        full.append(full_run())
+        comparable.append(pipeline_run([*chosen, *COMPARABLE])[0])
+        plain.append(plain_script(chosen))
 
     stages = [key.split("/")[1] for key in full[0][1] if key.startswith("stage/") and key.endswith("/seconds")]
     stage_seconds = {
         stage: statistics.median(metrics[f"stage/{stage}/seconds"] for _, metrics in full) for stage in stages
     }
     full_seconds = statistics.median(seconds for seconds, _ in full)
-    plain_seconds = statistics.median(seconds for seconds, _ in plain)
     result = {
         "model": args.model,
         "machine": machine_line(),
@@ -156,14 +160,14 @@ def main() -> None:
         "full_run_stage_seconds": stage_seconds,
         "full_run_stage_share": {stage: seconds / full_seconds for stage, seconds in stage_seconds.items()},
         "first_full_run_seconds": first_full[0],
-        "full_over_plain_ratio": full_seconds / plain_seconds,
+        "full_over_plain_ratio": statistics.median(f[0] / p[0] for f, p in zip(full, plain, strict=True)),
         "comparable_pipeline_seconds": statistics.median(comparable),
         "plain_script_seconds": statistics.median(seconds for seconds, _ in plain),
         "plain_script_accuracy": plain[0][1],
         "pipeline_lowered_accuracy": full[0][1].get("eval/lowered/accuracy", full[0][1].get("eval/lowered/agreement")),
     }
     result["first_run_with_new_store_seconds"] = store_seconds
-    result["overhead_ratio"] = result["comparable_pipeline_seconds"] / result["plain_script_seconds"]
+    result["overhead_ratio"] = statistics.median(c / p[0] for c, p in zip(comparable, plain, strict=True))
 
     print(f"{result['machine']}; load average at start {LOAD_AT_START} (a shared machine: figures vary run to run)")
     print(f"{'what (' + args.model + ')':<44}{'seconds':>10}{'share':>8}")
