@@ -77,21 +77,28 @@ def restore_torch_state() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def run_pipeline_in(folder: Path, overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
+    """Run the pipeline in-process like the CLI does (validate, then runner.run) with output_dir=folder; a
+    module-scoped fixture calls this with a folder from tmp_path_factory to share one run between tests."""
+    from pipeline import runner
+
+    cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=folder)
+    spec = to_spec(cfg)
+    validate(spec)
+    if spec.tracking.enabled and spec.tracking.tracking_uri == f"sqlite:///{folder}/mlflow.db":
+        from tests.helpers import seed_store  # helpers import this module: imported late
+
+        seed_store(folder)
+    run_dir = folder / "run"
+    state = runner.run(spec, cfg, run_dir)
+    return spec, state, run_dir
+
+
 @pytest.fixture
 def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, object, Path]]:
     """Run the pipeline in-process like the CLI does (validate, then runner.run) under tmp_path."""
-    from pipeline import runner
 
     def _run(overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
-        cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
-        spec = to_spec(cfg)
-        validate(spec)
-        if spec.tracking.enabled and spec.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db":
-            from tests.helpers import seed_store  # helpers import this module: imported late
-
-            seed_store(tmp_path)
-        run_dir = tmp_path / "run"
-        state = runner.run(spec, cfg, run_dir)
-        return spec, state, run_dir
+        return run_pipeline_in(tmp_path, overrides, fast)
 
     return _run
