@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT, SESSION_ROOT
 
+# No sweep test reads diagnose's outputs (its ~2 s a job); tests/test_end_to_end.py and test_diagnose*.py do.
 SWEEP_FAST = [
     "evaluate.latency.repeats=3",
     "evaluate.latency.warmup=1",
@@ -26,7 +27,10 @@ SWEEP_FAST = [
     "evaluate.latency.batch_sizes=[1]",
     "export.onnx=false",
     "export.torchscript=none",
+    "diagnose.enabled=false",
 ]
+# For sweeps whose assertions read no latency figure (the report is still written, its speed columns empty).
+SWEEP_UNTIMED = [*SWEEP_FAST, "evaluate.latency.enabled=false"]
 
 
 _STORE_TEMPLATE: list[Path] = []  # this process's copy of the session's template, once found
@@ -97,7 +101,7 @@ def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
     """A two-job sweep whose second job fails (the everything-float skip makes `lower` refuse it):
     the other job finishes and is in the store, the parent fails, the report marks the failed row."""
     skips = ["skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]"]
-    result = sweep(tmp_path, *launcher, "backend=x86", *skips)
+    result = sweep(tmp_path, *launcher, "backend=x86", *skips, fast=SWEEP_UNTIMED)
     assert result.returncode != 0
     _, parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FAILED"

@@ -20,7 +20,7 @@ from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.tracking.mlflow import artifact_uri
 from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
-from tests.helpers import SWEEP_FAST, check_one_failing_job, parent_and_children, report_rows, sweep
+from tests.helpers import SWEEP_FAST, SWEEP_UNTIMED, check_one_failing_job, parent_and_children, report_rows, sweep
 
 SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
 
@@ -72,7 +72,7 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add")
+    result = sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add", fast=SWEEP_UNTIMED)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "database is locked" not in output and "duplicate column" not in output
@@ -90,7 +90,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_pa
 def test_an_engine_sweep_names_the_engine_in_runs_folders_and_report(tmp_path: Path) -> None:
     # TorchScript on (FX's file), no AOTInductor package (15 s a pt2e job): each engine writes one file.
     fast = [*(o for o in SWEEP_FAST if not o.startswith("export.torchscript")), "export.aot_inductor=false"]
-    overrides = ["engine=fx,pt2e", "backend=x86", "skip=none,first_last", "diagnose.enabled=false"]
+    overrides = ["engine=fx,pt2e", "backend=x86", "skip=none,first_last"]
     result = sweep(tmp_path, *overrides, fast=fast)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, parent, children = parent_and_children(tmp_path)
@@ -203,7 +203,7 @@ def _mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_readme_mlflow_ui_command_serves_thesweep(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "backend=x86", "skip=none,add")
+    result = sweep(tmp_path, "backend=x86", "skip=none,add", fast=SWEEP_UNTIMED)
     assert result.returncode == 0, result.stdout[-3000:]
     readme = (REPO_ROOT / "README.md").read_text()
     (command,) = [
@@ -252,6 +252,7 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
             "tracking.artifact_location=null",
             "backend=fbgemm,x86",
             "skip=none,add",
+            fast=SWEEP_UNTIMED,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = MlflowClient(tracking_uri=base)
