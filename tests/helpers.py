@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
@@ -11,12 +12,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests.browser import free_port
 from tests.conftest import REPO_ROOT, SESSION_ROOT
 
 # No sweep test reads diagnose's outputs (its ~2 s a job); tests/test_end_to_end.py and test_diagnose*.py do.
@@ -199,3 +204,36 @@ class LazyGenerated:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
         return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None
+
+
+@contextlib.contextmanager
+def mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
+    """`mlflow <args>` (ui or server, on 127.0.0.1) started and answering /health; yields its base URL."""
+    port = free_port()
+    args = [*args]
+    args[args.index("--port") + 1] = str(port)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 90 s"
+            assert server.poll() is None, f"mlflow {args[0]} exited"
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -1,26 +1,29 @@
 """Sweeps from the command line: one calibration per backend, a parent run with nested children
-under both launchers, the comparison report, and the README's `mlflow ui` serving them."""
+under both launchers, the comparison report, and an `mlflow server` receiving them (the README's `mlflow ui`
+serving a sweep: tests/test_mlflow_ui.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.tracking.mlflow import artifact_uri
 from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
-from tests.helpers import SWEEP_FAST, SWEEP_UNTIMED, check_one_failing_job, parent_and_children, report_rows, sweep
+from tests.helpers import (
+    SWEEP_FAST,
+    SWEEP_UNTIMED,
+    check_one_failing_job,
+    mlflow_server,
+    parent_and_children,
+    report_rows,
+    sweep,
+)
 
 SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
 
@@ -162,69 +165,6 @@ def test_artifact_locations_keep_uris_and_make_folders_absolute(tmp_path: Path, 
         assert artifact_uri(uri) == uri
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
-    """`mlflow <args>` (ui or server, on 127.0.0.1) started and answering /health; yields its base URL."""
-    port = _free_port()
-    args = [*args]
-    args[args.index("--port") + 1] = str(port)
-    assert args[args.index("--host") + 1] == "127.0.0.1"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 90 s"
-            assert server.poll() is None, f"mlflow {args[0]} exited"
-            time.sleep(1)
-        yield base
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_readme_mlflow_ui_command_serves_thesweep(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "backend=x86", "skip=none,add", fast=SWEEP_UNTIMED)
-    assert result.returncode == 0, result.stdout[-3000:]
-    readme = (REPO_ROOT / "README.md").read_text()
-    (command,) = [
-        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
-    ]
-    args = command.split()[2:]  # after the environment setting and `mlflow`
-    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{tmp_path}/mlflow.db"
-    with _mlflow_server(args, cwd=tmp_path) as base:
-        experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
-        (experiment,) = [e for e in experiments.json()["experiments"] if e["name"] == "fx-ptq"]
-        runs = requests.post(
-            f"{base}/api/2.0/mlflow/runs/search",
-            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
-            timeout=10,
-        ).json()["runs"]
-    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-    parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
-    assert len(parent_ids) == 1
-    assert sorted(t["skip"] for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]) == ["add", "none"]
-
-
 @pytest.mark.slow
 def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path) -> None:
     """The README's cluster recipe with what runs here: Submitit's local executor (each job its own
@@ -244,7 +184,7 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
         "--workers",
         "1",
     ]
-    with _mlflow_server(server_args, cwd=tmp_path) as base:
+    with mlflow_server(server_args, cwd=tmp_path) as base:
         result = sweep(
             tmp_path,
             "hydra/launcher=submitit_local",
