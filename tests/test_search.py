@@ -172,6 +172,7 @@ DEEP = [
     "search.min_sqnr_db=15",
     "search.recovery_phase=false",
     "evaluate.latency.batch_sizes=[1]",
+    "tracking=off",  # the test reads the search's result and trials.csv, not the store's runs
 ]
 
 
