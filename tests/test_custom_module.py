@@ -211,7 +211,7 @@ def test_untraceable_top_level_forward_is_named_as_such() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
 def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
-    spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
+    spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}", "diagnose.enabled=true"])
     lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
     # lowered_model.txt shows the custom quantized class in the int8 model, in the tree and the type table.

@@ -36,7 +36,9 @@ def _metrics(run_dir) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     """The digits default on pt2e x86 end to end, with ONNX: one run both digits tests read (state, run dir)."""
-    _, state, run_dir = run_pipeline_in(tmp_path_factory.mktemp("digits"), [*QUICK, "backend=x86", "export.onnx=true"])
+    _, state, run_dir = run_pipeline_in(
+        tmp_path_factory.mktemp("digits"), [*QUICK, "backend=x86", "export.onnx=true", "diagnose.enabled=true"]
+    )
     return state, run_dir
 
 
