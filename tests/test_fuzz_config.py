@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import pickle
 import random
 import subprocess
 import sys
 import time
 import typing
 from collections.abc import Iterator
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,10 +192,13 @@ def generate_cases(tmp: Path, seed: int = SEED, pairs: int = PAIRS) -> list[Case
 class Composer:
     def __init__(self, base: list[str]) -> None:
         self.base = compose_config(base)
+        # A fresh copy per case from these bytes: unpickling is ~7x faster than deepcopy of a DictConfig
+        # (0.5 vs 3.5 ms, over 800 cases), same nodes, flags and types (test_the_fast_composer_matches_hydra_compose).
+        self.pickled = pickle.dumps(self.base)
         self.parser = OverridesParser.create()
 
     def __call__(self, overrides: list[str]) -> DictConfig:
-        cfg = deepcopy(self.base)
+        cfg = pickle.loads(self.pickled)
         ConfigLoaderImpl._apply_overrides_to_config(self.parser.parse_overrides(overrides), cfg)
         return cfg
 
