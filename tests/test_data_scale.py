@@ -16,7 +16,7 @@ from pipeline import metric_keys
 from pipeline.batches import BatchList, DatasetBatches
 from pipeline.quality import MetricPlan, QualityAccumulator, quality_metrics, wilson_interval
 from tests.conftest import REPO_ROOT
-from tests.helpers import SWEEP_FAST
+from tests.helpers import SWEEP_UNTIMED
 
 
 def _images(folder: Path, count: int, size: int = 32) -> Path:
@@ -130,10 +130,8 @@ def test_a_sweep_of_three_skip_lists_evaluates_float_once(tmp_path: Path) -> Non
             "-m",
             "skip=none,add,linear",
             "tracking=off",
-            "diagnose.enabled=false",
-            "evaluate.latency.enabled=false",
             "stages=[load,calibrate,reference_convert,lower,evaluate]",
-            *SWEEP_FAST,
+            *SWEEP_UNTIMED,  # diagnose and timing off
             f"output_dir={tmp_path}",
         ],
         cwd=tmp_path,
