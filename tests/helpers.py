@@ -161,6 +161,43 @@ GENERATED_SET_CHILD = textwrap.dedent(
 )
 
 
+# Runs a script once per argument in one process (sys.argv[1] set to each in turn, fresh globals each time):
+# a memory test compares the max RSS after a small and then a large set without paying a second process's
+# imports; the large run's max RSS can only exceed the small one's by what it holds beyond the small peak.
+# Not for diagnose's memory test: there the second run's max RSS rose 13-17 MB in one process (2 MB in two),
+# too near its 30 MB bound.
+_EACH_ARGUMENT = """
+import gc, sys
+code = compile(sys.argv[1], "<child>", "exec")
+for argument in sys.argv[2:]:
+    sys.argv[1:] = [argument]
+    exec(code, {"__name__": "__main__"})
+    gc.collect()
+"""
+
+
+def run_once_per_argument(script: str, arguments: list[str], root: Path = REPO_ROOT) -> list[dict[str, float]]:
+    """`script` run for each argument in turn (as its sys.argv[1]) in one fresh process, with the checkout at
+    `root`; the JSON line each run printed last, in order."""
+    result = subprocess.run(
+        [sys.executable, "-c", _EACH_ARGUMENT, script, *arguments],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(arguments), result.stdout[-3000:]
+    return [json.loads(line) for line in lines]
+
+
+def run_generated_sets_in_one_child(stage_script: str, batches: list[int]) -> list[dict[str, float]]:
+    """GENERATED_SET_CHILD + stage_script on each count of evaluation batches in turn, in one fresh process."""
+    return run_once_per_argument(GENERATED_SET_CHILD + textwrap.dedent(stage_script), [str(n) for n in batches])
+
+
 def run_generated_set_child(stage_script: str, batches: int, root: Path = REPO_ROOT) -> dict[str, float]:
     """Run GENERATED_SET_CHILD + stage_script in a fresh process (its max RSS is its own) on `batches`
     evaluation batches, with the checkout at `root` (another one measures older code); its JSON line."""
