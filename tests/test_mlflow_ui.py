@@ -21,7 +21,7 @@ from pipeline import metric_keys
 from pipeline.tracking import headline
 from tests import browser
 from tests.conftest import REPO_ROOT
-from tests.helpers import mlflow_server
+from tests.helpers import mlflow_server, seed_store
 
 REGISTERED = "fxq_test_int8"
 JOB_NAMES = {"digits_cnn fx x86 backend_default skip=add", "digits_cnn fx qnnpack backend_default skip=add"}
@@ -42,6 +42,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def small_sweep(tmp_path_factory: pytest.TempPathFactory):
     """Two jobs (x86, qnnpack) with skip=add, exporting TorchScript, the best registered."""
     out = tmp_path_factory.mktemp("sweep")
+    seed_store(out)  # the tracking store's tables made once a session, not migrated again here
     args = [
         "-m",
         "backend=x86,qnnpack",

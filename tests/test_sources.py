@@ -24,6 +24,7 @@ from stages.sources.image_folder import image_folder_data
 from stages.sources.tensor_file import tensor_file_data
 from stages.sources.torchvision_models import import_torchvision
 from tests.conftest import FAST, REPO_ROOT, compose_config, to_spec
+from tests.helpers import seed_store
 
 USER_MODULE = "byo_user_net"
 USER_CODE = '''"""A model in the user's own file, outside the pipeline package."""
@@ -105,6 +106,7 @@ def test_user_file_model_runs_end_to_end_through_the_cli(trained_project: Path, 
     # Run from the user's own directory with a relative python_path, as the README shows; PYTHONPATH only
     # stands in for an installed pipeline (this checkout), the user's folder is reached through python_path.
     workdir = trained_project.parent
+    seed_store(tmp_path)  # the tracking store's tables made once a session, not migrated again here
     run = subprocess.run(
         [
             sys.executable,
