@@ -24,12 +24,14 @@ from mlflow.tracking import MlflowClient
 from tests.browser import free_port
 from tests.conftest import REPO_ROOT, SESSION_ROOT
 
-# No sweep test reads diagnose's outputs (its ~2 s a job); tests/test_end_to_end.py and test_diagnose*.py do.
+# No sweep test reads diagnose's outputs (its ~2 s a job; tests/test_end_to_end.py and test_diagnose*.py do),
+# nor the reference model's evaluation (the sweep report's columns are the float and lowered models').
 SWEEP_FAST = [
     "evaluate.latency.repeats=3",
     "evaluate.latency.warmup=1",
     "evaluate.latency.budget_s=0.2",
     "evaluate.latency.batch_sizes=[1]",
+    "evaluate.models=[float,lowered]",
     "export.onnx=false",
     "export.torchscript=none",
     "diagnose.enabled=false",
