@@ -190,7 +190,9 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
             "hydra/launcher=submitit_local",
             f"tracking.tracking_uri={base}",
             "tracking.artifact_location=null",
-            "backend=fbgemm,x86",
+            # Two jobs of one backend (four of two backends before: the same checks, two processes fewer):
+            # each its own process, and the second reuses the first's calibration across processes.
+            "backend=fbgemm",
             "skip=none,add",
             fast=SWEEP_UNTIMED,
         )
@@ -200,9 +202,9 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
         (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert parent.info.status == "FINISHED"
-        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-        assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 2  # one per backend
-        assert len({c.data.tags["pipeline.pid"] for c in children}) == 4  # each job its own process
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 1  # one for the backend
+        assert len({c.data.tags["pipeline.pid"] for c in children}) == 2  # each job its own process
         report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.csv", "report/report.png"} <= report
     # Artifacts went through the server to its destination, not to a folder the jobs chose.
