@@ -25,6 +25,11 @@ FAST = [
     "evaluate.latency.batch_sizes=[1,8]",
 ]
 
+# run_pipeline's runs also skip diagnose (a second or two a run) unless a test turns it on: a test that reads
+# diagnose's outputs says diagnose.enabled=true or lists diagnose in stages. Not in FAST: the config fuzz
+# composes FAST with every diagnose field.
+RUN_FAST = [*FAST, "diagnose.enabled=false"]
+
 schema.register()
 
 # Subprocesses (CLI sweeps, fresh-process reloads) inherit this: on a shared 2-core machine running tests in
@@ -77,21 +82,38 @@ def restore_torch_state() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _unless_set(defaults: list[str], overrides: list[str]) -> list[str]:
+    """The defaults whose key the overrides do not set (Hydra refuses a key given twice)."""
+    keys = {_key(override) for override in overrides}
+    return [default for default in defaults if _key(default) not in keys]
+
+
+def run_pipeline_in(folder: Path, overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
+    """Run the pipeline in-process like the CLI does (validate, then runner.run) with output_dir=folder; a
+    module-scoped fixture calls this with a folder from tmp_path_factory to share one run between tests."""
+    from pipeline import runner
+
+    cfg = compose_config([*(_unless_set(RUN_FAST, overrides) if fast else []), *overrides], output_dir=folder)
+    spec = to_spec(cfg)
+    validate(spec)
+    if spec.tracking.enabled and spec.tracking.tracking_uri == f"sqlite:///{folder}/mlflow.db":
+        from tests.helpers import seed_store  # helpers import this module: imported late
+
+        seed_store(folder)
+    run_dir = folder / "run"
+    state = runner.run(spec, cfg, run_dir)
+    return spec, state, run_dir
+
+
 @pytest.fixture
 def run_pipeline(tmp_path: Path) -> Callable[..., tuple[schema.PipelineSpec, object, Path]]:
     """Run the pipeline in-process like the CLI does (validate, then runner.run) under tmp_path."""
-    from pipeline import runner
 
     def _run(overrides: list[str], fast: bool = True) -> tuple[schema.PipelineSpec, object, Path]:
-        cfg = compose_config([*(FAST if fast else []), *overrides], output_dir=tmp_path)
-        spec = to_spec(cfg)
-        validate(spec)
-        if spec.tracking.enabled and spec.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db":
-            from tests.helpers import seed_store  # helpers import this module: imported late
-
-            seed_store(tmp_path)
-        run_dir = tmp_path / "run"
-        state = runner.run(spec, cfg, run_dir)
-        return spec, state, run_dir
+        return run_pipeline_in(tmp_path, overrides, fast)
 
     return _run

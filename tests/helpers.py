@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
@@ -11,22 +12,32 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests.browser import free_port
 from tests.conftest import REPO_ROOT, SESSION_ROOT
 
+# No sweep test reads diagnose's outputs (its ~2 s a job; tests/test_end_to_end.py and test_diagnose*.py do),
+# nor the reference model's evaluation (the sweep report's columns are the float and lowered models').
 SWEEP_FAST = [
     "evaluate.latency.repeats=3",
     "evaluate.latency.warmup=1",
     "evaluate.latency.budget_s=0.2",
     "evaluate.latency.batch_sizes=[1]",
+    "evaluate.models=[float,lowered]",
     "export.onnx=false",
     "export.torchscript=none",
+    "diagnose.enabled=false",
 ]
+# For sweeps whose assertions read no latency figure (the report is still written, its speed columns empty).
+SWEEP_UNTIMED = [*SWEEP_FAST, "evaluate.latency.enabled=false"]
 
 
 _STORE_TEMPLATE: list[Path] = []  # this process's copy of the session's template, once found
@@ -97,7 +108,7 @@ def check_one_failing_job(tmp_path: Path, *launcher: str) -> None:
     """A two-job sweep whose second job fails (the everything-float skip makes `lower` refuse it):
     the other job finishes and is in the store, the parent fails, the report marks the failed row."""
     skips = ["skip.module_name_regex=[],[.*]", "skip.object_type=[operator.add]"]
-    result = sweep(tmp_path, *launcher, "backend=x86", *skips)
+    result = sweep(tmp_path, *launcher, "backend=x86", *skips, fast=SWEEP_UNTIMED)
     assert result.returncode != 0
     _, parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FAILED"
@@ -152,6 +163,43 @@ GENERATED_SET_CHILD = textwrap.dedent(
 )
 
 
+# Runs a script once per argument in one process (sys.argv[1] set to each in turn, fresh globals each time):
+# a memory test compares the max RSS after a small and then a large set without paying a second process's
+# imports; the large run's max RSS can only exceed the small one's by what it holds beyond the small peak.
+# Not for diagnose's memory test: there the second run's max RSS rose 13-17 MB in one process (2 MB in two),
+# too near its 30 MB bound.
+_EACH_ARGUMENT = """
+import gc, sys
+code = compile(sys.argv[1], "<child>", "exec")
+for argument in sys.argv[2:]:
+    sys.argv[1:] = [argument]
+    exec(code, {"__name__": "__main__"})
+    gc.collect()
+"""
+
+
+def run_once_per_argument(script: str, arguments: list[str], root: Path = REPO_ROOT) -> list[dict[str, float]]:
+    """`script` run for each argument in turn (as its sys.argv[1]) in one fresh process, with the checkout at
+    `root`; the JSON line each run printed last, in order."""
+    result = subprocess.run(
+        [sys.executable, "-c", _EACH_ARGUMENT, script, *arguments],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(arguments), result.stdout[-3000:]
+    return [json.loads(line) for line in lines]
+
+
+def run_generated_sets_in_one_child(stage_script: str, batches: list[int]) -> list[dict[str, float]]:
+    """GENERATED_SET_CHILD + stage_script on each count of evaluation batches in turn, in one fresh process."""
+    return run_once_per_argument(GENERATED_SET_CHILD + textwrap.dedent(stage_script), [str(n) for n in batches])
+
+
 def run_generated_set_child(stage_script: str, batches: int, root: Path = REPO_ROOT) -> dict[str, float]:
     """Run GENERATED_SET_CHILD + stage_script in a fresh process (its max RSS is its own) on `batches`
     evaluation batches, with the checkout at `root` (another one measures older code); its JSON line."""
@@ -195,3 +243,36 @@ class LazyGenerated:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
         return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(index)), None
+
+
+@contextlib.contextmanager
+def mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
+    """`mlflow <args>` (ui or server, on 127.0.0.1) started and answering /health; yields its base URL."""
+    port = free_port()
+    args = [*args]
+    args[args.index("--port") + 1] = str(port)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 90 s"
+            assert server.poll() is None, f"mlflow {args[0]} exited"
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

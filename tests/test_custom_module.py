@@ -211,7 +211,7 @@ def test_untraceable_top_level_forward_is_named_as_such() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
 def test_custom_module_example_end_to_end(run_pipeline, engine: str) -> None:
-    spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}"])
+    spec, state, run_dir = run_pipeline(["experiment=custom_module", f"backend={engine}", "diagnose.enabled=true"])
     lowered = state.artifacts["lowered"].model
     assert isinstance(lowered.limiter, QuantizedPeakLimiter)
     # lowered_model.txt shows the custom quantized class in the int8 model, in the tree and the type table.
@@ -261,6 +261,9 @@ def test_search_accepts_custom_modules() -> None:
 
 @pytest.mark.slow
 def test_cli_runs_the_example_in_one_command(tmp_path: Path) -> None:
+    # Off what the test reads nothing of: test_custom_module_example_end_to_end runs the same example with
+    # tracking (MLflow) and diagnose on, in-process; here the one command and its TorchScript file.
+    untimed = ["tracking=off", "diagnose.enabled=false", "evaluate.latency.enabled=false", "export.onnx=false"]
     result = subprocess.run(
         [
             sys.executable,
@@ -270,6 +273,7 @@ def test_cli_runs_the_example_in_one_command(tmp_path: Path) -> None:
             "backend=fbgemm",
             f"output_dir={tmp_path}",
             *FAST,
+            *untimed,
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -16,7 +16,7 @@ from pipeline import metric_keys
 from pipeline.batches import BatchList, DatasetBatches
 from pipeline.quality import MetricPlan, QualityAccumulator, quality_metrics, wilson_interval
 from tests.conftest import REPO_ROOT
-from tests.helpers import SWEEP_FAST
+from tests.helpers import SWEEP_UNTIMED, run_once_per_argument
 
 
 def _images(folder: Path, count: int, size: int = 32) -> Path:
@@ -97,25 +97,13 @@ _MEMORY_CHILD = textwrap.dedent(
 )
 
 
-def _max_rss_mb(folder: Path) -> tuple[float, float]:
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(folder)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    return figures["rss_mb"], figures["samples"]
-
-
 def test_memory_stays_flat_as_the_evaluation_set_grows_tenfold(tmp_path: Path) -> None:
     """500 vs 5,000 images of 32 px: holding them all (as before) would add 5000 x 3 x 32 x 32 x 4 bytes =
-    61 MB (twice that while stacking); streamed, the max RSS of the process grows by less than 25 MB."""
-    small_rss, small_samples = _max_rss_mb(_images(tmp_path / "small", 500))
-    large_rss, large_samples = _max_rss_mb(_images(tmp_path / "large", 5000))
+    61 MB (twice that while stacking); streamed, the max RSS of the process grows by less than 25 MB. Both
+    sets are evaluated in one child process, the small one first (one process's imports, not two)."""
+    folders = [_images(tmp_path / "small", 500), _images(tmp_path / "large", 5000)]
+    small, large = run_once_per_argument(_MEMORY_CHILD, [str(folder) for folder in folders])
+    (small_rss, small_samples), (large_rss, large_samples) = [(run["rss_mb"], run["samples"]) for run in (small, large)]
     assert (small_samples, large_samples) == (492, 4992)
     print(f"max RSS: 500 images {small_rss:.0f} MB, 5,000 images {large_rss:.0f} MB")
     assert large_rss - small_rss < 25, (small_rss, large_rss)
@@ -130,10 +118,8 @@ def test_a_sweep_of_three_skip_lists_evaluates_float_once(tmp_path: Path) -> Non
             "-m",
             "skip=none,add,linear",
             "tracking=off",
-            "diagnose.enabled=false",
-            "evaluate.latency.enabled=false",
             "stages=[load,calibrate,reference_convert,lower,evaluate]",
-            *SWEEP_FAST,
+            *SWEEP_UNTIMED,  # diagnose and timing off
             f"output_dir={tmp_path}",
         ],
         cwd=tmp_path,

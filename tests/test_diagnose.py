@@ -22,7 +22,13 @@ from stages.lower import lower
 from stages.reference_convert import reference_convert
 from tests.conftest import CONF_DIR, to_spec
 
-TO_LOWER = ["stages=[load,calibrate,reference_convert,lower]", "tracking=off", "cache.enabled=false"]
+# diagnose on: run_pipeline turns it off unless a test asks for it
+TO_LOWER = [
+    "stages=[load,calibrate,reference_convert,lower]",
+    "tracking=off",
+    "cache.enabled=false",
+    "diagnose.enabled=true",
+]
 RANDOM_WEIGHTS = ["model.checkpoint=null", "model.trained=false"]
 
 

@@ -38,6 +38,7 @@ DIAGNOSE_3 = [
     "stages=[load,calibrate,reference_convert,lower]",
     "tracking=off",
     "cache.enabled=false",
+    "diagnose.enabled=true",  # run_pipeline turns it off unless asked
     "diagnose.max_batches=3",
     "diagnose.skip_below_db=60",
     "diagnose.max_skip=2",

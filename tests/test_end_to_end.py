@@ -126,7 +126,9 @@ def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "[5/7] diagnose done" in run.stdout and "[7/7] export done" in run.stdout  # diagnose is on by default
     sweep = subprocess.run(
-        [sys.executable, "-m", "pipeline", "-m", "backend=fbgemm,x86,qnnpack,onednn", *fast],
+        # diagnose off: a failing diagnose does not fail a job (diagnose/failed), so the jobs' status asserts
+        # nothing about it; the single run above checks it ran by default.
+        [sys.executable, "-m", "pipeline", "-m", "backend=fbgemm,x86,qnnpack,onednn", "diagnose.enabled=false", *fast],
         cwd=tmp_path,
         env=env,
         capture_output=True,

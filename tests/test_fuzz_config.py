@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import pickle
 import random
 import subprocess
 import sys
 import time
 import typing
 from collections.abc import Iterator
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,11 +191,11 @@ def generate_cases(tmp: Path, seed: int = SEED, pairs: int = PAIRS) -> list[Case
 
 class Composer:
     def __init__(self, base: list[str]) -> None:
-        self.base = compose_config(base)
+        self.pickled = pickle.dumps(compose_config(base))  # unpickled per case: 7x faster than deepcopy
         self.parser = OverridesParser.create()
 
     def __call__(self, overrides: list[str]) -> DictConfig:
-        cfg = deepcopy(self.base)
+        cfg = pickle.loads(self.pickled)
         ConfigLoaderImpl._apply_overrides_to_config(self.parser.parse_overrides(overrides), cfg)
         return cfg
 

@@ -171,6 +171,7 @@ def test_static_int8_every_linear_end_to_end(tiny: tuple[Path, Path], run_pipeli
     overrides = [
         *_run_args(folder, text),
         "qconfig_mapping=static_linear",
+        "diagnose.enabled=true",
         "diagnose.max_batches=1",
         *CHEAP,
     ]

@@ -1,7 +1,7 @@
 """What a user sees of a run and a sweep in MLflow (issue 14): run names, the experiment's kind, the headline
 params and metrics, the dataset input, the int8 model logged and registered (reloaded in a fresh process),
-the closing summary, the command-line errors, the sweep report's units, and the run list in a real
-browser. One small sweep (2 jobs) serves every test that needs a store."""
+the closing summary, the command-line errors, the sweep report's units, the README's `mlflow ui` command
+serving the sweep, and the run list in a real browser. One small sweep (2 jobs) serves every test that needs a store."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline import metric_keys
 from pipeline.tracking import headline
 from tests import browser
 from tests.conftest import REPO_ROOT
+from tests.helpers import mlflow_server, seed_store
 
 REGISTERED = "fxq_test_int8"
 JOB_NAMES = {"digits_cnn fx x86 backend_default skip=add", "digits_cnn fx qnnpack backend_default skip=add"}
@@ -39,6 +42,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def small_sweep(tmp_path_factory: pytest.TempPathFactory):
     """Two jobs (x86, qnnpack) with skip=add, exporting TorchScript, the best registered."""
     out = tmp_path_factory.mktemp("sweep")
+    seed_store(out)  # the tracking store's tables made once a session, not migrated again here
     args = [
         "-m",
         "backend=x86,qnnpack",
@@ -231,15 +235,15 @@ def test_the_report_speaks_points_and_a_zero_delta_axis_has_no_offset(tmp_path: 
 
 
 @pytest.mark.slow
-def test_the_run_list_in_a_browser_shows_the_pipelines_run_names(small_sweep, tmp_path_factory) -> None:
+def test_the_run_list_in_a_browser_shows_the_pipelines_run_names(small_sweep, request, tmp_path_factory) -> None:
     if browser.chromium() is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does it when it can)")
-    out, _, _, experiment, parent, _ = small_sweep
-    with browser.mlflow_ui(f"sqlite:///{out}/mlflow.db", out) as base:
-        url = headline.experiment_url(base, experiment.experiment_id, headline.sweep_view(parent.info.run_id))
-        dom = browser.headless(url)
-        artifacts = tmp_path_factory.mktemp("artifacts")
-        browser.headless(url, screenshot=artifacts / "mlflow_ui_sweep.png")
+    _, _, _, experiment, parent, _ = small_sweep
+    base = request.getfixturevalue("readme_ui")  # the README's `mlflow ui`, started only when chromium is here
+    url = headline.experiment_url(base, experiment.experiment_id, headline.sweep_view(parent.info.run_id))
+    dom = browser.headless(url)
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    browser.headless(url, screenshot=artifacts / "mlflow_ui_sweep.png")
     print(f"screenshot: {artifacts / 'mlflow_ui_sweep.png'}")
     assert "Training runs" in dom  # the experiment kind: the runs, not the GenAI overview
     for name in JOB_NAMES:
@@ -247,6 +251,40 @@ def test_the_run_list_in_a_browser_shows_the_pipelines_run_names(small_sweep, tm
     for column in ("Backend", "SQNR dB", "Int8 accuracy", "Delta points", "digits"):
         assert column in dom, column
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def readme_ui(small_sweep) -> Iterator[str]:
+    """The README's `mlflow ui` command, pointed at the small sweep's store, serving; its base URL. One server
+    for the REST and the browser test (each start costs seconds)."""
+    out = small_sweep[0]
+    readme = (REPO_ROOT / "README.md").read_text()
+    (command,) = [
+        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
+    ]
+    args = command.split()[2:]  # after the environment setting and `mlflow`
+    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{out}/mlflow.db"
+    with mlflow_server(args, cwd=out) as base:
+        yield base
+
+
+@pytest.mark.slow
+def test_readme_mlflow_ui_command_serves_the_sweep(readme_ui: str) -> None:
+    """The README's command serves the sweep's parent and children through MLflow's REST API (moved from
+    tests/test_sweep.py, which ran a sweep of its own for it)."""
+    base = readme_ui
+    experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
+    (experiment,) = [e for e in experiments.json()["experiments"] if e["name"] == "fx-ptq"]
+    runs = requests.post(
+        f"{base}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
+        timeout=10,
+    ).json()["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
+    assert len(parent_ids) == 1
+    children = [t for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]]
+    assert sorted((t["backend"], t["skip"]) for t in children) == [("qnnpack", "add"), ("x86", "add")]
 
 
 def test_the_shared_view_is_written_once_and_again_only_when_it_changes(tmp_path: Path) -> None:

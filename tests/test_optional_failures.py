@@ -64,7 +64,7 @@ def test_the_registry_keeps_the_contract_and_names_a_stage_that_breaks_it() -> N
 
 def test_diagnose_ignores_ops_that_produce_no_tensors(run_pipeline) -> None:
     overrides = [*SHAPE_MODEL, *LINEAR_ONLY, "stages=[load,calibrate,reference_convert,lower]"]
-    _, state, run_dir = run_pipeline([*overrides, "tracking=off", "cache.enabled=false"])
+    _, state, run_dir = run_pipeline([*overrides, "diagnose.enabled=true", "tracking=off", "cache.enabled=false"])
     assert state.metrics[metric_keys.stage_failed("diagnose")] == 0.0
     assert state.metrics[metric_keys.DIAGNOSE_LAYERS] == 2.0
     assert "fc1" in (run_dir / "diagnose" / "layers.csv").read_text()
@@ -80,7 +80,7 @@ def test_a_failing_diagnose_is_recorded_and_the_run_goes_on(run_pipeline, tmp_pa
 
     monkeypatch.setattr(stages.diagnose, "diagnose", broken)
     with caplog.at_level(logging.WARNING):
-        _, state, run_dir = run_pipeline(["cache.enabled=false", "export.onnx=false"])
+        _, state, run_dir = run_pipeline(["diagnose.enabled=true", "cache.enabled=false", "export.onnx=false"])
     # The run went on to evaluate and export.
     assert metric_keys.LOWERED_ACCURACY in state.metrics
     assert (run_dir / "export" / "lowered_x86.torchscript.pt").is_file()

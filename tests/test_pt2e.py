@@ -19,7 +19,7 @@ from pipeline.cache import cache_key, skip_list_key
 from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.errors import ConfigError
 from pipeline.validation import validate
-from tests.conftest import compose_config, to_spec
+from tests.conftest import compose_config, run_pipeline_in, to_spec
 
 pytestmark = pytest.mark.skipif(
     not torchao_available(), reason="torchao is not installed (the [pt2e] extra: pip install --no-deps torchao==0.18.0)"
@@ -40,9 +40,18 @@ def _metrics(run_dir) -> dict[str, float]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The digits default on pt2e x86 end to end, with ONNX: one run both digits tests read (state, run dir)."""
+    _, state, run_dir = run_pipeline_in(
+        tmp_path_factory.mktemp("digits"), [*QUICK, "backend=x86", "export.onnx=true", "diagnose.enabled=true"]
+    )
+    return state, run_dir
+
+
 @pytest.mark.slow
-def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(run_pipeline) -> None:
-    spec, _, run_dir = run_pipeline([*QUICK, "backend=x86", "export.onnx=true"])
+def test_digits_default_runs_end_to_end_on_pt2e_x86_and_the_pt2_file_reloads(digits_run) -> None:
+    _, run_dir = digits_run
     metrics = _metrics(run_dir)
     assert metrics["eval/float/accuracy"] > 0.98
     assert metrics["eval/reference/accuracy"] >= metrics["eval/float/accuracy"] - 0.01
@@ -95,36 +104,37 @@ def _check_pt2e_diagnosis(run_dir, metrics: dict[str, float]) -> None:
     assert "nothing to skip" in text  # nothing below diagnose.skip_below_db
 
 
-# A deployment's loader: plain torch (no torchao, no pipeline) or onnxruntime, in a new process. Prints
-# whether torchao got imported, so a test sees the file did not need it.
+# A deployment's loader: plain torch (no torchao, no pipeline) or onnxruntime, in a new process, for every
+# file a test checks (one process: each costs seconds of imports). Prints whether torchao got imported, so a
+# test sees the files did not need it.
 _FRESH_PROCESS = """
 import sys, torch
-path, inputs, result = sys.argv[1:]
-args = torch.load(inputs)
-if path.endswith(".onnx"):
-    import onnxruntime
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feed = {entry.name: value.numpy() for entry, value in zip(session.get_inputs(), args)}
-    outputs = torch.from_numpy(session.run(None, feed)[0])
-else:
-    import torch.ao.quantization.fx._decomposed  # the quantized_decomposed ops a q/dq program calls
+import torch.ao.quantization.fx._decomposed  # the quantized_decomposed ops a q/dq program calls
+jobs, results = torch.load(sys.argv[1]), []
+for path, args in jobs:
+    if path.endswith(".onnx"):
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feed = {entry.name: value.numpy() for entry, value in zip(session.get_inputs(), args)}
+        results.append(torch.from_numpy(session.run(None, feed)[0]))
+        continue
     if path.endswith(".aoti.pt2"):
         module = torch._inductor.aoti_load_package(path)
     else:
         module = torch.export.load(path).module()
     with torch.no_grad():
-        outputs = module(*args)
-torch.save(outputs, result)
+        results.append(module(*args))
+torch.save(results, sys.argv[2])
 print("torchao imported" if "torchao" in sys.modules else "plain torch")
 """
 
 
-def run_in_fresh_process(path: Path, args: tuple[torch.Tensor, ...], work: Path) -> torch.Tensor:
-    """`path` (.pt2, .aoti.pt2 or .onnx) loaded in a new Python process with plain torch (or onnxruntime) and
-    run on `args`; its outputs."""
-    inputs, result = work / f"{path.name}.inputs.pt", work / f"{path.name}.outputs.pt"
-    torch.save(args, inputs)
-    command = [sys.executable, "-c", _FRESH_PROCESS, str(path), str(inputs), str(result)]
+def run_in_fresh_process(jobs: list[tuple[Path, tuple[torch.Tensor, ...]]], work: Path) -> list[torch.Tensor]:
+    """Each `path` (.pt2, .aoti.pt2 or .onnx) loaded in one new Python process with plain torch (or
+    onnxruntime) and run on its `args`; their outputs, in order."""
+    inputs, result = work / "fresh.inputs.pt", work / "fresh.outputs.pt"
+    torch.save([(str(path), args) for path, args in jobs], inputs)
+    command = [sys.executable, "-c", _FRESH_PROCESS, str(inputs), str(result)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "plain torch"
@@ -139,15 +149,14 @@ def qdq_program(state) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-def test_pt2_file_loads_with_plain_torch_in_a_fresh_process(run_pipeline, tmp_path) -> None:
-    _, state, run_dir = run_pipeline(
-        [*QUICK, "evaluate.latency.enabled=false", "stages=[load,calibrate,reference_convert,lower,export]"]
-    )
+def test_pt2_file_loads_with_plain_torch_in_a_fresh_process(digits_run, tmp_path) -> None:
+    state, run_dir = digits_run
     path, program = run_dir / "export" / "qdq_x86.pt2", qdq_program(state)
-    for batch in (5, 1):  # any batch size
-        x = torch.rand(batch, 1, 8, 8)
-        with torch.no_grad():
-            assert torch.equal(run_in_fresh_process(path, (x,), tmp_path), program(x))
+    batches = [torch.rand(batch, 1, 8, 8) for batch in (5, 1)]  # any batch size
+    outputs = run_in_fresh_process([(path, (x,)) for x in batches], tmp_path)
+    with torch.no_grad():
+        for x, actual in zip(batches, outputs, strict=True):
+            assert torch.equal(actual, program(x))
 
 
 @pytest.mark.slow
@@ -182,9 +191,10 @@ def test_resnet18_shape_runs_end_to_end_on_pt2e_x86_and_every_file_reloads(run_p
     args = inputs.positional(program)
     with torch.no_grad():
         expected = program(*args)
-    assert torch.equal(run_in_fresh_process(export / "qdq_x86.pt2", args, tmp_path), expected)
-    for name in ("compiled_x86_b4.aoti.pt2", "qdq_x86.onnx"):  # other kernels: close, not equal
-        actual = run_in_fresh_process(export / name, args, tmp_path)
+    names = ("qdq_x86.pt2", "compiled_x86_b4.aoti.pt2", "qdq_x86.onnx")
+    reloaded, *others = run_in_fresh_process([(export / name, args) for name in names], tmp_path)
+    assert torch.equal(reloaded, expected)
+    for name, actual in zip(names[1:], others, strict=True):  # other kernels: close, not equal
         assert actual.shape == expected.shape == (4, 1000)
         assert sqnr_db(expected, actual) > 35, name
         assert (actual.argmax(1) == expected.argmax(1)).float().mean() >= 0.75, name
@@ -217,7 +227,8 @@ def test_pt2e_onnx_is_skipped_with_the_reason_without_onnxscript(run_pipeline, m
 
 @pytest.mark.slow
 def test_skip_list_applies_at_prepare_time(run_pipeline) -> None:
-    _, _, run_dir = run_pipeline([*QUICK, "skip=first_last", "evaluate.latency.enabled=false", "export.onnx=false"])
+    # Only reference_convert's left_float.json is read: the run stops there.
+    _, _, run_dir = run_pipeline([*QUICK, "skip=first_last", "stages=[load,calibrate,reference_convert]"])
     left = json.loads((run_dir / "reference_convert" / "left_float.json").read_text())
     assert any(entry.startswith("stem.0") for entry in left) and any(entry.startswith("fc") for entry in left)
 

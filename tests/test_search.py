@@ -77,7 +77,10 @@ def test_greedy_search_meets_the_bar_in_fewer_trials_than_layers_from_one_calibr
 
 @pytest.mark.slow
 def test_search_stops_at_trial_zero_when_full_quantization_meets_the_bar(run_pipeline) -> None:
-    _, state, _ = run_pipeline(["search=greedy", "search.max_drop=0.01", "export.onnx=false"])
+    # Only the search is read: no evaluate, export or tracking after it.
+    _, state, _ = run_pipeline(
+        ["search=greedy", "search.max_drop=0.01", "stages=[load,calibrate,search]", "tracking=off"]
+    )
     assert len(state.artifacts["search"].trials) == 1
     assert state.artifacts["search"].winner.skipped == []
     assert state.artifacts["search"].sensitivity == []  # never needed
@@ -172,6 +175,7 @@ DEEP = [
     "search.min_sqnr_db=15",
     "search.recovery_phase=false",
     "evaluate.latency.batch_sizes=[1]",
+    "tracking=off",  # the test reads the search's result and trials.csv, not the store's runs
 ]
 
 

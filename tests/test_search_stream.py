@@ -15,7 +15,7 @@ from pipeline.engine.qconfigs import quantized_engine
 from pipeline.quality import metric_plan
 from pipeline.schema import SkipSpec
 from pipeline.scoring import ScoringSet
-from tests.helpers import LazyGenerated, record_batches_refuse_joins, run_generated_set_child
+from tests.helpers import LazyGenerated, record_batches_refuse_joins, run_generated_sets_in_one_child
 
 # The digits default (digits CNN, 450 evaluation images in 15 batches of 32, recovery defaults, cache on),
 # searched on SQNR with a bar no trial meets, so it ranks the layers and runs several trials.
@@ -137,10 +137,6 @@ _MEMORY_CHILD = """
     """
 
 
-def _search_max_rss_mb(batches: int) -> dict[str, float]:
-    return run_generated_set_child(_MEMORY_CHILD, batches)
-
-
 @pytest.mark.slow
 def test_search_memory_stays_flat_as_the_scoring_set_grows_eightfold() -> None:
     """A search (3 trials, the layer sensitivity, latency) on 4 vs 32 batches of 64 generated 3x64x64 inputs
@@ -148,7 +144,7 @@ def test_search_memory_stays_flat_as_the_scoring_set_grows_eightfold() -> None:
     28 x 64 x 49,152 bytes = 88 MB, and the old joined search grew by 857 MB from 4 to 16 batches (its
     layer sensitivity recorded every layer's activations for the whole set); streamed, the process's max
     RSS grows by less than 30 MB (measured: 360 MB for 4 batches, 362 MB for 32)."""
-    small, large = _search_max_rss_mb(4), _search_max_rss_mb(32)
+    small, large = run_generated_sets_in_one_child(_MEMORY_CHILD, [4, 32])  # one child process, small first
     assert (small["samples"], large["samples"]) == (256, 2048)
     assert small["trials"] == large["trials"] == 3 and small["layers"] == large["layers"] == 3
     print(f"search max RSS: 4 batches {small['rss_mb']:.0f} MB, 32 batches {large['rss_mb']:.0f} MB")

@@ -1,26 +1,29 @@
 """Sweeps from the command line: one calibration per backend, a parent run with nested children
-under both launchers, the comparison report, and the README's `mlflow ui` serving them."""
+under both launchers, the comparison report, and an `mlflow server` receiving them (the README's `mlflow ui`
+serving a sweep: tests/test_mlflow_ui.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.pt2e_quantizers import torchao_available
 from pipeline.tracking.mlflow import artifact_uri
 from pipeline.tracking.sweep import pareto_front
 from tests.conftest import REPO_ROOT
-from tests.helpers import SWEEP_FAST, check_one_failing_job, parent_and_children, report_rows, sweep
+from tests.helpers import (
+    SWEEP_FAST,
+    SWEEP_UNTIMED,
+    check_one_failing_job,
+    mlflow_server,
+    parent_and_children,
+    report_rows,
+    sweep,
+)
 
 SIX_SKIPS = "skip=none,add,first_last,block2_regex,linear,first_add"
 
@@ -72,7 +75,7 @@ def test_six_skip_lists_on_one_backend_calibrate_once_with_the_basic_launcher(tm
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add")
+    result = sweep(tmp_path, "hydra/launcher=parallel", "backend=fbgemm,qnnpack", "skip=none,add", fast=SWEEP_UNTIMED)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "database is locked" not in output and "duplicate column" not in output
@@ -90,7 +93,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_loses_no_run(tmp_pa
 def test_an_engine_sweep_names_the_engine_in_runs_folders_and_report(tmp_path: Path) -> None:
     # TorchScript on (FX's file), no AOTInductor package (15 s a pt2e job): each engine writes one file.
     fast = [*(o for o in SWEEP_FAST if not o.startswith("export.torchscript")), "export.aot_inductor=false"]
-    overrides = ["engine=fx,pt2e", "backend=x86", "skip=none,first_last", "diagnose.enabled=false"]
+    overrides = ["engine=fx,pt2e", "backend=x86", "skip=none,first_last"]
     result = sweep(tmp_path, *overrides, fast=fast)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, parent, children = parent_and_children(tmp_path)
@@ -162,69 +165,6 @@ def test_artifact_locations_keep_uris_and_make_folders_absolute(tmp_path: Path, 
         assert artifact_uri(uri) == uri
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _mlflow_server(args: list[str], cwd: Path) -> Iterator[str]:
-    """`mlflow <args>` (ui or server, on 127.0.0.1) started and answering /health; yields its base URL."""
-    port = _free_port()
-    args = [*args]
-    args[args.index("--port") + 1] = str(port)
-    assert args[args.index("--host") + 1] == "127.0.0.1"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 90 s"
-            assert server.poll() is None, f"mlflow {args[0]} exited"
-            time.sleep(1)
-        yield base
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_readme_mlflow_ui_command_serves_thesweep(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "backend=x86", "skip=none,add")
-    assert result.returncode == 0, result.stdout[-3000:]
-    readme = (REPO_ROOT / "README.md").read_text()
-    (command,) = [
-        line for line in readme.splitlines() if line.startswith("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui")
-    ]
-    args = command.split()[2:]  # after the environment setting and `mlflow`
-    args[args.index("sqlite:///outputs/mlflow.db")] = f"sqlite:///{tmp_path}/mlflow.db"
-    with _mlflow_server(args, cwd=tmp_path) as base:
-        experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10)
-        (experiment,) = [e for e in experiments.json()["experiments"] if e["name"] == "fx-ptq"]
-        runs = requests.post(
-            f"{base}/api/2.0/mlflow/runs/search",
-            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
-            timeout=10,
-        ).json()["runs"]
-    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-    parent_ids = [run["info"]["run_id"] for run, t in zip(runs, tags, strict=True) if t.get("sweep") == "true"]
-    assert len(parent_ids) == 1
-    assert sorted(t["skip"] for t in tags if t.get("mlflow.parentRunId") == parent_ids[0]) == ["add", "none"]
-
-
 @pytest.mark.slow
 def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path) -> None:
     """The README's cluster recipe with what runs here: Submitit's local executor (each job its own
@@ -244,14 +184,17 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
         "--workers",
         "1",
     ]
-    with _mlflow_server(server_args, cwd=tmp_path) as base:
+    with mlflow_server(server_args, cwd=tmp_path) as base:
         result = sweep(
             tmp_path,
             "hydra/launcher=submitit_local",
             f"tracking.tracking_uri={base}",
             "tracking.artifact_location=null",
-            "backend=fbgemm,x86",
+            # Two jobs of one backend (four of two backends before: the same checks, two processes fewer):
+            # each its own process, and the second reuses the first's calibration across processes.
+            "backend=fbgemm",
             "skip=none,add",
+            fast=SWEEP_UNTIMED,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = MlflowClient(tracking_uri=base)
@@ -259,9 +202,9 @@ def test_submitit_sweep_logs_to_a_tracking_server_like_a_cluster(tmp_path: Path)
         (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert parent.info.status == "FINISHED"
-        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-        assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 2  # one per backend
-        assert len({c.data.tags["pipeline.pid"] for c in children}) == 4  # each job its own process
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        assert sum(c.data.metrics["calibrate/calibrations"] for c in children) == 1  # one for the backend
+        assert len({c.data.tags["pipeline.pid"] for c in children}) == 2  # each job its own process
         report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.csv", "report/report.png"} <= report
     # Artifacts went through the server to its destination, not to a folder the jobs chose.
