@@ -178,11 +178,10 @@ for argument in sys.argv[2:]:
 """
 
 
-def run_once_per_argument(script: str, arguments: list[str], root: Path = REPO_ROOT) -> list[dict[str, float]]:
-    """`script` run for each argument in turn (as its sys.argv[1]) in one fresh process, with the checkout at
-    `root`; the JSON line each run printed last, in order."""
+def _python_child(arguments: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    """`python <arguments>` in a fresh process on one thread, with the checkout at `root`; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-c", _EACH_ARGUMENT, script, *arguments],
+        [sys.executable, *arguments],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -190,6 +189,13 @@ def run_once_per_argument(script: str, arguments: list[str], root: Path = REPO_R
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_once_per_argument(script: str, arguments: list[str], root: Path = REPO_ROOT) -> list[dict[str, float]]:
+    """`script` run for each argument in turn (as its sys.argv[1]) in one fresh process, with the checkout at
+    `root`; the JSON line each run printed last, in order."""
+    result = _python_child(["-c", _EACH_ARGUMENT, script, *arguments], root)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == len(arguments), result.stdout[-3000:]
     return [json.loads(line) for line in lines]
@@ -203,15 +209,7 @@ def run_generated_sets_in_one_child(stage_script: str, batches: list[int]) -> li
 def run_generated_set_child(stage_script: str, batches: int, root: Path = REPO_ROOT) -> dict[str, float]:
     """Run GENERATED_SET_CHILD + stage_script in a fresh process (its max RSS is its own) on `batches`
     evaluation batches, with the checkout at `root` (another one measures older code); its JSON line."""
-    result = subprocess.run(
-        [sys.executable, "-c", GENERATED_SET_CHILD + textwrap.dedent(stage_script), str(batches)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _python_child(["-c", GENERATED_SET_CHILD + textwrap.dedent(stage_script), str(batches)], root)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
