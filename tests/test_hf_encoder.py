@@ -85,8 +85,9 @@ def _quantized_linears(model: torch.nn.Module) -> set[str]:
 def test_trace_matches_eager_and_keeps_module_names(tiny: tuple[Path, Path]) -> None:
     folder, _ = tiny
     encoder = hf_encoder(str(folder))
-    eager = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager").eval()
-    tokenizer = BertTokenizer.from_pretrained(str(folder), local_files_only=True)
+    # transformers' own loaders as the reference for the project's file readers; offline: a local folder.
+    eager = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager").eval()  # offline
+    tokenizer = BertTokenizer.from_pretrained(str(folder), local_files_only=True)  # offline
     for sentences in (["the cat sat on the mat", "a dog ran"], ["red bird flew over the small green tree fast"]):
         batch = tokenizer(sentences, padding="longest", return_tensors="pt")  # lengths 8 and 11: shapes vary
         with torch.no_grad():
@@ -101,6 +102,41 @@ def test_trace_matches_eager_and_keeps_module_names(tiny: tuple[Path, Path]) -> 
     assert torch.allclose(norms, torch.ones(2))
 
 
+def test_the_folder_is_read_from_its_files_as_transformers_would_load_it(tiny, tmp_path: Path) -> None:
+    """stages/sources/hf_local reads the folder without the hub loaders: the same weights and token ids as
+    from_pretrained, a checkpoint with a task head gives its base model, and missing weights are refused."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from stages.sources.hf_local import read_model, read_tokenizer
+
+    folder, _ = tiny
+    reference = AutoModel.from_pretrained(str(folder), local_files_only=True)  # offline: a local folder
+    model = read_model(transformers, folder)
+    assert model.config._attn_implementation == "eager" and not model.training
+    expected = reference.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    sentences = ["the cat sat on the mat", "a dog ran over the small green tree fast"]
+    ours = read_tokenizer(transformers, folder)(sentences, padding="longest", return_tensors="pt")
+    theirs = BertTokenizer.from_pretrained(str(folder), local_files_only=True)(  # offline: a local folder
+        sentences, padding="longest", return_tensors="pt"
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+    headed = tmp_path / "with_head"
+    transformers.BertForMaskedLM(reference.config).save_pretrained(str(headed))  # keys under `bert.`
+    base = read_model(transformers, headed)
+    stored = load_file(str(headed / "model.safetensors"))
+    compared = [key for key in base.state_dict() if not key.startswith("pooler.")]  # a MaskedLM has no pooler
+    assert compared and all(torch.equal(base.state_dict()[key], stored[f"bert.{key}"]) for key in compared)
+
+    stored.pop("bert.encoder.layer.0.output.dense.weight")
+    save_file(stored, str(headed / "model.safetensors"))
+    with pytest.raises(KeyError, match="encoder.layer.0.output.dense.weight"):
+        read_model(transformers, headed)
+
+
 def test_functional_ops_have_their_layers_scope(tiny: tuple[Path, Path]) -> None:
     """prepare_fx's tracer records every attention matmul, softmax and residual add under its own layer,
     so module_name_object_type_order entries can target one layer's functional ops."""
@@ -109,7 +145,7 @@ def test_functional_ops_have_their_layers_scope(tiny: tuple[Path, Path]) -> None
 
     folder, _ = tiny
     encoder = hf_encoder(str(folder))
-    tokenizer = BertTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = BertTokenizer.from_pretrained(str(folder), local_files_only=True)  # offline: a local folder
     batch = tokenizer(["the cat sat"], return_tensors="pt")
     example = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     prepared = prepare_fx(encoder, get_default_qconfig_mapping("x86"), example)

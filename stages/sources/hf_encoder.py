@@ -1,8 +1,9 @@
 """model=hf_encoder: a Hugging Face BERT-style encoder from a local folder, as a sentence-embedding model.
 
 Needs the optional extra `[hf]` (transformers 4.57.x: the last line with `transformers.utils.fx`, Hugging
-Face's FX tracer; 5.x removed it). Nothing is ever downloaded: the folder is read with
-local_files_only=True and HF_HUB_OFFLINE=1 is set before transformers is imported.
+Face's FX tracer; 5.x removed it). Nothing is ever downloaded: the folder's files are read directly
+(stages/sources/hf_local.py: no hub loader is called) and HF_HUB_OFFLINE=1 is set before transformers is
+imported.
 
 What `hf_encoder(path)` returns is a torch.fx GraphModule that prepare_fx takes as it is:
 - the model loads with `attn_implementation="eager"` (sdpa does not trace: `torch.finfo() requires a
@@ -33,6 +34,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 
 from pipeline.errors import ConfigError, error_summary
+from stages.sources.hf_local import read_model, read_tokenizer
 from stages.sources.module_scopes import nest_by_module_stack
 
 log = logging.getLogger(__name__)
@@ -90,10 +92,10 @@ def load_tokenizer(path: str, key: str) -> Any:
             f"the tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json)."
         )
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return read_tokenizer(transformers, folder)
     except Exception as error:
         raise ConfigError(
-            f"{key}='{path}': no tokenizer loads from this folder with local files only ({error_summary(error, 300)}). "
+            f"{key}='{path}': no tokenizer loads from this folder's files ({error_summary(error, 300)}). "
             f"Save one there with tokenizer.save_pretrained(folder)."
         ) from error
 
@@ -132,13 +134,12 @@ def padding_positions(attention_mask: torch.Tensor, padding_idx: int) -> torch.T
 
 def _load(transformers: ModuleType, folder: Path, path: str) -> nn.Module:
     try:
-        model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+        return read_model(transformers, folder)
     except Exception as error:
         raise ConfigError(
-            f"model.factory.path='{path}' does not load with transformers.AutoModel (local files only, eager "
-            f"attention): {error_summary(error, 300)}"
+            f"model.factory.path='{path}' does not load as a transformers.AutoModel from its files (config.json "
+            f"and model.safetensors or pytorch_model.bin; eager attention): {error_summary(error, 300)}"
         ) from error
-    return model.eval()
 
 
 def hf_encoder(path: str, pooling: str = "mean", normalize: bool = False) -> GraphModule:
