@@ -45,7 +45,7 @@ from torch.fx import GraphModule
 from pipeline.batch import ModelInputs
 from pipeline.digest import model_code as _model_code
 from pipeline.digest import tensor_digest as _tensor_digest
-from pipeline.engine import get_engine, recovery
+from pipeline.engine import bias_correction, get_engine, recovery
 from pipeline.engine.base import MissingObserverSource
 from pipeline.progress import progress
 from pipeline.schema import EngineSpec, PipelineSpec, SkipSpec
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 4  # bump when the entry layout or the meaning of the key changes
 STATE_FILE = "observer_state.pt"
+# bias correction's float statistics of the calibration (bias_correction.statistics_state), when it kept them
+STATISTICS_FILE = "float_statistics.pt"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -152,6 +154,10 @@ class CalibrationCache:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
             prepared = prepare()
             get_engine(self.flow).load_observer_state(prepared, state)
+            statistics_path = entry / STATISTICS_FILE
+            if statistics_path.exists() and manifest.get("statistics_sha256") == _file_sha256(statistics_path):
+                statistics = torch.load(statistics_path, map_location="cpu", weights_only=True)
+                bias_correction.restore_statistics(prepared, statistics)
         except MissingObserverSource:
             raise  # a sound entry that cannot serve this pt2e skip-list: the caller calibrates it on its own
         except Exception as error:  # any failure means: do not trust it, rebuild it
@@ -172,11 +178,15 @@ class CalibrationCache:
         try:
             state_path = temporary / STATE_FILE
             torch.save(get_engine(self.flow).observer_state(prepared), state_path)
+            statistics = bias_correction.statistics_state(prepared)
+            if statistics is not None:
+                torch.save(statistics, temporary / STATISTICS_FILE)
             manifest = {
                 "key": key,
                 "format": FORMAT_VERSION,
                 "torch": torch.__version__,
                 "sha256": _file_sha256(state_path),
+                **({"statistics_sha256": _file_sha256(temporary / STATISTICS_FILE)} if statistics is not None else {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **details,
             }

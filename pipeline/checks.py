@@ -400,6 +400,7 @@ def check_ranges(spec: PipelineSpec) -> None:
     _check_in("recovery.activation_bits", str(recovery.activation_bits), ("auto", "7", "8"))
     _check_in("recovery.bounded_activations", recovery.bounded_activations, ("auto", "on", "off"))
     _check_int("recovery.bias_correction_samples", recovery.bias_correction_samples, 1)
+    _check_in("recovery.bias_correction_method", recovery.bias_correction_method, ("auto", "empirical", "analytic"))
     _check_float(
         "recovery.smoothquant_alpha",
         recovery.smoothquant_alpha,

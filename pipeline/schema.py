@@ -167,6 +167,9 @@ class RecoverySpec:
     # calibration samples (the first ones) bias correction runs in one batch; 64: bench/bias_correction.py measured
     # 256 no better (<= 0.05 dB) at 4x the time (ResNet-18 shape, 224 px)
     bias_correction_samples: int = 64
+    # empirical: one reference-model pass over those samples; analytic: the weights' error times the layers'
+    # recorded input means, no pass; auto: empirical when samples x multiply-adds a sample <= 20 G, else analytic
+    bias_correction_method: str = "auto"
     smoothquant_alpha: float = 0.5  # SmoothQuant migration strength for Linears after LayerNorm/Linear; 0: off
 
 

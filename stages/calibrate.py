@@ -23,8 +23,8 @@ from pipeline import metric_keys
 from pipeline.cache import CalibrationCache, cache_key, skip_list_key
 from pipeline.engine import custom_modules, get_engine, steps
 from pipeline.engine.base import MissingObserverSource
+from pipeline.engine.bias_correction import FloatMeansRecorder
 from pipeline.engine.qconfigs import quantized_engine
-from pipeline.engine.recovery import FloatMeansRecorder
 from pipeline.progress import progress
 from pipeline.schema import (
     BackendSpec,

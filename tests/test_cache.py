@@ -173,3 +173,33 @@ def test_a_kill_between_writing_and_renaming_leaves_nothing_trusted(
     cache.store(key, calibrated.model, {})  # the next run rebuilds it
     prepare_again = lambda: prepare(loaded, spec.backend, spec.qconfig_mapping, spec.custom_config)  # noqa: E731
     assert cache.load(key, prepare_again) is not None
+
+
+def test_cached_calibration_keeps_bias_corrections_float_statistics(tmp_path: Path) -> None:
+    """The float statistics the calibration records for bias correction travel with the cache entry, so a
+    cache hit's bias correction runs no float pass; an entry whose statistics file was altered serves its
+    observers without them."""
+    from pipeline.engine import bias_correction
+
+    spec = to_spec(compose_config([]))
+    loaded = load(spec.model, spec.data, spec.seed)
+    run = (spec.backend, spec.qconfig_mapping, spec.custom_config, spec.calibrate, spec.recovery)
+    calibrated = calibrate(loaded, *run)
+    digests, statistics = calibrated.model.meta[bias_correction.FLOAT_MEANS]
+    cache = CalibrationCache(tmp_path)
+    key = _key(spec, loaded)
+    entry = cache.store(key, calibrated.model, {})
+
+    def rebuild() -> torch.nn.Module | None:
+        args = (loaded, spec.backend, spec.qconfig_mapping, spec.custom_config, spec.recovery)
+        return cache.load(key, lambda: prepare(*args))
+
+    rebuilt = rebuild()
+    assert rebuilt is not None
+    found_digests, found = rebuilt.meta[bias_correction.FLOAT_MEANS]
+    assert found_digests == digests and found.macs_per_sample == statistics.macs_per_sample
+    for name, mean in statistics.outputs.items():
+        assert torch.equal(found.outputs[name], mean) and torch.equal(found.inputs[name], statistics.inputs[name])
+    torch.save({"digests": [], "outputs": {}, "inputs": {}, "macs_per_sample": 0.0}, entry / "float_statistics.pt")
+    tampered = rebuild()
+    assert tampered is not None and bias_correction.FLOAT_MEANS not in tampered.meta

@@ -89,10 +89,11 @@ class Engine(Protocol):
         ...
 
     def correct_bias(
-        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int, method: str
     ) -> dict[str, float]:
         """Fold each quantized layer's output-mean error on calibration data into its bias, in the reference
-        model (in place, before lowering); returns the mean absolute shift per layer."""
+        model (in place, before lowering), the way `method` (recovery.bias_correction_method) says; returns the
+        mean absolute shift per layer."""
         ...
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:

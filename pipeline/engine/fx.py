@@ -26,6 +26,7 @@ from torch.ao.quantization.quantize_fx import (
 )
 from torch.fx import GraphModule
 
+import pipeline.engine.bias_correction as bias_correction
 import pipeline.engine.custom_modules as custom_modules
 import pipeline.engine.fx_results as fx_results
 import pipeline.engine.introspect as introspect
@@ -292,9 +293,9 @@ class FxEngine:
         return recovery.smooth_quant(model, batches, alpha, tracer)
 
     def correct_bias(
-        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int, method: str
     ) -> dict[str, float]:
-        return recovery.correct_bias(conversion.model, prepared, batches, samples)
+        return bias_correction.correct_bias(conversion.model, prepared, batches, samples, method)
 
     def untraceable_module(self, error: BaseException) -> UntraceableModule | None:
         return fx_results.untraceable_module(error)

@@ -392,7 +392,7 @@ class Pt2eEngine:
         return FxEngine().smooth_quant(model, batches, alpha, custom)
 
     def correct_bias(
-        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int
+        self, conversion: ReferenceConversion, prepared: nn.Module, batches: list[Any], samples: int, method: str
     ) -> dict[str, float]:
         log.info(
             "recovery.bias_correction: not applied on engine=pt2e (it edits the biases of FX's reference modules; "

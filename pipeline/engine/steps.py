@@ -156,7 +156,7 @@ def correct_bias(
 ) -> dict[str, float]:
     """recovery.bias_correction on the reference model, in place, before lowering; logged."""
     shifts = get_engine(flow or EngineSpec()).correct_bias(
-        conversion, prepared, calibration, recovery.bias_correction_samples
+        conversion, prepared, calibration, recovery.bias_correction_samples, recovery.bias_correction_method
     )
     if shifts:
         worst = max(shifts, key=shifts.__getitem__)
