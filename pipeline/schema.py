@@ -74,8 +74,8 @@ class LatencySpec:
     warmup: int = 3  # untimed runs first, at least (then until 2 calls agree within 2x); outside budget_s
     repeats: int = 6  # timed runs at least; more until the median's interval is within target_ci
     target_ci: float = 0.05  # stop when the median's 95% interval half-width is within this fraction of it
-    budget_s: float = 2.0  # ... or when this many seconds are spent on one (model, form, batch size)
-    prune: bool = True  # a form clearly slower at the smallest batch size is not timed at larger ones
+    budget_s: float = 0.5  # ... or when this many seconds are spent on one (model, form, batch size)
+    prune: bool = True  # larger batch sizes time only the form fastest at the smallest one
     forms: list[str] = field(default_factory=lambda: ["eager", "traced", "frozen"])
 
 
