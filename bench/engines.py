@@ -34,6 +34,7 @@ COMMON = [
     "diagnose.enabled=false",
     "evaluate.latency.threads=1",
     "evaluate.latency.repeats=20",
+    "evaluate.latency.batch_sizes=[1,32]",  # the table's b1/b32 columns (the default is [1, 8])
     "export.aot_inductor=false",
     "export.onnx=false",
 ]

@@ -346,7 +346,7 @@ def check_ranges(spec: PipelineSpec) -> None:
             "evaluate.latency.batch_sizes",
             latency.batch_sizes,
             empty_ok=False,
-            why=("list at least one batch size (e.g. [1, 32]), or set evaluate.latency.enabled=false"),
+            why=("list at least one batch size (e.g. [1, 8]), or set evaluate.latency.enabled=false"),
         )
         for position, size in enumerate(latency.batch_sizes):
             _check_int(f"evaluate.latency.batch_sizes[{position}]", size, 1, MAX_BATCH_SIZE)

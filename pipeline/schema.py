@@ -70,7 +70,7 @@ class CalibrateSpec:
 class LatencySpec:
     enabled: bool = True
     threads: int = 1  # torch.set_num_threads during latency runs
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     warmup: int = 3  # untimed runs first, at least (then until 2 calls agree within 2x); outside budget_s
     repeats: int = 6  # timed runs at least; more until the median's interval is within target_ci
     target_ci: float = 0.05  # stop when the median's 95% interval half-width is within this fraction of it
