@@ -176,3 +176,32 @@ def test_a_model_slow_on_its_first_calls_at_each_shape_is_timed_at_its_steady_st
         assert metrics[f"latency/lowered/compiled/b{size}_median_ms"] < sleep_s * 1000.0
         assert metrics[f"latency/lowered/compiled/b{size}_p90_ms"] < sleep_s * 1000.0  # no sleep timed at all
         assert metrics[f"latency/lowered/compiled/b{size}_runs"] >= spec.repeats
+
+
+class _BatchBakedIn(nn.Module):
+    """Traced at batch 1, its reshape keeps the 1: a traced form that does not follow the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).reshape(int(x.shape[0]), -1)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_forms_are_traced_once_unless_a_trace_keeps_its_batch_size(monkeypatch) -> None:
+    builds: list[int] = []
+    original = measure._deployable_forms
+
+    def counting(model, inputs, forms):
+        builds.append(inputs.batch_size)
+        return original(model, inputs, forms)
+
+    monkeypatch.setattr(measure, "_deployable_forms", counting)
+    spec = LatencySpec(warmup=1, repeats=3, batch_sizes=[1, 4], forms=["traced"], budget_s=0.02)
+    measure_latency({"lowered": _model(0)}, torch.randn(4, 8), spec)
+    assert builds == [1]  # batch 4 reuses the batch-1 trace
+    builds.clear()
+    measure_latency({"lowered": _BatchBakedIn().eval()}, torch.randn(4, 8), spec)
+    assert builds == [1, 4]  # its batch-1 trace answers 4 inputs with one row: traced again at 4
