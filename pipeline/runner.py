@@ -197,10 +197,20 @@ def run(
         child.log_metrics({**headline_.headline_metrics(metrics), **metrics})
         child.end("FINISHED")
 
+    logged_models: list[tuple[Callable[[], str | None], dict[str, str]]] = []
+
     def log_model(path: Path, engine: str, example: list[Any], output: Any, model_tags: dict[str, str]) -> None:
-        result.model_uri = tracker.log_model(path, engine, example, output)
-        result.run_id = tracker.last_run_id
-        if register and result.model_uri is not None and spec.tracking.register:
+        """Queued: the tracker records the model while the stages after export run (register_logged_models)."""
+        logged_models.append((tracker.log_model(path, engine, example, output), model_tags))
+
+    def register_logged_models() -> None:
+        """The logged model's URI (waiting for its logging) and, with tracking.register, its registration."""
+        while logged_models:
+            pending, model_tags = logged_models.pop(0)
+            result.model_uri = pending()
+            result.run_id = tracker.last_run_id
+            if not register or result.model_uri is None or not spec.tracking.register:
+                continue
             version_tags = {
                 "engine": spec.engine.name,
                 "backend": spec.backend.engine,
@@ -232,7 +242,8 @@ def run(
                     tracker.log_dataset,
                     log_model,
                 )
-                if registry.measures_time(stage, spec):
+                measuring = registry.measures_time(stage, spec)
+                if measuring:
                     tracker.synchronous()  # no tracking work beside latency measurements
                 log.info("[%d/%d] %s ...", position, len(stages), stage.NAME)
                 start = time.perf_counter()
@@ -245,11 +256,14 @@ def run(
                         tracker.set_tags({"failed_optional_stages": ",".join(failed_optional)})
                         result.warnings.append(f"{stage.NAME}: failed; see {out / 'error.txt'}")
                 seconds = time.perf_counter() - start
+                if measuring:
+                    tracker.synchronous(False)  # queued again: the next stages work while it records
                 metrics[metric_keys.stage_seconds(stage.NAME)] = seconds
                 result.metrics.update(metrics)
                 tracker.log_metrics({**headline_.headline_metrics(metrics), **metrics})
                 tracker.log_artifacts(out, stage.NAME)
                 log.info("[%d/%d] %s done in %.2fs", position, len(stages), stage.NAME, seconds)
+            register_logged_models()
             stop.check()
             status = "FINISHED"
         except KeyboardInterrupt:

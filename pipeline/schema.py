@@ -140,7 +140,7 @@ class SearchSpec:
 
 @dataclass
 class DiagnoseSpec:
-    """Per-layer numeric-suite report after `lower`: table, chart, plain-words diagnosis, suggested skip-list."""
+    """Per-layer numeric-suite report (the last stage): table, chart, plain-words diagnosis, suggested skip-list."""
 
     enabled: bool = True
     max_batches: int = 1  # evaluation batches compared (and verified on); full=true: all (the full analysis)

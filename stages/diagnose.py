@@ -1,4 +1,4 @@
-"""Stage `diagnose` (after `lower`, when diagnose.enabled=true): where the int8 model's error comes from,
+"""Stage `diagnose` (the last stage, when diagnose.enabled=true): where the int8 model's error comes from,
 and which fix helps, measured.
 
 The calibrated and lowered models' same-named modules are compared by forward hooks (engine

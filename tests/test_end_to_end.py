@@ -124,7 +124,7 @@ def test_cli_default_run_and_multirun_over_backends(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "[5/7] diagnose done" in run.stdout and "[7/7] export done" in run.stdout  # diagnose is on by default
+    assert "[6/7] export done" in run.stdout and "[7/7] diagnose done" in run.stdout  # diagnose on by default, last
     sweep = subprocess.run(
         # diagnose off: a failing diagnose does not fail a job (diagnose/failed), so the jobs' status asserts
         # nothing about it; the single run above checks it ran by default.

@@ -92,8 +92,16 @@ class _Recorder:
         self._record(f"end {status}")
         self.run_id = None
 
-    def synchronous(self) -> None:
+    def synchronous(self, on: bool = True) -> None:
         pass
+
+    def logged_model(self, torchscript, engine, example, output) -> str:
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail is not None:
+            raise self.fail
+        self._record("log_model")
+        return "models:/m-1"
 
 
 def _background(tmp_path: Path, **recorder: object) -> tuple[BackgroundTracker, list[_Recorder]]:
@@ -293,3 +301,65 @@ def test_the_tracking_worker_serializes_ast_parse_so_two_threads_cannot_corrupt_
 
     assert "recursion depth mismatch" in race("bare")  # the race is real on this interpreter
     assert race("guarded") == "no error"
+
+
+def test_a_logged_model_is_recorded_in_the_background_and_its_error_goes_to_who_asks_for_its_uri(
+    tmp_path: Path,
+) -> None:
+    """log_model returns before the model is recorded (the next stages run meanwhile); the returned function
+    waits for it. A failed logging raises there, not from the next tracker call, which goes on recording."""
+    gate = threading.Event()
+    tracker, made = _background(tmp_path)
+    tracker.start({}, {})
+    tracker.synchronous()
+    tracker.synchronous(False)  # queued again (the runner's state after a stage that times models)
+    (real,) = made
+    real.gate = gate
+    uri = tracker.log_model(tmp_path / "model.pt", "x86", [], None)  # returns while the logging waits
+    tracker.log_metrics({"m": 1.0})
+    assert "log_model" not in [name for name, _ in real.calls]
+    gate.set()
+    assert uri() == "models:/m-1"
+    tracker.synchronous()
+    assert [name for name, _ in real.calls][-2:] == ["log_model", "log_metrics ['m']"]
+
+    real.gate, real.fail = None, RuntimeError("artifact store full")
+    failed = tracker.log_model(tmp_path / "model.pt", "x86", [], None)
+    tracker.log_metrics({"n": 2.0})  # not blamed for the model's error
+    with pytest.raises(RuntimeError, match="artifact store full"):
+        failed()
+    real.fail = None
+    tracker.end("FINISHED")
+    assert [name for name, _ in real.calls][-2:] == ["log_metrics ['n']", "end FINISHED"]
+
+
+def test_the_logged_model_keeps_a_small_input_example_and_leaves_a_large_one_out(tmp_path: Path) -> None:
+    """A small example (the digits' 64 pixels) travels with the logged model; a 3 x 224 x 224 image, which
+    mlflow would write as 3 MB of JSON and read back in pure Python to check it, does not: the signature
+    still gives its shape."""
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    from pipeline.tracking.mlflow import MAX_INPUT_EXAMPLE_ELEMENTS, fluent_store, log_torchscript_model
+    from tests.helpers import seed_store
+
+    uri = f"sqlite:///{seed_store(tmp_path)}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("models", artifact_location=str(tmp_path / "artifacts"))
+    found = {}
+    for shape in ((1, 1, 8, 8), (1, 3, 224, 224)):
+        module = torch.jit.trace(torch.nn.Flatten().eval(), torch.zeros(shape))
+        path = tmp_path / f"{shape[-1]}.pt"
+        module.save(str(path))
+        example = torch.zeros(shape).numpy()
+        run_id = client.create_run(experiment).info.run_id
+        model_uri = log_torchscript_model(uri, run_id, path, "x86", [example], example.reshape(1, -1))
+        with fluent_store(uri):
+            model = Model.load(model_uri)
+        found[shape[-1]] = (model.saved_input_example_info is not None, str(model.signature.inputs))
+    assert 8 * 8 <= MAX_INPUT_EXAMPLE_ELEMENTS < 3 * 224 * 224
+    assert found == {
+        8: (True, "[Tensor('float32', (-1, 1, 8, 8))]"),
+        224: (False, "[Tensor('float32', (-1, 3, 224, 224))]"),
+    }

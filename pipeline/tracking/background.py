@@ -181,9 +181,10 @@ class BackgroundTracker:
         if tags:
             real.set_tags(tags)
 
-    def synchronous(self) -> None:
-        self._wait(lambda: None, None)
-        self.queue.synchronous = True
+    def synchronous(self, on: bool = True) -> None:
+        if on:
+            self._wait(lambda: None, None)
+        self.queue.synchronous = on
 
     @property
     def run_id(self) -> str | None:
@@ -263,11 +264,32 @@ class BackgroundTracker:
         profile = dict(profile)
         self._later(lambda: self.real and self.real.log_dataset(name, digest, source, profile, context))
 
-    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
-        def log() -> str | None:
-            return self.real.log_model(torchscript, engine, example, output) if self.real else None
+    def log_model(
+        self, torchscript: Path, engine: str, example: Sequence[Any], output: Any
+    ) -> Callable[[], str | None]:
+        """Queued like log_artifacts, so the run's next stage works while the model is copied and recorded
+        (0.5 s for the ResNet-18 shape); its own error is kept for the returned function, not raised by the
+        next tracker call (which would blame whatever stage makes it)."""
+        outcome: list[Any] = []
 
-        return self._wait(log, None)
+        def log() -> None:
+            try:
+                outcome.append(self.real.logged_model(torchscript, engine, example, output) if self.real else None)
+            except Exception as error:  # noqa: BLE001 - given to whoever asks for the URI
+                outcome.append(error)
+
+        self._later(log)  # waits for it after synchronous()
+
+        def uri() -> str | None:
+            if not outcome:
+                self._wait(lambda: None, None)  # everything queued before, this logging included
+            if not outcome:
+                return None  # not made: an earlier queued call failed (raised by the wait above)
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]
+
+        return uri
 
     def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
         tags = dict(tags)

@@ -6,7 +6,7 @@ Importing this module does not import mlflow; make_tracker does, only when track
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -81,8 +81,12 @@ class Tracker(Protocol):
         """The run's data as a dataset input: its name, digest, source and sizes."""
         ...
 
-    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
-        """The exported int8 TorchScript file as a loadable model of this run; its URI, or None."""
+    def log_model(
+        self, torchscript: Path, engine: str, example: Sequence[Any], output: Any
+    ) -> Callable[[], str | None]:
+        """The exported int8 TorchScript file as a loadable model of this run. Returns a function giving its
+        URI (or None): a tracker that logs in the background returns at once, and the function waits for the
+        logging and raises its error."""
         ...
 
     def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
@@ -93,10 +97,10 @@ class Tracker(Protocol):
         """A saved view of the experiment's run list (headline columns, runs matching search_filter)."""
         ...
 
-    def synchronous(self) -> None:
-        """Return once every call made so far is recorded, and from then on record each call before it
-        returns: a stage that times models runs with no tracking work beside it. A no-op for a tracker
-        that records as it is called."""
+    def synchronous(self, on: bool = True) -> None:
+        """on: return once every call made so far is recorded, and from then on record each call before it
+        returns (a stage that times models runs with no tracking work beside it); off: queue calls again.
+        A no-op for a tracker that records as it is called."""
         ...
 
     def end(self, status: str) -> None:

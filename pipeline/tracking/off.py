@@ -3,7 +3,7 @@ directory still has everything (and `python -m pipeline.tracking sync` can log i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ class NoopTracker:
     def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
         pass
 
-    def log_model(self, torchscript: Path, engine: str, example: Sequence[Any], output: Any) -> str | None:
-        return None
+    def log_model(
+        self, torchscript: Path, engine: str, example: Sequence[Any], output: Any
+    ) -> Callable[[], str | None]:
+        return lambda: None
 
     def register_model(self, model_uri: str, tags: Mapping[str, str], run_id: str | None = None) -> str | None:
         return None
@@ -56,7 +58,7 @@ class NoopTracker:
     def share_view(self, key: str, search_filter: str = "") -> str | None:
         return None
 
-    def synchronous(self) -> None:
+    def synchronous(self, on: bool = True) -> None:
         pass
 
     def end(self, status: str) -> None:
