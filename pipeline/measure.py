@@ -251,7 +251,7 @@ class LatencyCache:
 
 
 def _measure_model(
-    name: str, model: nn.Module, pool: ModelInputs, spec: LatencySpec
+    name: str, model: nn.Module, pool: ModelInputs, spec: LatencySpec, built_forms: dict[str, Callable] | None = None
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Every form at the smallest batch size; at larger ones only the form fastest there (every form when
     spec.prune is false): what one form gains over another at batch 1 is per-call overhead, which a larger
@@ -272,6 +272,8 @@ def _measure_model(
             candidates = reused
         else:
             candidates = built = _deployable_forms(model, inputs, forms)
+            if built_forms is not None and position == 0:
+                built_forms.update(built)  # the forms as built at the smallest batch size, for the caller
         timings: dict[str, Timing] = {}
         for form, run in candidates.items():
             timing = time_adaptive(run, positional, spec)
@@ -353,11 +355,13 @@ def measure_latency(
     spec: LatencySpec,
     cache: LatencyCache | None = None,
     cached: tuple[str, ...] = ("float",),
+    built_forms: dict[str, dict[str, Callable]] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median, p90 and the median's 95% interval in ms per model, form and batch size (adaptive repeats,
     see time_adaptive); the fastest form per model and batch size; speedup float/lowered with its
     interval. Each batch is built from `pool` (every input repeated to the batch size). With `cache`,
-    the models named in `cached` (the float reference) are timed once per cache key and reused."""
+    the models named in `cached` (the float reference) are timed once per cache key and reused. With
+    `built_forms`, each timed model's forms as built at the smallest batch size go in under its name."""
     pool = ModelInputs.wrap(pool)
     metrics: dict[str, float] = {}
     fastest: dict[str, str] = {}
@@ -370,7 +374,8 @@ def measure_latency(
                 cache.hits += 1
                 log.info("latency %s: reused from the latency cache (%s)", name, key)
             else:
-                found = _measure_model(name, models[name], pool, spec)
+                kept = built_forms.setdefault(name, {}) if built_forms is not None else None
+                found = _measure_model(name, models[name], pool, spec, kept)
                 if cache is not None and key is not None:
                     cache.misses += 1
                     cache.store(key, *found)

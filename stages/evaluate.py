@@ -112,12 +112,16 @@ def evaluate(
             metrics[metric_keys.SIZE_RATIO] = metrics[metric_keys.LOWERED_BYTES] / metrics[metric_keys.FLOAT_BYTES]
 
         fastest: dict[str, str] = {}
+        built: dict[str, dict[str, Any]] = {}
+        shapes: list[tuple[int, ...]] = []
         if spec.latency.enabled:
             deployable = {name: model for name, model in models.items() if name != "reference"}
             pool = ModelInputs.cat(latency_pool)  # the first batches, enough for the largest latency batch
-            latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache)
+            latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache, built_forms=built)
             metrics.update(latency)
-    return EvaluationReport(metrics=metrics, fastest_form=fastest)
+            shapes = [tuple(t.shape) for _, t in pool.repeat_to(min(spec.latency.batch_sizes)).named()]
+    lowered_forms = {form: run for form, run in built.get("lowered", {}).items() if form in ("traced", "frozen")}
+    return EvaluationReport(metrics, fastest, lowered_forms, shapes if lowered_forms else [])
 
 
 def check(spec: PipelineSpec) -> None:

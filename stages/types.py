@@ -146,6 +146,10 @@ class EvaluationReport:
 
     metrics: dict[str, float]
     fastest_form: dict[str, str]
+    # The lowered model's TorchScript forms as evaluate traced (and froze) them, on a batch of these input
+    # shapes: export saves them instead of tracing again when its example has the same shapes. In memory only.
+    lowered_forms: dict[str, Any] = field(default_factory=dict)
+    lowered_forms_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass

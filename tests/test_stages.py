@@ -245,3 +245,29 @@ def test_export_form_auto_reads_the_nearest_measured_batch_size_and_skips_eager(
     frozen, why, ms = choose_form(ExportSpec(), _measured("eager", 0.50, 0.40))
     assert (frozen, ms) == (True, 0.40) and "eager fastest but not saveable" in why
     assert choose_form(ExportSpec(), None)[0] is True
+
+
+def test_export_saves_the_module_evaluate_traced_and_froze(chain, tmp_path: Path, monkeypatch) -> None:
+    """evaluate's latency traced and froze the lowered model on a batch of the example's shape (1 x 1 x 8 x 8):
+    export saves that frozen module and exports ONNX from that trace: it never traces the GraphModule itself."""
+    from dataclasses import replace
+
+    from pipeline.schema import LatencySpec
+
+    spec, loaded, _, _, lowered = chain
+    latency = LatencySpec(batch_sizes=[1, 4], budget_s=0.05, repeats=3, warmup=1)
+    report = evaluate(loaded, {"lowered": lowered.model}, "x86", replace(spec.evaluate, latency=latency))
+    assert set(report.lowered_forms) == {"traced", "frozen"} and report.lowered_forms_shapes == [(1, 1, 8, 8)]
+    traced_by_export = []
+    real_trace = torch.jit.trace
+
+    def counting(module, *args, **kwargs):
+        if not isinstance(module, torch.jit.ScriptModule):  # ONNX's exporter re-traces a quantized ScriptModule
+            traced_by_export.append(type(module).__name__)
+        return real_trace(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting)
+    bundle = export(lowered, loaded, ExportSpec(form="frozen"), tmp_path, report)
+    assert traced_by_export == [] and bundle.form == "frozen" and _is_frozen(bundle.files["torchscript"])
+    assert bundle.metrics["export/torchscript/max_abs_diff"] == 0.0
+    assert "onnx" in bundle.files or "onnx" in bundle.skipped
