@@ -20,7 +20,7 @@ runner:
   evaluate.latency.enabled).
   Before it starts, the runner waits for the tracker's background work (the MLflow store
   opening on its worker thread, pipeline/tracking/background.py) and makes tracking calls synchronous
-  from then on, so nothing else runs in the process while it measures;
+  until it ends, so nothing else runs in the process while it measures; then they queue again;
 - `check(spec)`: start-up checks that need more than the schema (raise ConfigError), before any work;
 - `compute(ctx) -> dict[artifact name, value]` and `write(produced, ctx) -> metrics`, which writes
   the stage's files under `ctx.out_dir` (<run dir>/<NAME>/) and returns its metrics.
