@@ -119,7 +119,7 @@ def evaluate(
             pool = ModelInputs.cat(latency_pool)  # the first batches, enough for the largest latency batch
             latency, fastest = measure_latency(deployable, pool, spec.latency, latency_cache, built_forms=built)
             metrics.update(latency)
-            shapes = [tuple(t.shape) for _, t in pool.repeat_to(min(spec.latency.batch_sizes)).named()]
+            shapes = [(min(spec.latency.batch_sizes), *t.shape[1:]) for _, t in pool.named()]  # the first batch timed
     lowered_forms = {form: run for form, run in built.get("lowered", {}).items() if form in ("traced", "frozen")}
     return EvaluationReport(metrics, fastest, lowered_forms, shapes if lowered_forms else [])
 

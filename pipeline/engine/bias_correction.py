@@ -229,14 +229,11 @@ class FloatMeansRecorder:
         self.prepared.meta[FLOAT_MEANS] = (tuple(self.digests), self.hooks.statistics())
 
 
-def _recorded(prepared: nn.Module, batches: Sequence[Any], samples: int) -> FloatStatistics | None:
-    """The statistics recorded for these samples (by the calibration or an earlier correction), or None. The
-    batches' digests say which samples they were taken on."""
+def _recorded(prepared: nn.Module, digests: tuple[str, ...] | None) -> FloatStatistics | None:
+    """The statistics recorded (by the calibration or an earlier correction) on the samples whose batches have
+    these digests, or None."""
     kept = getattr(prepared, "meta", {}).get(FLOAT_MEANS)
-    if kept is None:
-        return None
-    digests, statistics = kept
-    return statistics if _whole_batch_digests(batches, samples) == digests else None
+    return kept[1] if kept is not None and digests is not None and kept[0] == digests else None
 
 
 def _float_pass(prepared: nn.Module, inputs: ModelInputs) -> FloatStatistics:
@@ -296,10 +293,13 @@ def correct_bias(
         if isinstance(module, ReferenceQuantizedModule) and isinstance(module, _WEIGHTED)
     }
     float_modules = dict(prepared.named_modules())
-    statistics = _recorded(prepared, batches, samples)
+    digests = _whole_batch_digests(batches, samples)  # which samples: hashed once a correction
+    inputs: ModelInputs | None = None  # the samples as one batch, made only for a pass that needs them
+    statistics = _recorded(prepared, digests)
     if statistics is None:
-        statistics = _float_pass(prepared, _first_samples(batches, samples))
-        if hasattr(prepared, "meta") and (digests := _whole_batch_digests(batches, samples)):
+        inputs = _first_samples(batches, samples)
+        statistics = _float_pass(prepared, inputs)
+        if hasattr(prepared, "meta") and digests:
             prepared.meta[FLOAT_MEANS] = (digests, statistics)  # for the next correction on these samples
     chosen = resolve_method(method, statistics.macs_per_sample, count)
     targets = {
@@ -342,7 +342,7 @@ def correct_bias(
         module.register_forward_hook(correct(name, isinstance(module, nn.Linear))) for name, module in targets.items()
     ]
     try:
-        _call(reference, _first_samples(batches, samples))
+        _call(reference, inputs if inputs is not None else _first_samples(batches, samples))
     finally:
         for hook in hooks:
             hook.remove()

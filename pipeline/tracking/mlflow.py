@@ -208,7 +208,7 @@ class MlflowTracker:
         self, torchscript: Path, engine: str, example: Sequence[Any], output: Any
     ) -> Callable[[], str | None]:
         """The exported int8 TorchScript file as an MLflow pyfunc model of this run (the run list's Models
-        column), with its input example and signature; returns a function giving its models:/ URI."""
+        column), with its signature (and its input example when small); returns a function giving its models:/ URI."""
         uri = self.logged_model(torchscript, engine, example, output)
         return lambda: uri
 
